@@ -1,0 +1,17 @@
+"""Python client of Engram Stream.
+
+::
+
+    async with EngramClient("127.0.0.1:50051") as client:
+        stream = await client.open_stream("my-space")
+        ack = await (await stream.send(vectors, contents=texts))   # durable once it resolves
+        hits = await stream.recall(vectors[0], k=5)
+        await stream.close()
+
+A stream resumes its session by itself after a dropped connection, resending exactly the
+batches that were not acknowledged.
+"""
+
+from engram_client.client import Ack, EngramClient, Hit, ObservationStream, RecallResult, StreamEvent
+
+__all__ = ["Ack", "EngramClient", "Hit", "ObservationStream", "RecallResult", "StreamEvent"]

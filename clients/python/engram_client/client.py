@@ -1,0 +1,460 @@
+"""The client's streams: batching, credits, acks, in-stream recall, resume after disconnect.
+
+An :class:`ObservationStream` keeps every batch it sent until the server acknowledges it as
+durable. When the connection drops (or the server asks for a resync) it opens a new stream with
+the same session id; the server's init ack names the last durable sequence number, batches up to
+it are settled, and the rest are resent in order — no duplicate, no gap. A batch the server
+refuses for good (bad input) fails its own future only; later batches are renumbered so the
+session's sequence stays gap-free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from engram.common.errors import EngramError, SessionError, UnavailableError, from_proto
+from engram.v1 import streaming_pb2 as pb
+from engram.v1 import streaming_pb2_grpc
+
+log = logging.getLogger("engram_client")
+
+_MAX_MESSAGE = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Ack:
+    sequence_number: int
+    first_lsn: int
+    count: int
+    duplicate: bool
+    memory_id: str
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str
+    content: str
+    score: float
+    confidence: float
+    when_us: int
+    lsn: int
+
+
+@dataclass(frozen=True)
+class RecallResult:
+    hits: list[Hit]
+    snapshot_sequence: int
+    latency_us: int
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """Something the application may want to know: kind is 'connected', 'resumed',
+    'disconnected', 'status' or 'error'."""
+
+    kind: str
+    detail: str
+    status: pb.StreamStatus | None = None
+
+
+@dataclass
+class _Pending:
+    batch: pb.ObservationBatch
+    future: asyncio.Future[Ack]
+    sent_at: float = 0.0
+
+
+def _hits(results: Sequence[pb.Memory]) -> list[Hit]:
+    return [
+        Hit(m.id, m.content, m.score, m.confidence, m.when.ToMicroseconds(), m.lsn) for m in results
+    ]
+
+
+def make_batch(
+    vectors: np.ndarray,
+    *,
+    ids: Sequence[str] | None = None,
+    contents: Sequence[str] | None = None,
+    confidences: np.ndarray | Sequence[float] | None = None,
+    timestamps_us: np.ndarray | Sequence[int] | None = None,
+    priority: int = pb.PRIORITY_NORMAL,
+) -> pb.ObservationBatch:
+    """Packs numpy vectors (n x dim) and their metadata into one batch message."""
+    arr = np.ascontiguousarray(vectors, dtype="<f4")
+    if arr.ndim == 1:
+        arr = arr.reshape(1, -1)
+    if arr.ndim != 2:
+        raise ValueError(f"vectors must be a 2-D array (n x dim), got shape {arr.shape}")
+    b = pb.ObservationBatch(dim=arr.shape[1], vectors=arr.tobytes(), priority=priority)
+    if ids is not None:
+        b.ids.extend(ids)
+    if contents is not None:
+        b.contents.extend(contents)
+    if confidences is not None:
+        b.confidences = np.asarray(confidences, dtype="<f4").tobytes()
+    if timestamps_us is not None:
+        b.timestamps_us = np.asarray(timestamps_us, dtype="<i8").tobytes()
+    return b
+
+
+class EngramClient:
+    def __init__(self, target: str = "127.0.0.1:50051") -> None:
+        self.target = target
+        opts = [
+            ("grpc.max_receive_message_length", _MAX_MESSAGE),
+            ("grpc.max_send_message_length", _MAX_MESSAGE),
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+        ]
+        self._channel = grpc.aio.insecure_channel(target, options=opts)
+        self.stub = streaming_pb2_grpc.EngramStreamStub(self._channel)
+
+    async def __aenter__(self) -> EngramClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def open_stream(
+        self,
+        space: str,
+        *,
+        session_id: str = "",
+        on_event: Callable[[StreamEvent], None] | None = None,
+        reconnect_timeout_s: float = 120.0,
+    ) -> ObservationStream:
+        """Opens (or, with ``session_id``, resumes) a session on ``space``."""
+        stream = ObservationStream(self, space, session_id, on_event, reconnect_timeout_s)
+        await stream._start()
+        return stream
+
+    async def recall(
+        self, space: str, cue: np.ndarray | Sequence[float], k: int = 10,
+        min_score: float | None = None, timeout: float = 10.0,
+    ) -> RecallResult:
+        req = pb.StreamingRecallRequest(
+            memory_space_id=space, cue=np.asarray(cue, dtype=np.float32).tolist(), max_results=k
+        )
+        if min_score is not None:
+            req.min_score = min_score
+        hits: list[Hit] = []
+        snapshot = latency = 0
+        async for chunk in self.stub.RecallStream(req, timeout=timeout):
+            hits.extend(_hits(chunk.results))
+            snapshot, latency = chunk.snapshot_sequence, chunk.metadata.latency_us
+        return RecallResult(hits, snapshot, latency)
+
+    async def list_observations(self, space: str) -> AsyncIterator[tuple[list[str], list[int]]]:
+        """Every observation id in ``space`` with its LSN, in chunks."""
+        req = pb.ListObservationsRequest(memory_space_id=space)
+        async for chunk in self.stub.ListObservations(req, timeout=300):
+            yield list(chunk.ids), list(chunk.lsns)
+
+
+class ObservationStream:
+    def __init__(
+        self,
+        client: EngramClient,
+        space: str,
+        session_id: str,
+        on_event: Callable[[StreamEvent], None] | None,
+        reconnect_timeout_s: float,
+    ) -> None:
+        self._client = client
+        self.space = space
+        self.session_id = session_id
+        self.dim = 0
+        self.last_acked = 0
+        self.max_in_flight = 8
+        self.reconnects = 0
+        self._on_event = on_event
+        self._reconnect_timeout = reconnect_timeout_s
+        self._next_seq = 1
+        self._pending: dict[int, _Pending] = {}
+        self._recalls: dict[str, tuple[pb.RecallRequest, asyncio.Future[RecallResult]]] = {}
+        self._rid = itertools.count(1)
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._write_lock = asyncio.Lock()
+        self._room = asyncio.Condition()
+        self._connected = asyncio.Event()
+        self._resync = asyncio.Event()
+        self._closing = False
+        self._fatal: BaseException | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._first = asyncio.get_running_loop().create_future()
+
+    # ---------------------------------------------------------------- public
+
+    async def send(
+        self,
+        vectors: np.ndarray,
+        *,
+        ids: Sequence[str] | None = None,
+        contents: Sequence[str] | None = None,
+        confidences: np.ndarray | Sequence[float] | None = None,
+        timestamps_us: np.ndarray | Sequence[int] | None = None,
+    ) -> asyncio.Future[Ack]:
+        """Queues one batch (waiting for a credit); the returned future resolves when durable."""
+        batch = make_batch(
+            vectors, ids=ids, contents=contents, confidences=confidences, timestamps_us=timestamps_us
+        )
+        return await self.send_batch(batch)
+
+    async def send_batch(self, batch: pb.ObservationBatch) -> asyncio.Future[Ack]:
+        self._raise_if_fatal()
+        async with self._room:
+            await self._room.wait_for(
+                lambda: len(self._pending) < self.max_in_flight or self._fatal is not None
+            )
+        self._raise_if_fatal()
+        seq = self._next_seq
+        self._next_seq += 1
+        fut: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
+        p = _Pending(batch, fut, time.perf_counter())
+        self._pending[seq] = p
+        async with self._write_lock:
+            call = self._call
+            if call is not None and self._pending.get(seq) is p:
+                with contextlib.suppress(Exception):  # a broken call is resumed by the runner
+                    await call.write(self._request(seq, p))
+        return fut
+
+    async def flush(self) -> None:
+        """Waits until every batch sent so far is acknowledged (or failed)."""
+        futures = [p.future for p in self._pending.values()]
+        if futures:
+            await asyncio.wait(futures)
+        self._raise_if_fatal()
+
+    async def recall(
+        self, cue: np.ndarray | Sequence[float], k: int = 10, min_score: float | None = None
+    ) -> RecallResult:
+        self._raise_if_fatal()
+        rid = f"r{next(self._rid)}"
+        req = pb.RecallRequest(
+            request_id=rid, cue=np.asarray(cue, dtype=np.float32).tolist(), k=k
+        )
+        if min_score is not None:
+            req.min_score = min_score
+        fut: asyncio.Future[RecallResult] = asyncio.get_running_loop().create_future()
+        self._recalls[rid] = (req, fut)
+        async with self._write_lock:
+            if self._call is not None:
+                with contextlib.suppress(Exception):
+                    await self._call.write(pb.ObservationRequest(recall=req))
+        return await fut
+
+    async def close(self) -> None:
+        """Waits for outstanding acks, then ends the stream."""
+        with contextlib.suppress(Exception):
+            await self.flush()
+        self._closing = True
+        async with self._write_lock:
+            if self._call is not None:
+                with contextlib.suppress(Exception):
+                    await self._call.write(
+                        pb.ObservationRequest(close=pb.StreamClose(drain_queue=True))
+                    )
+                    await self._call.done_writing()
+        if self._runner is not None:
+            self._runner.cancel()
+            await asyncio.gather(self._runner, return_exceptions=True)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    # -------------------------------------------------------------- internals
+
+    def _raise_if_fatal(self) -> None:
+        if self._fatal is not None:
+            raise self._fatal
+
+    def _emit(self, kind: str, detail: str, status: pb.StreamStatus | None = None) -> None:
+        if self._on_event is not None:
+            self._on_event(StreamEvent(kind, detail, status))
+
+    def _request(self, seq: int, p: _Pending) -> pb.ObservationRequest:
+        return pb.ObservationRequest(
+            memory_space_id=self.space, session_id=self.session_id, sequence_number=seq,
+            batch=p.batch,
+        )
+
+    async def _start(self) -> None:
+        self._runner = asyncio.create_task(self._run_guarded())
+        await self._first
+
+    async def _run_guarded(self) -> None:
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must not leave callers waiting forever
+            log.exception("stream runner failed")
+            self._fail_all(EngramError(f"client stream failed: {exc!r}"))
+
+    async def _connect(self) -> grpc.aio.StreamStreamCall:
+        call = self._client.stub.ObserveStream()
+        init = pb.ObservationRequest(
+            memory_space_id=self.space, session_id=self.session_id, init=pb.StreamInit()
+        )
+        await call.write(init)
+        resp = await call.read()
+        if resp is grpc.aio.EOF:
+            raise UnavailableError("the gateway ended the stream during init")
+        if resp.HasField("error"):
+            call.cancel()
+            raise from_proto(resp.error)
+        ack = resp.init_ack
+        resumed = bool(self.session_id)
+        self.session_id = ack.session_id
+        self.dim = ack.dim or self.dim
+        self.max_in_flight = max(1, ack.max_in_flight_batches or self.max_in_flight)
+        durable = ack.initial_sequence
+        if not self._first.done():
+            self._next_seq = max(self._next_seq, durable + 1)
+        for seq in sorted(s for s in self._pending if s <= durable):
+            p = self._pending.pop(seq)
+            if not p.future.done():
+                p.future.set_result(Ack(seq, 0, 0, True, ""))
+        self.last_acked = max(self.last_acked, durable)
+        async with self._write_lock:
+            self._call = call
+            for seq, p in sorted(self._pending.items()):
+                await call.write(self._request(seq, p))
+            for req, _fut in self._recalls.values():
+                await call.write(pb.ObservationRequest(recall=req))
+        async with self._room:
+            self._room.notify_all()
+        self._emit("resumed" if resumed else "connected",
+                   f"session {self.session_id}, durable up to {durable}")
+        return call
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        down_since: float | None = None
+        while True:
+            try:
+                call = await self._connect()
+            except (grpc.aio.AioRpcError, UnavailableError, EngramError) as exc:
+                permanent = isinstance(exc, EngramError) and not exc.retryable
+                if permanent or (down_since and time.monotonic() - down_since > self._reconnect_timeout):
+                    self._fail_all(exc if isinstance(exc, EngramError) else UnavailableError(str(exc)))
+                    return
+                down_since = down_since or time.monotonic()
+                self._emit("disconnected", f"connect failed: {_describe(exc)}; retrying")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            if not self._first.done():
+                self._first.set_result(None)
+            backoff, down_since = 0.05, None
+            self._resync.clear()
+            why = "stream ended"
+            try:
+                while True:
+                    resp = await call.read()  # not `async for`: init used read() on this call
+                    if resp is grpc.aio.EOF:
+                        break
+                    self._on_response(resp)
+                    if self._resync.is_set():
+                        why = "resync requested"
+                        break
+            except grpc.aio.AioRpcError as exc:
+                why = _describe(exc)
+            async with self._write_lock:
+                self._call = None
+            call.cancel()
+            if self._closing:
+                return
+            self.reconnects += 1
+            down_since = time.monotonic()
+            self._emit("disconnected", f"{why}; resuming session {self.session_id}")
+            await asyncio.sleep(0.01 if self._resync.is_set() else backoff)
+
+    def _fail_all(self, exc: EngramError) -> None:
+        self._fatal = exc
+        if not self._first.done():
+            self._first.set_exception(exc)
+        for p in self._pending.values():
+            if not p.future.done():
+                p.future.set_exception(exc)
+        self._pending.clear()
+        for _req, fut in self._recalls.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self._recalls.clear()
+        self._emit("error", str(exc))
+
+    def _on_response(self, resp: pb.ObservationResponse) -> None:
+        kind = resp.WhichOneof("result")
+        if kind == "ack":
+            self._settle(resp.sequence_number, resp.ack)
+        elif kind == "recall":
+            entry = self._recalls.pop(resp.recall.request_id, None)
+            if entry is not None and not entry[1].done():
+                r = resp.recall
+                entry[1].set_result(
+                    RecallResult(_hits(r.results), r.snapshot_sequence, r.metadata.latency_us)
+                )
+        elif kind == "error":
+            self._on_error(resp.sequence_number, resp.error)
+        elif kind == "status":
+            self._emit("status", resp.status.message, resp.status)
+
+    def _settle(self, seq: int, ack: pb.ObservationAck) -> None:
+        p = self._pending.pop(seq, None)
+        self.last_acked = max(self.last_acked, seq)
+        if p is not None and not p.future.done():
+            p.future.set_result(Ack(seq, ack.first_lsn, ack.count, ack.duplicate, ack.memory_id))
+        self._wake_senders()
+
+    def _wake_senders(self) -> None:
+        async def notify() -> None:
+            async with self._room:
+                self._room.notify_all()
+
+        asyncio.ensure_future(notify())
+
+    def _on_error(self, seq: int, err: pb.StreamError) -> None:
+        if err.request_id:
+            entry = self._recalls.pop(err.request_id, None)
+            if entry is not None and not entry[1].done():
+                entry[1].set_exception(from_proto(err))
+            return
+        self._emit("error", f"{pb.ErrorCode.Name(err.code)}: {err.message}")
+        if seq == 0 or seq not in self._pending:
+            if err.code == pb.UNKNOWN_SESSION:
+                self._fail_all(SessionError(err.message))
+            return
+        if err.code == pb.SEQUENCE_GAP or err.retryable:
+            self._resync.set()  # resume: the server's durable mark decides what to resend
+            return
+        # refused for good: fail this batch only, renumber the later ones, resync
+        failed = self._pending.pop(seq)
+        failed.future.set_exception(from_proto(err))
+        renumbered: dict[int, _Pending] = {}
+        for s, p in sorted(self._pending.items()):
+            renumbered[s - 1 if s > seq else s] = p
+        self._pending = renumbered
+        self._next_seq -= 1
+        self._resync.set()
+        self._wake_senders()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return str(exc)

@@ -1,0 +1,46 @@
+"""gRPC plumbing shared by the services: server and channel options, health, reflection."""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engram.common.settings import LimitSettings
+
+
+def options(limits: LimitSettings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", limits.grpc_max_message_bytes),
+        ("grpc.max_send_message_length", limits.grpc_max_message_bytes),
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ]
+
+
+def server_options(limits: LimitSettings) -> list[tuple[str, int]]:
+    return options(limits) + [("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000)]
+
+
+def add_health_and_reflection(
+    server: grpc.aio.Server, service_names: list[str]
+) -> health.aio.HealthServicer:
+    """Registers grpc.health.v1 (NOT_SERVING until the caller says so) and reflection."""
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    reflection.enable_server_reflection(
+        [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    return servicer
+
+
+async def set_serving(servicer: health.aio.HealthServicer, serving: bool) -> None:
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    await servicer.set("", status)

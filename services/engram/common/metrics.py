@@ -1,0 +1,73 @@
+"""Prometheus metrics of every service, defined once.
+
+Names keep the original Engram streaming metric names (``engram_streaming_*``) so alerts carry
+over; shard-internal figures are ``engram_shard_*``. Each process exposes its own registry on
+its HTTP port at ``/metrics`` (:mod:`engram.common.http`).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+
+# ----------------------------------------------------------------- gateway (client streams)
+observations_total = Counter(
+    "engram_streaming_observations_total",
+    "Observations acknowledged durable",
+    ["memory_space", "priority"],
+)
+observations_rejected_total = Counter(
+    "engram_streaming_observations_rejected_total",
+    "Observations refused (bad input, overload, storage failure)",
+    ["memory_space", "reason"],
+)
+batches_processed_total = Counter(
+    "engram_streaming_batches_processed_total", "Batches acknowledged durable"
+)
+batch_failures_total = Counter(
+    "engram_streaming_batch_failures_total", "Batches answered with an error", ["code"]
+)
+active_sessions = Gauge(
+    "engram_streaming_active_sessions_total", "Client streams open on this gateway"
+)
+observation_latency = Histogram(
+    "engram_streaming_observation_latency_seconds",
+    "Time from a batch's arrival at the gateway to its durable ack",
+    buckets=_LATENCY_BUCKETS,
+)
+recall_latency = Histogram(
+    "engram_streaming_recall_latency_seconds",
+    "Time to answer a recall, as the gateway sees it",
+    buckets=_LATENCY_BUCKETS,
+)
+batch_size = Histogram(
+    "engram_streaming_batch_size",
+    "Observations per batch",
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
+)
+shard_stream_failures_total = Counter(
+    "engram_streaming_shard_stream_failures_total",
+    "Client streams ended because their shard became unreachable",
+)
+
+# --------------------------------------------------------------------------------- shard
+shard_rows = Gauge(
+    "engram_shard_rows", "Durable, visible observations per space", ["memory_space"]
+)
+shard_index_backlog = Gauge(
+    "engram_shard_index_backlog",
+    "Visible observations not yet in the HNSW index (searched exactly in the fresh tier)",
+    ["memory_space"],
+)
+shard_indexed_total = Counter(
+    "engram_shard_indexed_total", "Observations added to the HNSW index", ["memory_space"]
+)
+shard_checkpoints_total = Counter(
+    "engram_shard_checkpoints_total", "Checkpoints written", ["memory_space"]
+)
+shard_wal_failures_total = Counter(
+    "engram_shard_wal_failures_total", "Failed WAL commits (fsync or write errors)", ["memory_space"]
+)

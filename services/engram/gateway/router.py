@@ -1,0 +1,83 @@
+"""Routing from a memory space to the shard that owns it, and the channels to shards.
+
+The assignment table and the shard registry come from Redis and are cached, refreshed in the
+background and on demand (an unknown shard address, a NOT_OWNER answer). With Redis down the
+gateway keeps routing from its cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from engram.common import grpcutil
+from engram.common.errors import UnavailableError
+from engram.common.settings import Settings
+from engram.control.assignment import Assignment
+from engram.control.store import ControlStore
+from engram.internal.v1 import shard_pb2_grpc
+
+log = logging.getLogger("engram.gateway.router")
+
+REFRESH_S = 1.0
+
+
+class Router:
+    def __init__(self, settings: Settings, store: ControlStore) -> None:
+        self._settings = settings
+        self._store = store
+        self.assignment = Assignment(settings.cluster.shard_count)
+        self._addresses: dict[int, str] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._refresh_loop())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for channel in self._channels.values():
+            await channel.close()
+
+    async def refresh(self) -> None:
+        try:
+            self.assignment = await self._store.assignment()
+            shards = await self._store.shards()
+        except Exception as exc:
+            log.debug("control store unreachable, routing from cache: %s", exc)
+            return
+        for shard_id, info in shards.items():
+            self._addresses[shard_id] = info.address
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(REFRESH_S)
+            await self.refresh()
+
+    def owner(self, space: str) -> int:
+        return self.assignment.owner(space)
+
+    async def stub(self, space: str) -> tuple[int, shard_pb2_grpc.ShardStub]:
+        """The owning shard's id and a stub for it; raises UnavailableError if unknown."""
+        shard_id = self.owner(space)
+        address = self._addresses.get(shard_id)
+        if address is None:
+            await self.refresh()
+            address = self._addresses.get(shard_id)
+        if address is None:
+            raise UnavailableError(
+                f"shard {shard_id} (owner of memory space {space!r}) has not registered; "
+                "retry shortly"
+            )
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(
+                address, options=grpcutil.options(self._settings.limits)
+            )
+            self._channels[address] = channel
+        return shard_id, shard_pb2_grpc.ShardStub(channel)

@@ -1,0 +1,62 @@
+"""Runs a gateway process: the public gRPC service, health, the HTTP port, clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+
+from engram.common import grpcutil
+from engram.common.http import start_http
+from engram.common.settings import Settings
+from engram.control.store import ControlStore
+from engram.gateway.context import GatewayContext
+from engram.gateway.router import Router
+from engram.gateway.service import SERVICE, EngramStreamService, handler
+
+log = logging.getLogger("engram.gateway")
+
+
+async def serve(settings: Settings) -> None:
+    c = settings.cluster
+    store = ControlStore(c.redis_url, c.key_prefix, c.shard_count)
+    router = Router(settings, store)
+    await router.start()
+    gw = GatewayContext(settings, store, router)
+    server = grpc.aio.server(options=grpcutil.server_options(settings.limits))
+    server.add_generic_rpc_handlers((handler(EngramStreamService(gw)),))
+    health = grpcutil.add_health_and_reflection(server, [SERVICE])
+    if server.add_insecure_port(settings.gateway.listen) == 0:
+        raise SystemExit(f"gateway: cannot listen on {settings.gateway.listen} (port in use?)")
+    await server.start()
+
+    async def healthy() -> tuple[bool, str]:
+        try:
+            redis_ok = await asyncio.wait_for(store.ping(), 1.0)
+        except Exception:
+            redis_ok = False
+        return True, f"gateway ok; redis {'reachable' if redis_ok else 'UNREACHABLE'}"
+
+    http = await start_http(settings.gateway.http_host, settings.gateway.http_port, healthy)
+    await grpcutil.set_serving(health, True)
+    log.info("gateway serving gRPC on %s, HTTP on %s:%d", settings.gateway.listen,
+             settings.gateway.http_host, settings.gateway.http_port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("gateway stopping")
+    await grpcutil.set_serving(health, False)
+    await server.stop(grace=5)
+    http.close()
+    await router.close()
+    await store.close()
+    log.info("gateway stopped")
+
+
+def run(settings: Settings) -> None:
+    asyncio.run(serve(settings))

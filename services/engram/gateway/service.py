@@ -1,0 +1,97 @@
+"""The public gRPC service ``engram.v1.EngramStream``, registered with a safe deserializer.
+
+Requests are parsed by :func:`parse` instead of the generated deserializer, so bytes that are
+not a valid message become an in-band MALFORMED_MESSAGE error and the stream stays usable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from engram.common import validation
+from engram.common.errors import EngramError, grpc_status
+from engram.gateway.context import GatewayContext
+from engram.gateway.stream import ClientStream, Incoming
+from engram.v1 import streaming_pb2 as pb
+
+SERVICE = "engram.v1.EngramStream"
+
+
+def parse(data: bytes) -> Incoming:
+    try:
+        return Incoming(pb.ObservationRequest.FromString(data), len(data))
+    except DecodeError:
+        return Incoming(None, len(data))
+
+
+class EngramStreamService:
+    def __init__(self, gw: GatewayContext) -> None:
+        self.gw = gw
+
+    async def ObserveStream(  # noqa: N802
+        self, requests: AsyncIterator[Incoming], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ObservationResponse]:
+        async for response in ClientStream(self.gw).run(requests, context):
+            yield response
+
+    async def RecallStream(  # noqa: N802
+        self, request: pb.StreamingRecallRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamingRecallResponse]:
+        try:
+            space = validation.space_id(request.memory_space_id)
+            recall = pb.RecallRequest(cue=request.cue, k=request.max_results)
+            if request.HasField("min_score"):
+                recall.min_score = request.min_score
+            validation.recall(recall, self.gw.settings.limits)
+            result = await self.gw.recall(space, recall)
+        except EngramError as exc:
+            await context.abort(grpc_status(exc), str(exc))
+        yield pb.StreamingRecallResponse(
+            results=result.results,
+            more_results=False,
+            metadata=result.metadata,
+            snapshot_sequence=result.snapshot_sequence,
+        )
+
+    async def ListObservations(  # noqa: N802
+        self, request: pb.ListObservationsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ListObservationsResponse]:
+        from engram.internal.v1 import shard_pb2 as ipb
+
+        try:
+            space = validation.space_id(request.memory_space_id)
+            _, stub = await self.gw.router.stub(space)
+        except EngramError as exc:
+            await context.abort(grpc_status(exc), str(exc))
+        call = stub.Scan(ipb.ScanRequest(memory_space_id=space, chunk_size=request.chunk_size))
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.aio.AioRpcError as exc:
+            await context.abort(exc.code(), exc.details() or "shard scan failed")
+
+
+def handler(service: EngramStreamService) -> grpc.GenericRpcHandler:
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "ObserveStream": grpc.stream_stream_rpc_method_handler(
+                service.ObserveStream,
+                request_deserializer=parse,
+                response_serializer=pb.ObservationResponse.SerializeToString,
+            ),
+            "RecallStream": grpc.unary_stream_rpc_method_handler(
+                service.RecallStream,
+                request_deserializer=pb.StreamingRecallRequest.FromString,
+                response_serializer=pb.StreamingRecallResponse.SerializeToString,
+            ),
+            "ListObservations": grpc.unary_stream_rpc_method_handler(
+                service.ListObservations,
+                request_deserializer=pb.ListObservationsRequest.FromString,
+                response_serializer=pb.ListObservationsResponse.SerializeToString,
+            ),
+        },
+    )

@@ -1,0 +1,403 @@
+"""One client stream on the gateway: init/resume, sequencing, forwarding, acks, recalls.
+
+A stream is a small state machine. Until ``init`` only init is accepted. After it, batches
+(and single episodes) are checked, sequenced and forwarded to the owning shard on one internal
+``Append`` stream; the shard answers in order once each batch is durable, and those answers
+become the client's acks. Sequencing: the next expected number starts at the session's durable
+high-water mark + 1; a higher number is a gap (in-band error naming the expected one, nothing
+forwarded); a lower one is a duplicate, which the shard re-acknowledges without storing it again.
+A message that fails validation consumes no sequence number. Errors caused by one message are
+answered in-band and the stream stays open; if the shard becomes unreachable the stream ends
+with UNAVAILABLE and the client resumes the session on a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from engram.common import metrics, validation
+from engram.common.errors import (
+    EngramError,
+    SequenceError,
+    SessionError,
+    UnavailableError,
+    ValidationError,
+    from_proto,
+)
+from engram.control.store import SessionRecord
+from engram.gateway.context import GatewayContext
+from engram.internal.v1 import shard_pb2 as ipb
+from engram.v1 import streaming_pb2 as pb
+
+log = logging.getLogger("engram.gateway.stream")
+
+_SESSION_UPDATE_S = 0.5
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A request as the transport delivered it: parsed, or not (``message`` None)."""
+
+    message: pb.ObservationRequest | None
+    size: int
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+_DONE = object()
+
+
+class ClientStream:
+    def __init__(self, gw: GatewayContext) -> None:
+        self.gw = gw
+        self.out: asyncio.Queue[object] = asyncio.Queue()
+        self.session_id = ""
+        self.space = ""
+        self.dim = 0
+        self.next_expected = 1
+        self.last_acked = 0
+        self._shard_call: grpc.aio.StreamStreamCall | None = None
+        self._shard_reader: asyncio.Task[None] | None = None
+        self._sent_at: dict[int, tuple[float, int]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._last_session_write = 0.0
+        self._closing = False
+
+    # ---------------------------------------------------------------- plumbing
+
+    async def run(
+        self, requests: AsyncIterator[Incoming], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ObservationResponse]:
+        metrics.active_sessions.inc()
+        reader = asyncio.create_task(self._read(requests))
+        try:
+            while True:
+                item = await self.out.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, _Abort):
+                    await context.abort(item.code, item.details)
+                assert isinstance(item, pb.ObservationResponse)
+                yield item
+        finally:
+            metrics.active_sessions.dec()
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            await self._teardown()
+
+    async def _read(self, requests: AsyncIterator[Incoming]) -> None:
+        try:
+            async for incoming in requests:
+                await self._handle(incoming)
+                if self._closing:
+                    break
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # transport failure of the client side: just end
+            log.debug("client stream ended: %s", exc)
+        await self._drain()
+        self.out.put_nowait(_DONE)
+
+    async def _drain(self) -> None:
+        """Waits for the acks of everything forwarded (so a close answers them all)."""
+        deadline = time.monotonic() + 30
+        while self._sent_at and self._shard_reader is not None and not self._shard_reader.done():
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.005)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _teardown(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._shard_call is not None:
+            self._shard_call.cancel()
+        if self._shard_reader is not None:
+            self._shard_reader.cancel()
+            await asyncio.gather(self._shard_reader, return_exceptions=True)
+        if self.session_id:
+            with contextlib.suppress(Exception):
+                await self.gw.store.update_session(
+                    self.session_id, last_acked=self.last_acked, state="detached",
+                    ttl_s=self.gw.settings.gateway.session_ttl_s,
+                )
+
+    def _send(self, response: pb.ObservationResponse) -> None:
+        response.server_timestamp.GetCurrentTime()
+        if self.session_id:
+            response.session_id = self.session_id
+        self.out.put_nowait(response)
+
+    def _error(self, err: EngramError, seq: int = 0, request_id: str = "") -> None:
+        proto = err.to_proto()
+        proto.request_id = request_id
+        metrics.batch_failures_total.labels(pb.ErrorCode.Name(err.code)).inc()
+        self._send(pb.ObservationResponse(error=proto, sequence_number=seq))
+
+    # ---------------------------------------------------------------- dispatch
+
+    async def _handle(self, incoming: Incoming) -> None:
+        msg = incoming.message
+        if msg is None:
+            self._error(ValidationError(
+                f"a message of {incoming.size} bytes is not an ObservationRequest",
+                code=pb.MALFORMED_MESSAGE,
+            ))
+            return
+        op = msg.WhichOneof("operation")
+        seq = msg.sequence_number
+        try:
+            if incoming.size > self.gw.settings.limits.max_batch_bytes:
+                raise ValidationError(
+                    f"message of {incoming.size} bytes exceeds the limit of "
+                    f"{self.gw.settings.limits.max_batch_bytes} bytes: split the batch",
+                    code=pb.BATCH_TOO_LARGE,
+                )
+            if op is None:
+                raise ValidationError("the message carries no operation", code=pb.MISSING_OPERATION)
+            if op == "init":
+                await self._init(msg)
+                return
+            if not self.session_id:
+                raise SessionError(
+                    f"'{op}' before init: open the stream with an init message first",
+                    code=pb.NOT_INITIALIZED,
+                )
+            if msg.memory_space_id and msg.memory_space_id.strip() != self.space:
+                raise SessionError(
+                    f"this stream's session belongs to memory space {self.space!r}, "
+                    f"not {msg.memory_space_id!r}",
+                    code=pb.SPACE_MISMATCH,
+                )
+            if op == "batch":
+                await self._batch(seq, msg.batch)
+            elif op == "observation":
+                await self._batch(seq, validation.episode_to_batch(msg.observation))
+            elif op == "recall":
+                self._recall(msg.recall)
+            elif op == "flow":
+                self._flow(msg.flow)
+            elif op == "close":
+                self._closing = True
+        except EngramError as exc:
+            request_id = msg.recall.request_id if op == "recall" else ""
+            self._error(exc, seq if op in ("batch", "observation") else 0, request_id)
+
+    # -------------------------------------------------------------------- init
+
+    async def _init(self, msg: pb.ObservationRequest) -> None:
+        if self.session_id:
+            raise SessionError(
+                f"the stream is already initialised (session {self.session_id})",
+                code=pb.ALREADY_INITIALIZED,
+            )
+        resume = bool(msg.session_id)
+        if resume:
+            record = await self._lookup(msg.session_id)
+            space = record.space if record else ""
+            if msg.memory_space_id:
+                requested = validation.space_id(msg.memory_space_id)
+                if space and requested != space:
+                    raise SessionError(
+                        f"session {msg.session_id!r} belongs to memory space {space!r}, "
+                        f"not {requested!r}",
+                        code=pb.SPACE_MISMATCH,
+                    )
+                space = requested
+            if not space:
+                raise SessionError(
+                    f"session {msg.session_id!r} is unknown (name its memory space to resume it)"
+                )
+            session_id = msg.session_id
+        else:
+            space = validation.space_id(msg.memory_space_id)
+            session_id = "s-" + uuid.uuid4().hex
+        _, stub = await self.gw.router.stub(space)
+        try:
+            opened = await stub.OpenSession(
+                ipb.OpenSessionRequest(memory_space_id=space, session_id=session_id, create=not resume),
+                timeout=10,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise UnavailableError(
+                f"the shard of memory space {space!r} did not answer: {exc.code().name}"
+            ) from None
+        if opened.HasField("error"):
+            raise from_proto(opened.error)
+        self.session_id, self.space, self.dim = session_id, space, opened.dim
+        self.next_expected = opened.last_sequence + 1
+        self.last_acked = opened.last_sequence
+        with contextlib.suppress(Exception):  # Redis is a cache: the shard holds the truth
+            await self.gw.store.put_session(
+                SessionRecord(session_id, space, "active", self.last_acked),
+                self.gw.settings.gateway.session_ttl_s,
+            )
+        limits = self.gw.settings.limits
+        ack = pb.StreamInitAck(
+            session_id=session_id,
+            initial_sequence=opened.last_sequence,
+            max_in_flight_batches=limits.max_in_flight_batches,
+            max_batch_size=limits.max_batch_observations,
+            dim=opened.dim,
+            resumed=resume,
+        )
+        ack.capabilities.supports_backpressure = True
+        ack.capabilities.supports_snapshot_isolation = True
+        ack.capabilities.queue_capacity = limits.max_in_flight_batches
+        self._send(pb.ObservationResponse(init_ack=ack))
+
+    async def _lookup(self, session_id: str) -> SessionRecord | None:
+        try:
+            return await self.gw.store.get_session(session_id)
+        except Exception:
+            return None  # Redis down: resume from the shard alone
+
+    # ------------------------------------------------------------------ writes
+
+    async def _batch(self, seq: int, batch: pb.ObservationBatch) -> None:
+        if seq == 0:
+            raise ValidationError(
+                "sequence_number is missing: batches are numbered 1, 2, 3, ...",
+                code=pb.INVALID_ARGUMENT,
+            )
+        if seq > self.next_expected:
+            raise SequenceError(
+                f"sequence number {seq} skips ahead: expected {self.next_expected}",
+                expected=self.next_expected,
+            )
+        checked = validation.batch(batch, self.gw.settings.limits, self.dim)
+        if self.dim == 0:
+            self.dim = checked.dim
+        call = await self._shard_stream()
+        self._sent_at[seq] = (time.perf_counter(), checked.n)
+        if seq == self.next_expected:
+            self.next_expected += 1
+        metrics.batch_size.observe(checked.n)
+        try:
+            await call.write(
+                ipb.AppendRequest(
+                    memory_space_id=self.space,
+                    session_id=self.session_id,
+                    sequence_number=seq,
+                    batch=batch,
+                    epoch=self.gw.router.assignment.epoch,
+                )
+            )
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            self._shard_lost(f"writing to the shard failed: {exc}")
+
+    async def _shard_stream(self) -> grpc.aio.StreamStreamCall:
+        if self._shard_call is None:
+            _, stub = await self.gw.router.stub(self.space)
+            self._shard_call = stub.Append()
+            self._shard_reader = asyncio.create_task(self._read_shard(self._shard_call))
+        return self._shard_call
+
+    async def _read_shard(self, call: grpc.aio.StreamStreamCall) -> None:
+        try:
+            async for resp in call:
+                self._on_shard_response(resp)
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                self._shard_lost(f"the shard stream failed: {exc.code().name} {exc.details()}")
+            return
+        if self._sent_at:
+            self._shard_lost("the shard ended the stream with batches unanswered")
+
+    def _shard_lost(self, why: str) -> None:
+        metrics.shard_stream_failures_total.inc()
+        log.warning("session %s: %s; ending the client stream so it resumes", self.session_id, why)
+        self.out.put_nowait(_Abort(grpc.StatusCode.UNAVAILABLE, f"{why}; resume the session"))
+
+    def _on_shard_response(self, resp: ipb.AppendResponse) -> None:
+        seq = resp.sequence_number
+        sent = self._sent_at.pop(seq, None)
+        if resp.HasField("error"):
+            err = from_proto(resp.error)
+            if resp.error.code == pb.SEQUENCE_GAP:
+                self.next_expected = resp.error.expected_sequence
+            elif err.retryable:
+                self.next_expected = min(self.next_expected, seq)
+            metrics.observations_rejected_total.labels(
+                self.space, pb.ErrorCode.Name(resp.error.code)
+            ).inc(sent[1] if sent else 0)
+            self._error(err, seq)
+            return
+        self.last_acked = max(self.last_acked, seq)
+        if sent is not None:
+            metrics.observation_latency.observe(time.perf_counter() - sent[0])
+        if not resp.duplicate:
+            metrics.observations_total.labels(self.space, "normal").inc(resp.count)
+            metrics.batches_processed_total.inc()
+        ack = pb.ObservationAck(
+            status=pb.ObservationAck.ACCEPTED,
+            memory_id=resp.first_id,
+            first_lsn=resp.first_lsn,
+            count=resp.count,
+            duplicate=resp.duplicate,
+        )
+        ts = Timestamp()
+        ts.FromMicroseconds(resp.committed_at_us)
+        ack.committed_at.CopyFrom(ts)
+        self._send(pb.ObservationResponse(ack=ack, sequence_number=seq))
+        now = time.monotonic()
+        if now - self._last_session_write > _SESSION_UPDATE_S:
+            self._last_session_write = now
+            self._spawn(self._write_session())
+
+    async def _write_session(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.gw.store.update_session(
+                self.session_id, last_acked=self.last_acked, state="active",
+                ttl_s=self.gw.settings.gateway.session_ttl_s,
+            )
+
+    # ------------------------------------------------------------------ recall
+
+    def _recall(self, req: pb.RecallRequest) -> None:
+        validation.recall(req, self.gw.settings.limits)
+        self._spawn(self._do_recall(req))
+
+    async def _do_recall(self, req: pb.RecallRequest) -> None:
+        started = time.perf_counter()
+        try:
+            result = await self.gw.recall(self.space, req)
+        except EngramError as exc:
+            self._error(exc, request_id=req.request_id)
+            return
+        metrics.recall_latency.observe(time.perf_counter() - started)
+        self._send(pb.ObservationResponse(recall=result))
+
+    # -------------------------------------------------------------------- flow
+
+    def _flow(self, flow: pb.FlowControl) -> None:
+        status = pb.StreamStatus(
+            state=pb.StreamStatus.ACTIVE,
+            queue_depth=len(self._sent_at),
+            queue_capacity=self.gw.settings.limits.max_in_flight_batches,
+            last_acked_sequence=self.last_acked,
+            message=f"flow control {pb.FlowControl.Action.Name(flow.action)} noted",
+        )
+        self._send(pb.ObservationResponse(status=status))
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,122 @@
+"""Checkpoints of a memory space: the HNSW index, row metadata and session marks, on disk.
+
+Layout under ``<space>/ckpt/``::
+
+    manifest.json                  the current checkpoint (replaced atomically)
+    hnsw-<rows>.bin                the index holding rows [0, rows)
+    meta-<lo>-<hi>.pb              ids, contents, confidences, timestamps of rows [lo, hi)
+
+Every file is written to a temporary name, fsynced, renamed and the directory fsynced, and the
+manifest is written last: a crash at any step leaves the previous checkpoint whole, and files
+no manifest names are removed at the next start. Metadata chunks are immutable and accumulate;
+the index file is rewritten at each checkpoint. Called by :mod:`engram.shard.space`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from engram.v1 import streaming_pb2 as pb
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Manifest:
+    rows: int = 0
+    dim: int = 0
+    index_file: str = ""
+    meta_files: list[str] = field(default_factory=list)
+    sessions: dict[str, int] = field(default_factory=dict)
+    created_us: int = 0
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Writes ``path`` through ``write(tmp_path)``, then fsync, rename, fsync the directory."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def read_manifest(directory: Path) -> Manifest | None:
+    path = directory / MANIFEST
+    if not path.exists():
+        return None
+    raw = json.loads(path.read_text())
+    return Manifest(
+        rows=int(raw["rows"]),
+        dim=int(raw["dim"]),
+        index_file=raw["index_file"],
+        meta_files=list(raw["meta_files"]),
+        sessions={k: int(v) for k, v in raw["sessions"].items()},
+        created_us=int(raw.get("created_us", 0)),
+    )
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> None:
+    body = json.dumps(manifest.__dict__, separators=(",", ":")).encode()
+    write_atomic(directory / MANIFEST, lambda tmp: tmp.write_bytes(body))
+
+
+def write_meta(
+    directory: Path,
+    lo: int,
+    hi: int,
+    ids: list[str],
+    contents: list[str],
+    confidences: np.ndarray,
+    timestamps_us: np.ndarray,
+) -> str:
+    """Writes the metadata of rows [lo, hi) as one immutable chunk; returns its file name."""
+    chunk = pb.ObservationBatch(
+        ids=ids,
+        contents=contents,
+        confidences=confidences.astype("<f4").tobytes(),
+        timestamps_us=timestamps_us.astype("<i8").tobytes(),
+    )
+    name = f"meta-{lo:012d}-{hi:012d}.pb"
+    body = chunk.SerializeToString()
+    write_atomic(directory / name, lambda tmp: tmp.write_bytes(body))
+    return name
+
+
+def read_meta(directory: Path, name: str) -> pb.ObservationBatch:
+    chunk = pb.ObservationBatch()
+    chunk.ParseFromString((directory / name).read_bytes())
+    return chunk
+
+
+def remove_unreferenced(directory: Path, manifest: Manifest | None) -> list[str]:
+    """Deletes files no manifest names (left by a crash mid-checkpoint); returns their names."""
+    keep = {MANIFEST}
+    if manifest is not None:
+        keep.add(manifest.index_file)
+        keep.update(manifest.meta_files)
+    removed = []
+    for entry in directory.iterdir():
+        if entry.name not in keep:
+            entry.unlink()
+            removed.append(entry.name)
+    if removed:
+        fsync_dir(directory)
+    return removed

@@ -1,0 +1,95 @@
+"""The fresh tier of a memory space: durable rows not yet in the HNSW index.
+
+Rows live in fixed-size numpy blocks, appended in LSN order the moment a batch is durable, and
+are scanned exactly by recalls. The builder copies rows from here into the index; a block is
+dropped once every row in it is indexed. Readers take a snapshot (the list of blocks) so a block
+the builder drops stays alive for a recall that still scans it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+BLOCK_ROWS = 16_384  # largest block; the first blocks of a space are smaller (from 1,024 up)
+_FIRST_BLOCK_ROWS = 1_024
+
+
+@dataclass
+class Block:
+    first_row: int
+    data: np.ndarray  # (capacity, dim) float32; rows past ``filled`` are unused
+    filled: int = 0
+
+
+class FreshTier:
+    def __init__(self, dim: int, first_row: int = 0) -> None:
+        self.dim = dim
+        self.blocks: list[Block] = []
+        self.end_row = first_row  # one past the last appended row
+        self._last_capacity = 0
+
+    def append(self, vectors: np.ndarray) -> None:
+        """Appends normalised rows (called on the event loop after the batch is durable)."""
+        done = 0
+        n = len(vectors)
+        while done < n:
+            if not self.blocks or self.blocks[-1].filled == len(self.blocks[-1].data):
+                rows = min(BLOCK_ROWS, max(_FIRST_BLOCK_ROWS, 2 * self._last_capacity))
+                self._last_capacity = rows
+                self.blocks.append(Block(self.end_row, np.empty((rows, self.dim), np.float32)))
+            block = self.blocks[-1]
+            take = min(n - done, len(block.data) - block.filled)
+            block.data[block.filled : block.filled + take] = vectors[done : done + take]
+            block.filled += take
+            done += take
+            self.end_row += take
+
+    def rows(self, lo: int, hi: int) -> np.ndarray:
+        """A copy of rows ``[lo, hi)`` (all in this tier)."""
+        parts = []
+        for block in list(self.blocks):
+            b_lo, b_hi = block.first_row, block.first_row + block.filled
+            if b_hi <= lo or b_lo >= hi:
+                continue
+            parts.append(block.data[max(lo, b_lo) - b_lo : min(hi, b_hi) - b_lo])
+        return np.concatenate(parts) if len(parts) > 1 else np.array(parts[0])
+
+    def drop_below(self, row: int) -> None:
+        """Forgets blocks whose every row is below ``row`` (indexed)."""
+        keep = 0
+        for block in self.blocks:
+            full = block.filled == len(block.data)
+            if not full or block.first_row + block.filled > row:
+                break
+            keep += 1
+        if keep:
+            self.blocks = self.blocks[keep:]
+
+    def snapshot(self) -> list[Block]:
+        return list(self.blocks)
+
+
+def scan(blocks: list[Block], cue: np.ndarray, lo: int, hi: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` of rows ``[lo, hi)`` in ``blocks``: (rows, scores), best first."""
+    rows_out: list[np.ndarray] = []
+    scores_out: list[np.ndarray] = []
+    for block in blocks:
+        b_lo, b_hi = block.first_row, block.first_row + block.filled
+        s_lo, s_hi = max(lo, b_lo), min(hi, b_hi)
+        if s_lo >= s_hi:
+            continue
+        scores = block.data[s_lo - b_lo : s_hi - b_lo] @ cue
+        if len(scores) > k:
+            top = np.argpartition(-scores, k - 1)[:k]
+        else:
+            top = np.arange(len(scores))
+        rows_out.append(top + s_lo)
+        scores_out.append(scores[top])
+    if not rows_out:
+        return np.empty(0, np.int64), np.empty(0, np.float32)
+    rows = np.concatenate(rows_out)
+    scores = np.concatenate(scores_out)
+    order = np.argsort(-scores, kind="stable")[:k]
+    return rows[order].astype(np.int64), scores[order].astype(np.float32)

@@ -1,0 +1,120 @@
+"""The HNSW tier of a memory space: an hnswlib index behind a lock that favours recalls.
+
+hnswlib's ``add_items`` is not safe to run beside ``knn_query``, so the index is guarded by a
+readers-writer lock: recalls and checkpoint saves are readers, the builder's ``add_items`` is the
+writer. Readers that wait go first; the builder adds in small chunks, so a recall waits at most
+for one chunk. Vectors arrive L2-normalised; the inner-product space then gives cosine scores.
+Labels are row numbers (LSN - 1) in the space.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import hnswlib
+import numpy as np
+
+from engram.common.settings import IndexSettings
+
+_INITIAL_CAPACITY = 16_384
+
+
+class RecallFirstLock:
+    """Readers-writer lock where waiting readers are let in before a waiting writer."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._readers_waiting = 0
+        self._writing = False
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            self._readers_waiting += 1
+            while self._writing:
+                self._cond.wait()
+            self._readers_waiting -= 1
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            while self._writing or self._readers or self._readers_waiting:
+                self._cond.wait()
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+
+class HnswTier:
+    """Rows ``[0, count)`` of a space, searchable by approximate nearest neighbour."""
+
+    def __init__(self, dim: int, settings: IndexSettings, path: str | None = None) -> None:
+        self.dim = dim
+        self._settings = settings
+        self._index = hnswlib.Index(space="ip", dim=dim)
+        if path is None:
+            self._index.init_index(
+                max_elements=_INITIAL_CAPACITY, M=settings.m, ef_construction=settings.ef_construction
+            )
+        else:
+            self._index.load_index(path, max_elements=0)
+        self._index.set_num_threads(settings.build_threads)
+        self.count = self._index.get_current_count()
+        self._lock = RecallFirstLock()
+        self._query_lock = threading.Lock()  # set_ef + knn_query are one step
+
+    def add(self, vectors: np.ndarray, first_row: int) -> None:
+        """Adds rows ``first_row .. first_row + len(vectors)``; called by the builder only."""
+        n = len(vectors)
+        labels = np.arange(first_row, first_row + n, dtype=np.uint64)
+        with self._lock.write():
+            capacity = self._index.get_max_elements()
+            if first_row + n > capacity:
+                self._index.resize_index(max(capacity * 2, first_row + n))
+            self._index.add_items(vectors, labels, num_threads=self._settings.build_threads)
+        self.count = first_row + n
+
+    def search(self, cue: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Returns (rows, scores) of up to ``k`` nearest rows, best first."""
+        with self._lock.read():
+            count = self._index.get_current_count()
+            k = min(k, count)
+            if k == 0:
+                return np.empty(0, np.int64), np.empty(0, np.float32)
+            ef = max(self._settings.ef_search, 2 * k)
+            with self._query_lock:
+                for _ in range(3):
+                    self._index.set_ef(ef)
+                    try:
+                        labels, dists = self._index.knn_query(cue, k=k)
+                        break
+                    except RuntimeError:  # fewer than k reachable: widen, then ask for fewer
+                        ef *= 2
+                        k = max(1, k // 2)
+                else:
+                    return np.empty(0, np.int64), np.empty(0, np.float32)
+        return labels[0].astype(np.int64), (1.0 - dists[0]).astype(np.float32)
+
+    def save(self, path: str) -> None:
+        """Writes the index to ``path`` (the caller makes it atomic and durable)."""
+        with self._lock.read():
+            self._index.save_index(path)
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        with self._lock.read():
+            return np.asarray(self._index.get_items(rows.tolist(), return_type="numpy"))

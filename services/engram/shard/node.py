@@ -1,0 +1,164 @@
+"""A shard process's state: the spaces it holds, ownership, the index builder, heartbeats.
+
+Spaces found in the data directory are recovered at start; a space seen for the first time is
+created when a session opens on it, provided the assignment table says this shard owns it.
+One builder thread serves all spaces: it moves fresh rows into HNSW in small chunks (so recalls
+never wait long for the index lock) and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from pathlib import Path
+
+from engram.common import metrics, validation
+from engram.common.errors import NotOwnerError
+from engram.common.settings import Settings
+from engram.control.assignment import Assignment
+from engram.control.store import ControlStore
+from engram.shard.space import Space
+from engram.shard.wal import WalFaults
+
+log = logging.getLogger("engram.shard")
+
+HEARTBEAT_S = 1.0
+
+
+class ShardNode:
+    def __init__(self, settings: Settings, faults: WalFaults | None = None) -> None:
+        self.settings = settings
+        self.shard_id = settings.shard.shard_id
+        self.root = Path(settings.shard.data_dir)
+        self.spaces: dict[str, Space] = {}
+        self.faults = faults or WalFaults()
+        self.assignment = Assignment(settings.cluster.shard_count)
+        self.store = ControlStore(
+            settings.cluster.redis_url, settings.cluster.key_prefix, settings.cluster.shard_count
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = threading.Event()
+        self._builder: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def recover(self) -> None:
+        """Recovers every space on disk (blocking; before serving)."""
+        spaces_dir = self.root / "spaces"
+        spaces_dir.mkdir(parents=True, exist_ok=True)
+        for entry in sorted(spaces_dir.iterdir()):
+            if entry.is_dir():
+                space = self._new_space(entry.name)
+                space.recover()
+                self.spaces[entry.name] = space
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        for space in self.spaces.values():
+            space.start(self._loop)
+        self._builder = threading.Thread(target=self._build_loop, name="index-builder", daemon=True)
+        self._builder.start()
+        self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
+
+    async def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._builder is not None:
+            await asyncio.to_thread(self._builder.join, 30)
+        for space in self.spaces.values():
+            await space.close()
+        await self.store.close()
+
+    def _new_space(self, name: str) -> Space:
+        s = self.settings
+        return Space(
+            name,
+            self.root / "spaces" / name,
+            wal=s.shard.wal,
+            index=s.shard.index,
+            limits=s.limits,
+            faults=self.faults,
+        )
+
+    # -------------------------------------------------------------------- spaces
+
+    def space(self, name: str, create: bool) -> Space | None:
+        """The space, created if ``create`` and this shard owns it; raises NotOwnerError."""
+        name = validation.space_id(name)
+        space = self.spaces.get(name)
+        if space is not None:
+            return space
+        owner = self.assignment.owner(name)
+        if owner != self.shard_id:
+            raise NotOwnerError(
+                f"shard {self.shard_id} does not own memory space {name!r} (owner: shard {owner}, "
+                f"epoch {self.assignment.epoch})"
+            )
+        if not create:
+            return None
+        assert self._loop is not None
+        space = self._new_space(name)
+        space.recover()  # an empty directory: creates it
+        space.start(self._loop)
+        self.spaces[name] = space
+        log.info("space %s created", name)
+        return space
+
+    def wake_builder(self) -> None:
+        self._wake.set()
+
+    # ------------------------------------------------------------------- builder
+
+    def _build_loop(self) -> None:
+        chunk = self.settings.shard.index.build_chunk
+        while not self._stop.is_set():
+            spaces = list(self.spaces.values())
+            busiest = max(spaces, key=lambda s: s.backlog(), default=None)
+            if busiest is None or busiest.backlog() == 0:
+                for space in spaces:
+                    if space.checkpoint_due():
+                        self._checkpoint(space)
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                added = busiest.index_step(chunk)
+            except Exception:  # the builder must survive; the rows stay in the fresh tier
+                log.exception("space %s: indexing failed; retrying in 1 s", busiest.name)
+                time.sleep(1.0)
+                continue
+            metrics.shard_indexed_total.labels(busiest.name).inc(added)
+            if busiest.checkpoint_due():
+                self._checkpoint(busiest)
+
+    def _checkpoint(self, space: Space) -> None:
+        if self._stop.is_set():
+            return
+        try:
+            space.checkpoint()
+            metrics.shard_checkpoints_total.labels(space.name).inc()
+        except Exception:
+            log.exception("space %s: checkpoint failed; the WAL keeps everything", space.name)
+            space.last_checkpoint = time.monotonic()
+
+    # ---------------------------------------------------------------- heartbeats
+
+    async def _heartbeat_loop(self) -> None:
+        advertise = self.settings.shard.advertise
+        while True:
+            try:
+                await self.store.heartbeat(self.shard_id, advertise, ttl_s=5 * HEARTBEAT_S)
+                self.assignment = await self.store.assignment()
+            except Exception as exc:  # Redis down: keep serving with the cached assignment
+                log.debug("heartbeat failed: %s", exc)
+            for space in self.spaces.values():
+                metrics.shard_rows.labels(space.name).set(space.visible)
+                metrics.shard_index_backlog.labels(space.name).set(space.backlog())
+            await asyncio.sleep(HEARTBEAT_S)

@@ -1,0 +1,59 @@
+"""Runs a shard process: recovery, the gRPC service, health, the HTTP port, clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+
+from engram.common import grpcutil
+from engram.common.http import start_http
+from engram.common.settings import Settings
+from engram.internal.v1 import shard_pb2, shard_pb2_grpc
+from engram.shard.node import ShardNode
+from engram.shard.service import ShardService
+
+log = logging.getLogger("engram.shard")
+
+
+async def serve(settings: Settings) -> None:
+    node = ShardNode(settings)
+    server = grpc.aio.server(options=grpcutil.server_options(settings.limits))
+    shard_pb2_grpc.add_ShardServicer_to_server(ShardService(node), server)
+    health = grpcutil.add_health_and_reflection(
+        server, [shard_pb2.DESCRIPTOR.services_by_name["Shard"].full_name]
+    )
+    if server.add_insecure_port(settings.shard.listen) == 0:
+        raise SystemExit(f"shard: cannot listen on {settings.shard.listen} (port in use?)")
+    await server.start()  # health says NOT_SERVING until recovery is done
+    await asyncio.to_thread(node.recover)
+    await node.start()
+
+    async def healthy() -> tuple[bool, str]:
+        return True, f"shard {node.shard_id}: {len(node.spaces)} spaces"
+
+    http = None
+    if settings.shard.http_port:
+        http = await start_http("127.0.0.1", settings.shard.http_port, healthy)
+    await grpcutil.set_serving(health, True)
+    log.info("shard %d serving on %s (data %s)", node.shard_id, settings.shard.listen,
+             settings.shard.data_dir)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shard %d stopping", node.shard_id)
+    await grpcutil.set_serving(health, False)
+    await server.stop(grace=5)
+    if http is not None:
+        http.close()
+    await node.stop()
+    log.info("shard %d stopped", node.shard_id)
+
+
+def run(settings: Settings) -> None:
+    asyncio.run(serve(settings))

@@ -1,0 +1,152 @@
+"""The shard's gRPC service (``engram.internal.v1.Shard``), called by gateways.
+
+``Append`` keeps one stream per client session: requests are started in arrival order (LSNs and
+WAL records in that order) and answered in the same order as each becomes durable, so a gateway
+can keep many batches in flight. Errors are answered in-band per batch; the stream stays open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from engram.common import validation
+from engram.common.errors import EngramError, ServerError, grpc_status
+from engram.internal.v1 import shard_pb2 as ipb
+from engram.internal.v1 import shard_pb2_grpc
+from engram.shard.node import ShardNode
+from engram.shard.space import AppendResult
+from engram.v1 import streaming_pb2 as pb
+
+log = logging.getLogger("engram.shard.service")
+
+_END = object()
+
+
+class ShardService(shard_pb2_grpc.ShardServicer):
+    def __init__(self, node: ShardNode) -> None:
+        self.node = node
+
+    async def Append(  # noqa: N802 (gRPC method name)
+        self, request_iterator: AsyncIterator[ipb.AppendRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ipb.AppendResponse]:
+        results: asyncio.Queue[object] = asyncio.Queue()
+
+        async def intake() -> None:
+            try:
+                async for req in request_iterator:
+                    results.put_nowait((req.sequence_number, self._begin(req)))
+            finally:
+                results.put_nowait(_END)
+
+        task = asyncio.create_task(intake())
+        try:
+            while True:
+                item = await results.get()
+                if item is _END:
+                    break
+                seq, fut = item  # type: ignore[misc]
+                yield await _answer(seq, fut)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    def _begin(self, req: ipb.AppendRequest) -> asyncio.Future[AppendResult] | EngramError:
+        try:
+            space = self.node.space(req.memory_space_id, create=False)
+            if space is None:
+                raise ServerError(
+                    f"memory space {req.memory_space_id!r} has no session open on this shard",
+                    code=pb.UNKNOWN_SESSION,
+                )
+            return space.begin_append(req.session_id, req.sequence_number, req.batch)
+        except EngramError as exc:
+            return exc
+
+    async def OpenSession(  # noqa: N802
+        self, request: ipb.OpenSessionRequest, context: grpc.aio.ServicerContext
+    ) -> ipb.OpenSessionResponse:
+        try:
+            space = self.node.space(request.memory_space_id, create=request.create)
+            if space is None:
+                return ipb.OpenSessionResponse(
+                    error=pb.StreamError(
+                        code=pb.UNKNOWN_SESSION,
+                        message=f"session {request.session_id!r} is unknown in memory space "
+                        f"{request.memory_space_id!r}",
+                    )
+                )
+            mark = await space.open_session(request.session_id, request.create)
+            return ipb.OpenSessionResponse(last_sequence=mark, dim=space.dim)
+        except EngramError as exc:
+            return ipb.OpenSessionResponse(error=exc.to_proto())
+
+    async def Recall(  # noqa: N802
+        self, request: ipb.ShardRecallRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RecallResponse:
+        try:
+            cue = validation.recall(request.recall, self.node.settings.limits)
+            space = self.node.space(request.memory_space_id, create=False)
+        except EngramError as exc:
+            await context.abort(grpc_status(exc), str(exc))
+        out: pb.RecallResponse
+        if space is None:
+            out = pb.RecallResponse()
+        else:
+            min_score = request.recall.min_score if request.recall.HasField("min_score") else None
+            snap = space.snapshot()
+            try:
+                out = await asyncio.to_thread(space.recall, snap, cue, request.recall.k, min_score)
+            except EngramError as exc:
+                await context.abort(grpc_status(exc), str(exc))
+        out.request_id = request.recall.request_id
+        return out
+
+    async def Scan(  # noqa: N802
+        self, request: ipb.ScanRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ListObservationsResponse]:
+        try:
+            space = self.node.space(request.memory_space_id, create=False)
+        except EngramError as exc:
+            await context.abort(grpc_status(exc), str(exc))
+        if space is None:
+            return
+        for ids, lsns in space.scan_ids(request.chunk_size or 10_000):
+            yield pb.ListObservationsResponse(ids=ids, lsns=lsns, dim=space.dim)
+
+    async def Stats(  # noqa: N802
+        self, request: ipb.StatsRequest, context: grpc.aio.ServicerContext
+    ) -> ipb.StatsResponse:
+        out = ipb.StatsResponse(shard_id=self.node.shard_id)
+        for name, space in sorted(self.node.spaces.items()):
+            out.spaces.add(
+                memory_space_id=name,
+                dim=space.dim,
+                count=space.visible,
+                indexed=space.visible - space.backlog(),
+                checkpoint_lsn=space.checkpoint_rows,
+                sessions=space.session_count,
+            )
+        return out
+
+
+async def _answer(
+    seq: int, fut: asyncio.Future[AppendResult] | EngramError
+) -> ipb.AppendResponse:
+    if isinstance(fut, EngramError):
+        return ipb.AppendResponse(sequence_number=seq, error=fut.to_proto())
+    try:
+        r = await fut
+    except EngramError as exc:
+        return ipb.AppendResponse(sequence_number=seq, error=exc.to_proto())
+    return ipb.AppendResponse(
+        sequence_number=r.sequence_number,
+        first_lsn=r.first_lsn,
+        count=r.count,
+        duplicate=r.duplicate,
+        committed_at_us=r.committed_at_us,
+        first_id=r.first_id,
+    )

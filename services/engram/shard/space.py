@@ -1,0 +1,575 @@
+"""One memory space on a shard: sequencing, durability, tiers, recall, checkpoints, recovery.
+
+The write path runs on the shard's event loop and is strictly ordered::
+
+    begin_append  validate -> check the session's sequence -> assign LSNs -> queue the WAL record
+    (WAL thread)  group commit: write + fdatasync
+    _publish      in WAL order: metadata, fresh tier, visible LSN, session high-water mark -> ack
+
+Rows are numbered from 0 in LSN order (row = LSN - 1). Rows ``[0, indexed)`` are in the HNSW
+tier, rows ``[indexed, visible)`` in the fresh tier; a recall searches both and merges. The
+shard's builder thread moves rows into the index (:meth:`index_step`) and writes checkpoints
+(:meth:`checkpoint`), after which WAL segments the checkpoint covers are deleted.
+
+Session high-water marks are kept twice: ``_assigned`` (queued) and ``_durable`` (fsynced).
+Duplicates are answered from them; a WAL failure rolls ``_assigned`` back to ``_durable`` and
+LSN assignment back to ``visible``, so nothing that was not acked leaves a trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engram.common import validation
+from engram.common.errors import SequenceError, SessionError, StorageError
+from engram.common.settings import IndexSettings, LimitSettings, WalSettings
+from engram.internal.v1 import shard_pb2 as ipb
+from engram.shard import checkpoint as ckpt
+from engram.shard.fresh import Block, FreshTier, scan
+from engram.shard.index import HnswTier
+from engram.shard.wal import Wal, WalFaults
+from engram.v1 import streaming_pb2 as pb
+
+log = logging.getLogger("engram.shard.space")
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    sequence_number: int
+    first_lsn: int
+    count: int
+    duplicate: bool
+    committed_at_us: int
+    first_id: str
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a recall sees: rows below ``visible``; the fresh blocks hold ``[indexed, visible)``."""
+
+    visible: int
+    indexed: int
+    blocks: list[Block]
+    hnsw: HnswTier | None
+
+
+class _Grow:
+    """A numpy array that grows by doubling; ``view()`` is the filled part."""
+
+    def __init__(self, dtype: str) -> None:
+        self._data = np.empty(1024, dtype=dtype)
+        self.n = 0
+
+    def extend(self, values: np.ndarray) -> None:
+        need = self.n + len(values)
+        if need > len(self._data):
+            bigger = np.empty(max(need, 2 * len(self._data)), dtype=self._data.dtype)
+            bigger[: self.n] = self._data[: self.n]
+            self._data = bigger
+        self._data[self.n : need] = values
+        self.n = need
+
+    def view(self) -> np.ndarray:
+        return self._data[: self.n]
+
+
+@dataclass
+class _Pending:
+    session_id: str
+    seq: int
+    first_row: int
+    vectors: np.ndarray  # normalised
+    ids: list[str]
+    contents: list[str]
+    confidences: np.ndarray
+    timestamps_us: np.ndarray
+    result: asyncio.Future[AppendResult]
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class Space:
+    def __init__(
+        self,
+        name: str,
+        directory: Path,
+        *,
+        wal: WalSettings,
+        index: IndexSettings,
+        limits: LimitSettings,
+        faults: WalFaults | None = None,
+    ) -> None:
+        self.name = name
+        self.directory = directory
+        self._index_settings = index
+        self._limits = limits
+        self._ckpt_dir = directory / "ckpt"
+        self.wal = Wal(directory / "wal", segment_bytes=wal.segment_bytes, faults=faults)
+        self.dim = 0
+        self.visible = 0  # rows durable and visible to recall
+        self._next_row = 0  # next row to assign
+        self.fresh: FreshTier | None = None
+        self.hnsw: HnswTier | None = None
+        self.ids: list[str] = []
+        self.contents: list[str] = []
+        self.confidences = _Grow("float32")
+        self.timestamps_us = _Grow("int64")
+        self._assigned: dict[str, int] = {}
+        self._durable: dict[str, int] = {}
+        self._waiters: dict[str, list[tuple[int, asyncio.Future[AppendResult]]]] = defaultdict(list)
+        self._opening: dict[str, asyncio.Future[int]] = {}
+        self._inflight = 0
+        self._recovering = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.checkpoint_rows = 0
+        self._checkpoint_index_file = ""
+        self._checkpoint_meta: list[str] = []
+        self.last_checkpoint = time.monotonic()
+        self.changed = threading.Event()  # set when rows become visible (wakes the builder)
+
+    # ------------------------------------------------------------------ recovery
+
+    def recover(self) -> None:
+        """Loads the checkpoint and replays the WAL; runs before the space serves anything."""
+        self._ckpt_dir.mkdir(parents=True, exist_ok=True)
+        manifest = ckpt.read_manifest(self._ckpt_dir)
+        removed = ckpt.remove_unreferenced(self._ckpt_dir, manifest)
+        if removed:
+            log.warning("space %s: removed files of an unfinished checkpoint: %s", self.name, removed)
+        if manifest is not None and manifest.rows:
+            self._load_checkpoint(manifest)
+        replayed = 0
+        for _end_lsn, payload in self.wal.replay():
+            rec = ipb.WalRecord.FromString(payload)
+            if rec.HasField("session_open"):
+                sid = rec.session_open.session_id
+                self._durable.setdefault(sid, 0)
+            else:
+                replayed += self._replay_batch(rec.batch)
+        self._assigned = dict(self._durable)
+        self._next_row = self.visible
+        log.info(
+            "space %s recovered: %d rows (%d from checkpoint, %d replayed), %d sessions",
+            self.name, self.visible, self.checkpoint_rows, replayed, len(self._durable),
+        )
+
+    def _load_checkpoint(self, manifest: ckpt.Manifest) -> None:
+        self.dim = manifest.dim
+        self.hnsw = HnswTier(
+            manifest.dim, self._index_settings, str(self._ckpt_dir / manifest.index_file)
+        )
+        for name in manifest.meta_files:
+            chunk = ckpt.read_meta(self._ckpt_dir, name)
+            self.ids.extend(chunk.ids)
+            self.contents.extend(chunk.contents)
+            self.confidences.extend(np.frombuffer(chunk.confidences, "<f4"))
+            self.timestamps_us.extend(np.frombuffer(chunk.timestamps_us, "<i8"))
+        if len(self.ids) != manifest.rows or self.hnsw.count != manifest.rows:
+            raise StorageError(
+                f"checkpoint of space {self.name} is inconsistent: manifest says {manifest.rows} "
+                f"rows, metadata has {len(self.ids)}, index has {self.hnsw.count}"
+            )
+        self.visible = manifest.rows
+        self._durable = dict(manifest.sessions)
+        self.checkpoint_rows = manifest.rows
+        self._checkpoint_index_file = manifest.index_file
+        self._checkpoint_meta = list(manifest.meta_files)
+        self.fresh = FreshTier(manifest.dim, manifest.rows)
+
+    def _replay_batch(self, rec: ipb.WalBatch) -> int:
+        sid = rec.session_id
+        self._durable[sid] = max(self._durable.get(sid, 0), rec.sequence_number)
+        b = rec.batch
+        first = rec.first_lsn - 1
+        n = len(b.vectors) // (4 * b.dim)
+        if first + n <= self.visible:
+            return 0  # already in the checkpoint
+        skip = self.visible - first
+        if skip < 0:
+            raise StorageError(
+                f"WAL of space {self.name} jumps from row {self.visible} to {first}: rows are missing"
+            )
+        if self.dim == 0:
+            self._fix_dim(b.dim)
+        vectors = np.frombuffer(b.vectors, "<f4").reshape(n, b.dim)[skip:]
+        self._make_visible(
+            _normalise(vectors),
+            list(b.ids)[skip:],
+            list(b.contents)[skip:] if b.contents else [""] * (n - skip),
+            np.frombuffer(b.confidences, "<f4")[skip:],
+            np.frombuffer(b.timestamps_us, "<i8")[skip:],
+        )
+        return n - skip
+
+    def _fix_dim(self, dim: int) -> None:
+        self.dim = dim
+        self.fresh = FreshTier(dim, self.visible)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.wal.start(loop)
+
+    async def close(self) -> None:
+        await self.wal.close()
+
+    # ----------------------------------------------------------------- sessions
+
+    def session_mark(self, session_id: str) -> int | None:
+        return self._durable.get(session_id)
+
+    @property
+    def session_count(self) -> int:
+        return len(self._durable)
+
+    def open_session(self, session_id: str, create: bool) -> asyncio.Future[int]:
+        """Resolves to the session's durable high-water mark, registering it if ``create``."""
+        loop = self._require_loop()
+        fut: asyncio.Future[int] = loop.create_future()
+        if session_id in self._durable:
+            fut.set_result(self._durable[session_id])
+            return fut
+        if session_id in self._opening:
+            return self._opening[session_id]
+        if not create:
+            fut.set_exception(
+                SessionError(f"session {session_id!r} is unknown in memory space {self.name!r}")
+            )
+            return fut
+        self._check_writable()
+        record = ipb.WalRecord(session_open=ipb.WalSessionOpen(session_id=session_id))
+        self._assigned[session_id] = 0
+        self._opening[session_id] = fut
+        self._inflight += 1
+        wal_fut = self.wal.append(record.SerializeToString(), self._next_row)
+
+        def done(f: asyncio.Future[None]) -> None:
+            self._inflight -= 1
+            self._opening.pop(session_id, None)
+            if f.cancelled() or f.exception() is not None:
+                self._assigned.pop(session_id, None)
+                fut.set_exception(_storage_error(f))
+                self._on_failure()
+            else:
+                self._durable.setdefault(session_id, 0)
+                fut.set_result(self._durable[session_id])
+
+        wal_fut.add_done_callback(done)
+        return fut
+
+    # -------------------------------------------------------------------- writes
+
+    def begin_append(
+        self, session_id: str, seq: int, batch: pb.ObservationBatch
+    ) -> asyncio.Future[AppendResult]:
+        """Starts appending a batch; the future resolves once it is durable and visible.
+
+        Raises at once (before anything is queued) for bad input, an unknown session, a
+        sequence gap or a WAL that is recovering from a failure.
+        """
+        loop = self._require_loop()
+        if session_id not in self._assigned:
+            raise SessionError(f"session {session_id!r} is unknown in memory space {self.name!r}")
+        assigned = self._assigned[session_id]
+        if seq <= assigned:
+            return self._duplicate(session_id, seq)
+        if seq != assigned + 1:
+            raise SequenceError(
+                f"sequence number {seq} skips ahead: expected {assigned + 1}", expected=assigned + 1
+            )
+        self._check_writable()
+        checked = validation.batch(batch, self._limits, self.dim)
+        n = checked.n
+        if self.dim == 0:
+            self._fix_dim(checked.dim)
+        if not batch.ids:
+            batch.ids.extend([f"{session_id}/{seq}/{i}" for i in range(n)])
+        committed = now_us()
+        if not batch.timestamps_us:
+            batch.timestamps_us = np.full(n, committed, "<i8").tobytes()
+        if not batch.confidences:
+            batch.confidences = np.full(n, validation.DEFAULT_CONFIDENCE, "<f4").tobytes()
+        else:
+            conf = np.clip(np.frombuffer(batch.confidences, "<f4"), 0.0, 1.0)
+            batch.confidences = conf.astype("<f4").tobytes()
+        first_row = self._next_row
+        record = ipb.WalRecord(
+            batch=ipb.WalBatch(
+                session_id=session_id, sequence_number=seq, first_lsn=first_row + 1, batch=batch
+            )
+        )
+        result: asyncio.Future[AppendResult] = loop.create_future()
+        pending = _Pending(
+            session_id=session_id,
+            seq=seq,
+            first_row=first_row,
+            vectors=_normalise(checked.vectors),
+            ids=list(batch.ids),
+            contents=list(batch.contents) if batch.contents else [""] * n,
+            confidences=np.frombuffer(batch.confidences, "<f4"),
+            timestamps_us=np.frombuffer(batch.timestamps_us, "<i8"),
+            result=result,
+        )
+        wal_fut = self.wal.append(record.SerializeToString(), first_row + n)
+        self._next_row += n
+        self._assigned[session_id] = seq
+        self._inflight += 1
+        wal_fut.add_done_callback(lambda f: self._publish(pending, f))
+        return result
+
+    def _duplicate(self, session_id: str, seq: int) -> asyncio.Future[AppendResult]:
+        fut: asyncio.Future[AppendResult] = self._require_loop().create_future()
+        if seq <= self._durable.get(session_id, 0):
+            fut.set_result(AppendResult(seq, 0, 0, True, now_us(), ""))
+        else:
+            self._waiters[session_id].append((seq, fut))
+        return fut
+
+    def _publish(self, p: _Pending, wal_fut: asyncio.Future[None]) -> None:
+        """Runs on the loop, in WAL order, when the batch's record is durable (or failed)."""
+        self._inflight -= 1
+        if wal_fut.cancelled() or wal_fut.exception() is not None:
+            err = _storage_error(wal_fut)
+            p.result.set_exception(err)
+            self._fail_waiters(p.session_id, err)
+            self._on_failure()
+            return
+        n = len(p.vectors)
+        assert p.first_row == self.visible, (p.first_row, self.visible)
+        self._make_visible(p.vectors, p.ids, p.contents, p.confidences, p.timestamps_us)
+        self._durable[p.session_id] = p.seq
+        self.changed.set()
+        p.result.set_result(
+            AppendResult(p.seq, p.first_row + 1, n, False, now_us(), p.ids[0] if p.ids else "")
+        )
+        waiters = self._waiters.get(p.session_id)
+        if waiters:
+            still = []
+            for seq, fut in waiters:
+                if seq <= p.seq:
+                    if not fut.done():
+                        fut.set_result(AppendResult(seq, 0, 0, True, now_us(), ""))
+                else:
+                    still.append((seq, fut))
+            self._waiters[p.session_id] = still
+
+    def _make_visible(
+        self,
+        vectors: np.ndarray,
+        ids: list[str],
+        contents: list[str],
+        confidences: np.ndarray,
+        timestamps_us: np.ndarray,
+    ) -> None:
+        assert self.fresh is not None
+        self.ids.extend(ids)
+        self.contents.extend(contents)
+        self.confidences.extend(confidences)
+        self.timestamps_us.extend(timestamps_us)
+        self.fresh.append(vectors)
+        self.visible += len(vectors)
+
+    def _fail_waiters(self, session_id: str, err: Exception) -> None:
+        for _seq, fut in self._waiters.pop(session_id, []):
+            if not fut.done():
+                fut.set_exception(err)
+
+    def _check_writable(self) -> None:
+        if self._recovering or self.wal.failed:
+            raise StorageError(
+                f"memory space {self.name!r} cannot make writes durable right now (WAL failure); "
+                "nothing was stored: retry later"
+            )
+
+    def _on_failure(self) -> None:
+        """After a failed WAL round: roll back once every in-flight record has settled."""
+        if not self._recovering:
+            log.error("space %s: WAL write failed; refusing writes until the WAL recovers", self.name)
+        self._recovering = True
+        if self._inflight == 0:
+            self._try_reset()
+
+    def _try_reset(self) -> None:
+        try:
+            self.wal.reset()
+        except StorageError as exc:
+            log.warning("space %s: WAL still failing (%s); retrying in 1 s", self.name, exc)
+            self._require_loop().call_later(1.0, self._try_reset)
+            return
+        self._next_row = self.visible
+        self._assigned = dict(self._durable)
+        for sid in list(self._waiters):
+            self._fail_waiters(sid, StorageError("the WAL failed before this batch was durable"))
+        if self.visible == 0 and self.hnsw is None:
+            self.dim = 0
+            self.fresh = None
+        self._recovering = False
+        log.info("space %s: WAL recovered; accepting writes again", self.name)
+
+    def _require_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError(f"space {self.name} was not started")
+        return self._loop
+
+    # -------------------------------------------------------------------- recall
+
+    def snapshot(self) -> Snapshot:
+        hnsw = self.hnsw
+        indexed = hnsw.count if hnsw is not None else 0
+        blocks = self.fresh.snapshot() if self.fresh is not None else []
+        return Snapshot(self.visible, indexed, blocks, hnsw)
+
+    def recall(
+        self, snap: Snapshot, cue: np.ndarray, k: int, min_score: float | None
+    ) -> pb.RecallResponse:
+        """Top-``k`` of the snapshot by cosine similarity; runs in a worker thread."""
+        started = time.perf_counter()
+        out = pb.RecallResponse(snapshot_sequence=snap.visible)
+        out.metadata.indexed_count = snap.indexed
+        out.metadata.fresh_count = snap.visible - snap.indexed
+        if snap.visible == 0:
+            return out
+        if cue.shape[0] != self.dim:
+            raise validation.ValidationError(
+                f"cue has {cue.shape[0]} values but memory space {self.name!r} holds vectors of "
+                f"dimension {self.dim}",
+                code=pb.WRONG_DIMENSION,
+            )
+        q = (cue / np.linalg.norm(cue)).astype(np.float32)
+        parts_rows, parts_scores = [], []
+        if snap.hnsw is not None and snap.indexed:
+            rows, scores = snap.hnsw.search(q, k)
+            parts_rows.append(rows)
+            parts_scores.append(scores)
+        rows, scores = scan(snap.blocks, q, snap.indexed, snap.visible, k)
+        parts_rows.append(rows)
+        parts_scores.append(scores)
+        rows = np.concatenate(parts_rows)
+        scores = np.concatenate(parts_scores)
+        keep = rows < snap.visible
+        rows, scores = rows[keep], scores[keep]
+        rows, first = np.unique(rows, return_index=True)
+        scores = scores[first]
+        order = np.argsort(-scores, kind="stable")[:k]
+        conf = self.confidences.view()
+        ts = self.timestamps_us.view()
+        for row, score in zip(rows[order].tolist(), scores[order].tolist(), strict=True):
+            if min_score is not None and score < min_score:
+                break
+            m = out.results.add(
+                id=self.ids[row],
+                content=self.contents[row],
+                score=score,
+                confidence=float(conf[row]),
+                lsn=row + 1,
+            )
+            m.when.FromMicroseconds(int(ts[row]))
+        out.metadata.latency_us = int((time.perf_counter() - started) * 1e6)
+        return out
+
+    def scan_ids(self, chunk: int) -> list[tuple[list[str], range]]:
+        """Every visible id in LSN order, in chunks of (ids, lsns)."""
+        visible = self.visible
+        return [
+            (self.ids[lo : min(lo + chunk, visible)], range(lo + 1, min(lo + chunk, visible) + 1))
+            for lo in range(0, visible, chunk)
+        ]
+
+    # ------------------------------------------------------------------ builder
+
+    def backlog(self) -> int:
+        indexed = self.hnsw.count if self.hnsw is not None else 0
+        return self.visible - indexed
+
+    def index_step(self, max_rows: int) -> int:
+        """Moves up to ``max_rows`` rows from the fresh tier into HNSW; builder thread only."""
+        if self.fresh is None:
+            return 0
+        if self.hnsw is None:
+            self.hnsw = HnswTier(self.dim, self._index_settings)
+        lo = self.hnsw.count
+        hi = min(self.visible, lo + max_rows)
+        if hi <= lo:
+            return 0
+        self.hnsw.add(self.fresh.rows(lo, hi), lo)
+        self.fresh.drop_below(hi)
+        return hi - lo
+
+    def checkpoint_due(self) -> bool:
+        indexed = self.hnsw.count if self.hnsw is not None else 0
+        new = indexed - self.checkpoint_rows
+        if new <= 0:
+            return False
+        if new >= self._index_settings.checkpoint_every:
+            return True
+        return time.monotonic() - self.last_checkpoint >= self._index_settings.checkpoint_interval_s
+
+    def checkpoint(self) -> int:
+        """Writes a checkpoint of the indexed rows and drops the WAL it covers; builder thread.
+
+        Returns the number of rows the checkpoint holds.
+        """
+        assert self.hnsw is not None and self._loop is not None
+        loop = self._loop
+        rows = self.hnsw.count
+
+        async def prepare() -> tuple[dict[str, int], int]:
+            sessions = {sid: self._durable.get(sid, 0) for sid in self._assigned}
+            sessions.update(self._durable)
+            return sessions, self.wal.rotate()
+
+        sessions, closed = asyncio.run_coroutine_threadsafe(prepare(), loop).result()
+        lo = self.checkpoint_rows
+        meta = list(self._checkpoint_meta)
+        if rows > lo:
+            meta.append(
+                ckpt.write_meta(
+                    self._ckpt_dir, lo, rows, self.ids[lo:rows], self.contents[lo:rows],
+                    self.confidences.view()[lo:rows].copy(), self.timestamps_us.view()[lo:rows].copy(),
+                )
+            )
+        index_file = f"hnsw-{rows:012d}.bin"
+        hnsw = self.hnsw
+        ckpt.write_atomic(self._ckpt_dir / index_file, lambda tmp: hnsw.save(str(tmp)))
+        manifest = ckpt.Manifest(
+            rows=rows, dim=self.dim, index_file=index_file, meta_files=meta,
+            sessions=sessions, created_us=now_us(),
+        )
+        ckpt.write_manifest(self._ckpt_dir, manifest)
+        old_index = self._checkpoint_index_file
+        self.checkpoint_rows, self._checkpoint_index_file = rows, index_file
+        self._checkpoint_meta = meta
+        self.last_checkpoint = time.monotonic()
+        if old_index and old_index != index_file:
+            (self._ckpt_dir / old_index).unlink(missing_ok=True)
+
+        async def trim() -> int:
+            return self.wal.delete_through(rows, closed + 1)
+
+        deleted = asyncio.run_coroutine_threadsafe(trim(), loop).result()
+        log.info(
+            "space %s: checkpoint at %d rows; %d WAL segments deleted", self.name, rows, deleted
+        )
+        return rows
+
+
+def _normalise(vectors: np.ndarray) -> np.ndarray:
+    norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))
+    return (vectors / norms[:, None]).astype(np.float32, copy=False)
+
+
+def _storage_error(f: asyncio.Future[None] | concurrent.futures.Future[None]) -> StorageError:
+    if f.cancelled():
+        return StorageError("the write was cancelled before it was durable")
+    exc = f.exception()
+    return exc if isinstance(exc, StorageError) else StorageError(f"WAL write failed: {exc}")
