@@ -13,10 +13,10 @@ import asyncio
 import sys
 import time
 from collections import Counter
-
-from engram_client import EngramClient, StreamEvent
+from collections.abc import Callable
 
 from engram.corpus import Corpus
+from engram_client import EngramClient, StreamEvent
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -32,14 +32,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def _stream_space(
-    client: EngramClient, space: str, corpus: Corpus, start: int, n: int, batch: int,
-    acked: list[str], progress: list[int], events: Counter[str], run: str,
+    client: EngramClient,
+    space: str,
+    corpus: Corpus,
+    start: int,
+    n: int,
+    batch: int,
+    acked: list[str],
+    progress: list[int],
+    events: Counter[str],
+    run: str,
 ) -> int:
     def on_event(ev: StreamEvent) -> None:
         events[ev.kind] += 1
         if ev.kind in ("disconnected", "resumed", "error"):
             print(f"  [{space}] {ev.kind}: {ev.detail}", flush=True)
 
+    try:
+        return await _send_all(
+            client, space, corpus, start, n, batch, acked, progress, on_event, run
+        )
+    except Exception as exc:  # report and let the other spaces finish
+        print(f"  [{space}] stream failed: {exc}", flush=True)
+        return -1
+
+
+async def _send_all(
+    client: EngramClient,
+    space: str,
+    corpus: Corpus,
+    start: int,
+    n: int,
+    batch: int,
+    acked: list[str],
+    progress: list[int],
+    on_event: Callable[[StreamEvent], None],
+    run: str,
+) -> int:
     stream = await client.open_stream(space, on_event=on_event)
     futures = []
     for lo in range(start, start + n, batch):
@@ -64,15 +93,20 @@ async def _stream_space(
 async def run(args: argparse.Namespace) -> int:
     corpus = Corpus(args.dim)
     spaces = [f"{args.prefix}-{i}" for i in range(args.spaces)]
-    per = [args.count // args.spaces + (1 if i < args.count % args.spaces else 0)
-           for i in range(args.spaces)]
+    per = [
+        args.count // args.spaces + (1 if i < args.count % args.spaces else 0)
+        for i in range(args.spaces)
+    ]
     starts = [sum(per[:i]) for i in range(args.spaces)]
     acked: dict[str, list[str]] = {s: [] for s in spaces}
     progress = [0]
     events: Counter[str] = Counter()
     run = f"run{int(time.time() * 1000) % 100_000_000}"  # ids are unique to this run
-    print(f"streaming {args.count} observations (dim {args.dim}, batches of {args.batch}) "
-          f"into {args.spaces} spaces via {args.target}", flush=True)
+    print(
+        f"streaming {args.count} observations (dim {args.dim}, batches of {args.batch}) "
+        f"into {args.spaces} spaces via {args.target}",
+        flush=True,
+    )
     async with EngramClient(args.target) as client:
         t0 = time.perf_counter()
 
@@ -82,31 +116,52 @@ async def run(args: argparse.Namespace) -> int:
                 await asyncio.sleep(1.0)
                 now = time.perf_counter()
                 done = progress[0]
-                print(f"  {done:>10,} acked  {(done - last) / (now - last_t):>10,.0f} obs/s",
-                      flush=True)
+                print(
+                    f"  {done:>10,} acked  {(done - last) / (now - last_t):>10,.0f} obs/s",
+                    flush=True,
+                )
                 last, last_t = done, now
 
         reporter = asyncio.create_task(report())
-        failed = await asyncio.gather(*[
-            _stream_space(client, s, corpus, starts[i], per[i], args.batch, acked[s], progress,
-                          events, run)
-            for i, s in enumerate(spaces)
-        ])
+        failed = await asyncio.gather(
+            *[
+                _stream_space(
+                    client,
+                    s,
+                    corpus,
+                    starts[i],
+                    per[i],
+                    args.batch,
+                    acked[s],
+                    progress,
+                    events,
+                    run,
+                )
+                for i, s in enumerate(spaces)
+            ]
+        )
         elapsed = time.perf_counter() - t0
         reporter.cancel()
         total = sum(len(v) for v in acked.values())
-        print(f"acked {total:,} observations in {elapsed:.2f} s: {total / elapsed:,.0f} obs/s "
-              f"(durable: WAL fsync before every ack); failed batches: {sum(failed)}; "
-              f"reconnects: {events['disconnected']}")
+        broken = sum(1 for f in failed if f < 0)
+        failed_batches = sum(f for f in failed if f > 0)
+        print(
+            f"acked {total:,} observations in {elapsed:.2f} s: {total / elapsed:,.0f} obs/s "
+            f"(durable: WAL fsync before every ack); failed batches: {failed_batches}; "
+            f"failed streams: {broken}; reconnects: {events['disconnected']}"
+        )
         for i, space in enumerate(spaces[:3]):
             probe = corpus.vectors(starts[i], 1)[0]
             r = await client.recall(space, probe, k=3)
             top = ", ".join(f"{h.id} ({h.score:.3f})" for h in r.hits)
-            print(f"recall in {space} for observation {starts[i]}: {top}  "
-                  f"[snapshot {r.snapshot_sequence}, {r.latency_us / 1000:.1f} ms]")
+            print(
+                f"recall in {space} for observation {starts[i]}: {top}  "
+                f"[snapshot {r.snapshot_sequence}, {r.latency_us / 1000:.1f} ms]"
+            )
         if not args.verify:
-            return 0 if sum(failed) == 0 else 1
-        return await verify(client, acked)
+            return 0 if failed_batches == 0 and broken == 0 else 1
+        status = await verify(client, acked)
+        return status or (1 if broken else 0)
 
 
 async def verify(client: EngramClient, acked: dict[str, list[str]]) -> int:
@@ -124,8 +179,11 @@ async def verify(client: EngramClient, acked: dict[str, list[str]]) -> int:
         ordered = all(a < b for a, b in zip(lsns, lsns[1:], strict=False))
         lost_total += lost
         dup_total += dups
-        print(f"  {space}: acked {len(ids):,}, stored {sum(found.values()):,} of this run, lost {lost}, "
-              f"duplicated {dups}, LSNs increasing: {ordered}")
+        print(
+            f"  {space}: acked {len(ids):,}, stored {sum(found.values()):,} of this run, "
+            f"lost {lost}, "
+            f"duplicated {dups}, LSNs increasing: {ordered}"
+        )
     ok = lost_total == 0 and dup_total == 0
     print(f"verify {'OK' if ok else 'FAILED'}: lost {lost_total}, duplicated {dup_total}")
     return 0 if ok else 1

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from engram.common.errors import StorageError
 from engram.shard.wal import HEADER_SIZE, Wal, WalFaults, encode_record, segment_name
 

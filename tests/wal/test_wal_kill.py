@@ -14,8 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-import engram
 import pytest
+
+import engram
 from engram.shard.wal import Wal
 
 # Payload of record ``lsn`` (sizes from empty to 400 KB); the child uses the same formula.

@@ -7,9 +7,10 @@ import asyncio
 import tempfile
 from pathlib import Path
 
-from engram.shard.wal import HEADER_SIZE, Wal
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from engram.shard.wal import HEADER_SIZE, Wal
 
 Record = tuple[int, bytes]
 

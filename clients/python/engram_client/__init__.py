@@ -12,6 +12,13 @@ A stream resumes its session by itself after a dropped connection, resending exa
 batches that were not acknowledged.
 """
 
-from engram_client.client import Ack, EngramClient, Hit, ObservationStream, RecallResult, StreamEvent
+from engram_client.client import (
+    Ack,
+    EngramClient,
+    Hit,
+    ObservationStream,
+    RecallResult,
+    StreamEvent,
+)
 
 __all__ = ["Ack", "EngramClient", "Hit", "ObservationStream", "RecallResult", "StreamEvent"]

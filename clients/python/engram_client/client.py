@@ -141,8 +141,12 @@ class EngramClient:
         return stream
 
     async def recall(
-        self, space: str, cue: np.ndarray | Sequence[float], k: int = 10,
-        min_score: float | None = None, timeout: float = 10.0,
+        self,
+        space: str,
+        cue: np.ndarray | Sequence[float],
+        k: int = 10,
+        min_score: float | None = None,
+        timeout: float = 10.0,  # noqa: ASYNC109 (a gRPC deadline, passed through)
     ) -> RecallResult:
         req = pb.StreamingRecallRequest(
             memory_space_id=space, cue=np.asarray(cue, dtype=np.float32).tolist(), max_results=k
@@ -208,7 +212,11 @@ class ObservationStream:
     ) -> asyncio.Future[Ack]:
         """Queues one batch (waiting for a credit); the returned future resolves when durable."""
         batch = make_batch(
-            vectors, ids=ids, contents=contents, confidences=confidences, timestamps_us=timestamps_us
+            vectors,
+            ids=ids,
+            contents=contents,
+            confidences=confidences,
+            timestamps_us=timestamps_us,
         )
         return await self.send_batch(batch)
 
@@ -243,9 +251,7 @@ class ObservationStream:
     ) -> RecallResult:
         self._raise_if_fatal()
         rid = f"r{next(self._rid)}"
-        req = pb.RecallRequest(
-            request_id=rid, cue=np.asarray(cue, dtype=np.float32).tolist(), k=k
-        )
+        req = pb.RecallRequest(request_id=rid, cue=np.asarray(cue, dtype=np.float32).tolist(), k=k)
         if min_score is not None:
             req.min_score = min_score
         fut: asyncio.Future[RecallResult] = asyncio.get_running_loop().create_future()
@@ -288,7 +294,9 @@ class ObservationStream:
 
     def _request(self, seq: int, p: _Pending) -> pb.ObservationRequest:
         return pb.ObservationRequest(
-            memory_space_id=self.space, session_id=self.session_id, sequence_number=seq,
+            memory_space_id=self.space,
+            session_id=self.session_id,
+            sequence_number=seq,
             batch=p.batch,
         )
 
@@ -338,8 +346,10 @@ class ObservationStream:
                 await call.write(pb.ObservationRequest(recall=req))
         async with self._room:
             self._room.notify_all()
-        self._emit("resumed" if resumed else "connected",
-                   f"session {self.session_id}, durable up to {durable}")
+        self._emit(
+            "resumed" if resumed else "connected",
+            f"session {self.session_id}, durable up to {durable}",
+        )
         return call
 
     async def _run(self) -> None:
@@ -350,8 +360,12 @@ class ObservationStream:
                 call = await self._connect()
             except (grpc.aio.AioRpcError, UnavailableError, EngramError) as exc:
                 permanent = isinstance(exc, EngramError) and not exc.retryable
-                if permanent or (down_since and time.monotonic() - down_since > self._reconnect_timeout):
-                    self._fail_all(exc if isinstance(exc, EngramError) else UnavailableError(str(exc)))
+                if permanent or (
+                    down_since and time.monotonic() - down_since > self._reconnect_timeout
+                ):
+                    self._fail_all(
+                        exc if isinstance(exc, EngramError) else UnavailableError(str(exc))
+                    )
                     return
                 down_since = down_since or time.monotonic()
                 self._emit("disconnected", f"connect failed: {_describe(exc)}; retrying")

@@ -36,8 +36,12 @@ async def start_http(
         if path == "/healthz":
             ok, detail = await health()
             body = (detail or ("ok" if ok else "unhealthy")).encode() + b"\n"
-            return _response(200 if ok else 503, "OK" if ok else "Service Unavailable", body,
-                             "text/plain; charset=utf-8")
+            return _response(
+                200 if ok else 503,
+                "OK" if ok else "Service Unavailable",
+                body,
+                "text/plain; charset=utf-8",
+            )
         if ws_handler is None or request.headers.get("Upgrade", "").lower() != "websocket":
             return _response(404, "Not Found", b"not found\n", "text/plain; charset=utf-8")
         return None

@@ -10,7 +10,20 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 
 # ----------------------------------------------------------------- gateway (client streams)
@@ -54,9 +67,7 @@ shard_stream_failures_total = Counter(
 )
 
 # --------------------------------------------------------------------------------- shard
-shard_rows = Gauge(
-    "engram_shard_rows", "Durable, visible observations per space", ["memory_space"]
-)
+shard_rows = Gauge("engram_shard_rows", "Durable, visible observations per space", ["memory_space"])
 shard_index_backlog = Gauge(
     "engram_shard_index_backlog",
     "Visible observations not yet in the HNSW index (searched exactly in the fresh tier)",
@@ -69,5 +80,7 @@ shard_checkpoints_total = Counter(
     "engram_shard_checkpoints_total", "Checkpoints written", ["memory_space"]
 )
 shard_wal_failures_total = Counter(
-    "engram_shard_wal_failures_total", "Failed WAL commits (fsync or write errors)", ["memory_space"]
+    "engram_shard_wal_failures_total",
+    "Failed WAL commits (fsync or write errors)",
+    ["memory_space"],
 )

@@ -151,9 +151,14 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         max_batch_observations=e.int(
             "ENGRAM_MAX_BATCH_OBSERVATIONS", LimitSettings.max_batch_observations, 1, 1_000_000
         ),
-        max_batch_bytes=e.int("ENGRAM_MAX_BATCH_BYTES", LimitSettings.max_batch_bytes, 1024, 1 << 30),
+        max_batch_bytes=e.int(
+            "ENGRAM_MAX_BATCH_BYTES", LimitSettings.max_batch_bytes, 1024, 1 << 30
+        ),
         grpc_max_message_bytes=e.int(
-            "ENGRAM_GRPC_MAX_MESSAGE_BYTES", LimitSettings.grpc_max_message_bytes, 1024, (1 << 31) - 1
+            "ENGRAM_GRPC_MAX_MESSAGE_BYTES",
+            LimitSettings.grpc_max_message_bytes,
+            1024,
+            (1 << 31) - 1,
         ),
         max_dim=e.int("ENGRAM_MAX_DIM", LimitSettings.max_dim, 1, 65_536),
         max_k=e.int("ENGRAM_MAX_K", LimitSettings.max_k, 1, 100_000),
@@ -175,8 +180,12 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         data_dir=e.str("ENGRAM_SHARD_DATA_DIR", f"./data/shard-{shard_id}"),
         http_port=e.int("ENGRAM_SHARD_HTTP_PORT", 0, 0, 65_535),
         wal=WalSettings(
-            segment_bytes=e.int("ENGRAM_WAL_SEGMENT_BYTES", WalSettings.segment_bytes, 4096, 1 << 34),
-            group_commit_ms=e.float("ENGRAM_WAL_GROUP_COMMIT_MS", WalSettings.group_commit_ms, 0, 1000),
+            segment_bytes=e.int(
+                "ENGRAM_WAL_SEGMENT_BYTES", WalSettings.segment_bytes, 4096, 1 << 34
+            ),
+            group_commit_ms=e.float(
+                "ENGRAM_WAL_GROUP_COMMIT_MS", WalSettings.group_commit_ms, 0, 1000
+            ),
         ),
         index=IndexSettings(
             m=e.int("ENGRAM_HNSW_M", IndexSettings.m, 2, 256),

@@ -41,8 +41,12 @@ async def serve(settings: Settings) -> None:
 
     http = await start_http(settings.gateway.http_host, settings.gateway.http_port, healthy)
     await grpcutil.set_serving(health, True)
-    log.info("gateway serving gRPC on %s, HTTP on %s:%d", settings.gateway.listen,
-             settings.gateway.http_host, settings.gateway.http_port)
+    log.info(
+        "gateway serving gRPC on %s, HTTP on %s:%d",
+        settings.gateway.listen,
+        settings.gateway.http_host,
+        settings.gateway.http_port,
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -133,7 +133,9 @@ class ClientStream:
         if self.session_id:
             with contextlib.suppress(Exception):
                 await self.gw.store.update_session(
-                    self.session_id, last_acked=self.last_acked, state="detached",
+                    self.session_id,
+                    last_acked=self.last_acked,
+                    state="detached",
                     ttl_s=self.gw.settings.gateway.session_ttl_s,
                 )
 
@@ -154,10 +156,12 @@ class ClientStream:
     async def _handle(self, incoming: Incoming) -> None:
         msg = incoming.message
         if msg is None:
-            self._error(ValidationError(
-                f"a message of {incoming.size} bytes is not an ObservationRequest",
-                code=pb.MALFORMED_MESSAGE,
-            ))
+            self._error(
+                ValidationError(
+                    f"a message of {incoming.size} bytes is not an ObservationRequest",
+                    code=pb.MALFORMED_MESSAGE,
+                )
+            )
             return
         op = msg.WhichOneof("operation")
         seq = msg.sequence_number
@@ -230,7 +234,9 @@ class ClientStream:
         _, stub = await self.gw.router.stub(space)
         try:
             opened = await stub.OpenSession(
-                ipb.OpenSessionRequest(memory_space_id=space, session_id=session_id, create=not resume),
+                ipb.OpenSessionRequest(
+                    memory_space_id=space, session_id=session_id, create=not resume
+                ),
                 timeout=10,
             )
         except grpc.aio.AioRpcError as exc:
@@ -365,7 +371,9 @@ class ClientStream:
     async def _write_session(self) -> None:
         with contextlib.suppress(Exception):
             await self.gw.store.update_session(
-                self.session_id, last_acked=self.last_acked, state="active",
+                self.session_id,
+                last_acked=self.last_acked,
+                state="active",
                 ttl_s=self.gw.settings.gateway.session_ttl_s,
             )
 

@@ -71,7 +71,9 @@ class FreshTier:
         return list(self.blocks)
 
 
-def scan(blocks: list[Block], cue: np.ndarray, lo: int, hi: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+def scan(
+    blocks: list[Block], cue: np.ndarray, lo: int, hi: int, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` of rows ``[lo, hi)`` in ``blocks``: (rows, scores), best first."""
     rows_out: list[np.ndarray] = []
     scores_out: list[np.ndarray] = []

@@ -69,7 +69,9 @@ class HnswTier:
         self._index = hnswlib.Index(space="ip", dim=dim)
         if path is None:
             self._index.init_index(
-                max_elements=_INITIAL_CAPACITY, M=settings.m, ef_construction=settings.ef_construction
+                max_elements=_INITIAL_CAPACITY,
+                M=settings.m,
+                ef_construction=settings.ef_construction,
             )
         else:
             self._index.load_index(path, max_elements=0)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from engram.common import metrics, validation
-from engram.common.errors import NotOwnerError
+from engram.common.errors import NotOwnerError, UnavailableError
 from engram.common.settings import Settings
 from engram.control.assignment import Assignment
 from engram.control.store import ControlStore
@@ -43,6 +43,7 @@ class ShardNode:
         self._builder: threading.Thread | None = None
         self._wake = threading.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self.ready = False  # True once every space on disk is recovered and started
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -50,16 +51,19 @@ class ShardNode:
         """Recovers every space on disk (blocking; before serving)."""
         spaces_dir = self.root / "spaces"
         spaces_dir.mkdir(parents=True, exist_ok=True)
+        recovered: dict[str, Space] = {}
         for entry in sorted(spaces_dir.iterdir()):
             if entry.is_dir():
                 space = self._new_space(entry.name)
                 space.recover()
-                self.spaces[entry.name] = space
+                recovered[entry.name] = space
+        self.spaces = recovered
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         for space in self.spaces.values():
             space.start(self._loop)
+        self.ready = True
         self._builder = threading.Thread(target=self._build_loop, name="index-builder", daemon=True)
         self._builder.start()
         self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
@@ -91,6 +95,8 @@ class ShardNode:
 
     def space(self, name: str, create: bool) -> Space | None:
         """The space, created if ``create`` and this shard owns it; raises NotOwnerError."""
+        if not self.ready:
+            raise UnavailableError(f"shard {self.shard_id} is recovering; retry shortly")
         name = validation.space_id(name)
         space = self.spaces.get(name)
         if space is not None:

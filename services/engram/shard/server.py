@@ -38,8 +38,12 @@ async def serve(settings: Settings) -> None:
     if settings.shard.http_port:
         http = await start_http("127.0.0.1", settings.shard.http_port, healthy)
     await grpcutil.set_serving(health, True)
-    log.info("shard %d serving on %s (data %s)", node.shard_id, settings.shard.listen,
-             settings.shard.data_dir)
+    log.info(
+        "shard %d serving on %s (data %s)",
+        node.shard_id,
+        settings.shard.listen,
+        settings.shard.data_dir,
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

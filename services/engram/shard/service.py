@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from engram.common import validation
-from engram.common.errors import EngramError, ServerError, grpc_status
+from engram.common.errors import EngramError, SessionError, grpc_status
 from engram.internal.v1 import shard_pb2 as ipb
 from engram.internal.v1 import shard_pb2_grpc
 from engram.shard.node import ShardNode
@@ -58,9 +58,8 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         try:
             space = self.node.space(req.memory_space_id, create=False)
             if space is None:
-                raise ServerError(
-                    f"memory space {req.memory_space_id!r} has no session open on this shard",
-                    code=pb.UNKNOWN_SESSION,
+                raise SessionError(
+                    f"memory space {req.memory_space_id!r} has no session open on this shard"
                 )
             return space.begin_append(req.session_id, req.sequence_number, req.batch)
         except EngramError as exc:
@@ -121,6 +120,8 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         self, request: ipb.StatsRequest, context: grpc.aio.ServicerContext
     ) -> ipb.StatsResponse:
         out = ipb.StatsResponse(shard_id=self.node.shard_id)
+        if not self.node.ready:
+            return out
         for name, space in sorted(self.node.spaces.items()):
             out.spaces.add(
                 memory_space_id=name,
@@ -133,9 +134,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         return out
 
 
-async def _answer(
-    seq: int, fut: asyncio.Future[AppendResult] | EngramError
-) -> ipb.AppendResponse:
+async def _answer(seq: int, fut: asyncio.Future[AppendResult] | EngramError) -> ipb.AppendResponse:
     if isinstance(fut, EngramError):
         return ipb.AppendResponse(sequence_number=seq, error=fut.to_proto())
     try:

@@ -146,7 +146,9 @@ class Space:
         manifest = ckpt.read_manifest(self._ckpt_dir)
         removed = ckpt.remove_unreferenced(self._ckpt_dir, manifest)
         if removed:
-            log.warning("space %s: removed files of an unfinished checkpoint: %s", self.name, removed)
+            log.warning(
+                "space %s: removed files of an unfinished checkpoint: %s", self.name, removed
+            )
         if manifest is not None and manifest.rows:
             self._load_checkpoint(manifest)
         replayed = 0
@@ -161,7 +163,11 @@ class Space:
         self._next_row = self.visible
         log.info(
             "space %s recovered: %d rows (%d from checkpoint, %d replayed), %d sessions",
-            self.name, self.visible, self.checkpoint_rows, replayed, len(self._durable),
+            self.name,
+            self.visible,
+            self.checkpoint_rows,
+            replayed,
+            len(self._durable),
         )
 
     def _load_checkpoint(self, manifest: ckpt.Manifest) -> None:
@@ -198,7 +204,8 @@ class Space:
         skip = self.visible - first
         if skip < 0:
             raise StorageError(
-                f"WAL of space {self.name} jumps from row {self.visible} to {first}: rows are missing"
+                f"WAL of space {self.name} jumps from row {self.visible} to {first}: "
+                "rows are missing"
             )
         if self.dim == 0:
             self._fix_dim(b.dim)
@@ -394,7 +401,9 @@ class Space:
     def _on_failure(self) -> None:
         """After a failed WAL round: roll back once every in-flight record has settled."""
         if not self._recovering:
-            log.error("space %s: WAL write failed; refusing writes until the WAL recovers", self.name)
+            log.error(
+                "space %s: WAL write failed; refusing writes until the WAL recovers", self.name
+            )
         self._recovering = True
         if self._inflight == 0:
             self._try_reset()
@@ -534,16 +543,25 @@ class Space:
         if rows > lo:
             meta.append(
                 ckpt.write_meta(
-                    self._ckpt_dir, lo, rows, self.ids[lo:rows], self.contents[lo:rows],
-                    self.confidences.view()[lo:rows].copy(), self.timestamps_us.view()[lo:rows].copy(),
+                    self._ckpt_dir,
+                    lo,
+                    rows,
+                    self.ids[lo:rows],
+                    self.contents[lo:rows],
+                    self.confidences.view()[lo:rows].copy(),
+                    self.timestamps_us.view()[lo:rows].copy(),
                 )
             )
         index_file = f"hnsw-{rows:012d}.bin"
         hnsw = self.hnsw
         ckpt.write_atomic(self._ckpt_dir / index_file, lambda tmp: hnsw.save(str(tmp)))
         manifest = ckpt.Manifest(
-            rows=rows, dim=self.dim, index_file=index_file, meta_files=meta,
-            sessions=sessions, created_us=now_us(),
+            rows=rows,
+            dim=self.dim,
+            index_file=index_file,
+            meta_files=meta,
+            sessions=sessions,
+            created_us=now_us(),
         )
         ckpt.write_manifest(self._ckpt_dir, manifest)
         old_index = self._checkpoint_index_file

@@ -1,0 +1,175 @@
+"""The ``engram`` command: run a local cluster, show its state, stream a demo workload.
+
+::
+
+    engram up [--shards 2] [--data-dir ./.engram] [--grpc-port 50051] [--http-port 7432]
+    engram status [--json] [--data-dir ./.engram]
+    engram demo --spaces 3 --count 100000 --dim 384 --verify
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from engram.launcher import procs
+from engram.launcher.cluster import ClusterError, LocalCluster
+from engram.launcher.redis_server import RedisNotFoundError
+
+DEFAULT_DATA_DIR = "./.engram"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="engram", description="Engram Stream: a streaming memory service for AI agents."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="run a local cluster (Redis, shards, gateway) until Ctrl-C")
+    up.add_argument("--shards", type=int, default=2, help="number of shards (default 2)")
+    up.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="WALs, checkpoints and logs")
+    up.add_argument("--grpc-port", type=int, default=50051, help="gateway gRPC port (0: free)")
+    up.add_argument("--http-port", type=int, default=7432, help="gateway /metrics port (0: free)")
+    up.add_argument("--redis-port", type=int, default=0, help="Redis port (default 0: free)")
+    up.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
+
+    status = sub.add_parser("status", help="show the processes and spaces of a local cluster")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
+
+    sub.add_parser("demo", help="stream observations into a running cluster (engram demo -h)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] == "demo":
+        return _demo(args_list[1:])
+    args = _parser().parse_args(args_list)
+    if args.command == "up":
+        return _up(args)
+    if args.command == "status":
+        return _status(args)
+    return 2
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _up(args: argparse.Namespace) -> int:
+    from engram.launcher.status import NoClusterError, load_cluster_file
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
+    if args.shards < 1:
+        print("error: --shards must be at least 1", file=sys.stderr)
+        return 2
+    data_dir = Path(args.data_dir).resolve()
+    try:
+        running = load_cluster_file(data_dir)
+    except NoClusterError:
+        running = {}
+    other = int(running.get("launcher_pid") or 0)
+    if other and procs.pid_alive(other):
+        print(
+            f"error: a cluster is already running from {data_dir} (launcher pid {other}); "
+            "stop it first, or use another --data-dir",
+            file=sys.stderr,
+        )
+        return 1
+
+    cluster = LocalCluster(
+        data_dir,
+        shards=args.shards,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        redis_port=args.redis_port,
+        log_level=args.log_level,
+    )
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, _raise_interrupt)
+    print(f"starting Redis, {args.shards} shard(s) and the gateway (logs in {cluster.logs_dir})")
+    try:
+        cluster.start()
+        _print_endpoints(cluster)
+        forever = threading.Event()
+        while not forever.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    except (ClusterError, RedisNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        _ignore_signals()
+        cluster.stop()
+        return 1
+    _ignore_signals()
+    print("\nstopping: gateway, shards, Redis")
+    cluster.stop()
+    print("stopped")
+    return 0
+
+
+def _ignore_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _print_endpoints(cluster: LocalCluster) -> None:
+    print()
+    print(f"Engram Stream is up ({cluster.shards} shard{'s' if cluster.shards != 1 else ''})")
+    print(f"  gateway gRPC  {cluster.gateway_address}")
+    print(f"  HTTP          http://127.0.0.1:{cluster.http_port}/metrics  (and /healthz)")
+    print(f"  redis         {cluster.redis_url}  (pid {cluster.pid('redis')})")
+    for i in range(cluster.shards):
+        name = f"shard-{i}"
+        print(
+            f"  {name:<13} {cluster.shard_address(i)}  (pid {cluster.pid(name)}, "
+            f"metrics http://127.0.0.1:{cluster.shard_http_port(i)}/metrics)"
+        )
+    print(f"  gateway pid   {cluster.pid('gateway')}")
+    print(f"  data dir      {cluster.data_dir}")
+    print(f"  logs          {cluster.logs_dir}")
+    print()
+    print("Ctrl-C to stop", flush=True)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from engram.launcher.status import NoClusterError, collect, format_text
+
+    try:
+        status = collect(args.data_dir)
+    except NoClusterError as e:
+        if args.json:
+            print(json.dumps({"running": False, "error": str(e)}, indent=2))
+        else:
+            print(str(e), file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"running": True, **status}, indent=2))
+    else:
+        print(format_text(status))
+    return 0 if status["healthy"] else 1
+
+
+def _demo(argv: list[str]) -> int:
+    try:
+        from engram.demo import main as demo_main
+    except ModuleNotFoundError as e:
+        if e.name not in ("engram.demo", "engram"):
+            raise
+        print("error: `engram demo` is not available in this installation", file=sys.stderr)
+        return 2
+    return int(demo_main(argv) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,546 @@
+"""A whole Engram Stream cluster on one machine: Redis, N shards and a gateway.
+
+:class:`LocalCluster` starts every service as a child process on given or free ports, waits
+until each is healthy, records the topology in ``<data_dir>/cluster.json``, restarts children
+that die (with the same environment and ports, backoff from :mod:`.supervisor`) and stops
+them in order: gateway, shards, Redis. ``engram up`` and the integration tests use it::
+
+    with LocalCluster(tmp_path, shards=2) as cluster:
+        channel = grpc.insecure_channel(cluster.gateway_address)
+        cluster.kill("shard-0", signal.SIGKILL)
+        cluster.wait_healthy("shard-0", timeout=30)
+
+Services are configured only through their ``ENGRAM_*`` environment variables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import engram
+from engram.launcher import procs, redis_server, supervisor
+from engram.launcher.procs import free_port
+from engram.launcher.supervisor import GiveUp, Policy, ProcessState, Restart
+
+__all__ = ["ClusterError", "LocalCluster", "PortInUseError", "free_port", "grpc_healthy"]
+
+log = logging.getLogger("engram.launcher")
+
+HOST = "127.0.0.1"
+CLUSTER_FILE = "cluster.json"
+POLL_INTERVAL_S = 0.2
+# Signals after which kill() expects a new process (the supervisor restarts it).
+_FATAL_SIGNALS = frozenset(
+    {signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGABRT}
+)
+
+DEFAULT_COMMANDS: Mapping[str, Sequence[str]] = {
+    "shard": (sys.executable, "-m", "engram.shard"),
+    "gateway": (sys.executable, "-m", "engram.gateway"),
+}
+
+
+class ClusterError(RuntimeError):
+    """A process of the cluster did not start, did not become healthy, or was given up."""
+
+
+class PortInUseError(ClusterError):
+    """A requested port is taken by another process."""
+
+
+def grpc_healthy(address: str, timeout: float = 1.0) -> bool:
+    """Whether ``address`` answers the standard gRPC health check (service "") with SERVING."""
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+@dataclass
+class _Proc:
+    name: str
+    role: str  # "redis", "shard" or "gateway"
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    port: int  # Redis port or gRPC port
+    http_port: int | None
+    state: ProcessState
+    popen: subprocess.Popen[bytes] | None = None
+    # The child that kill() sent a fatal signal to; wait_healthy() waits for its successor.
+    killed: subprocess.Popen[bytes] | None = None
+
+    @property
+    def grpc(self) -> str | None:
+        return None if self.role == "redis" else f"{HOST}:{self.port}"
+
+    @property
+    def http(self) -> str | None:
+        return None if self.http_port is None else f"{HOST}:{self.http_port}"
+
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+
+_LIVE: weakref.WeakSet[LocalCluster] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_live_clusters() -> None:
+    for cluster in list(_LIVE):
+        cluster.stop()
+
+
+class LocalCluster:
+    """Redis, ``shards`` shard processes and one gateway, supervised.
+
+    Ports left at 0 are picked free. ``env`` adds variables for every service (tunables such
+    as ``ENGRAM_CHECKPOINT_EVERY``); the addressing variables are the cluster's own.
+    ``commands`` maps a role ("shard", "gateway") to the command that starts it.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path | str,
+        *,
+        shards: int = 2,
+        grpc_port: int = 0,
+        http_port: int = 0,
+        redis_port: int = 0,
+        log_level: str | None = None,
+        env: Mapping[str, str] | None = None,
+        redis_binary: str | None = None,
+        supervise: bool = True,
+        policy: Policy | None = None,
+        startup_timeout: float = 60.0,
+        stop_timeout: float = 10.0,
+        commands: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
+        if shards < 1:
+            raise ValueError("a cluster needs at least one shard")
+        self.data_dir = Path(data_dir).resolve()
+        self.logs_dir = self.data_dir / "logs"
+        self.shards = shards
+        self.supervise = supervise
+        self.policy = policy or Policy()
+        self.startup_timeout = startup_timeout
+        self.stop_timeout = stop_timeout
+        self._commands = {**DEFAULT_COMMANDS, **(commands or {})}
+        self._log_level = (log_level or os.environ.get("ENGRAM_LOG_LEVEL") or "INFO").upper()
+        self._extra_env = dict(env or {})
+        self._redis_binary = redis_binary
+        self._requested = {
+            "gateway gRPC": grpc_port,
+            "gateway HTTP": http_port,
+            "redis": redis_port,
+        }
+        self._taken: set[int] = set()
+        self._redis_port = self._port(redis_port)
+        self._grpc_port = self._port(grpc_port)
+        self._http_port = self._port(http_port)
+        self._shard_ports = [(self._port(0), self._port(0)) for _ in range(shards)]
+        self._lock = threading.RLock()
+        self._procs: dict[str, _Proc] = {}
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._started = False
+
+    # ------------------------------------------------------------------ addresses
+
+    @property
+    def redis_url(self) -> str:
+        return redis_server.redis_url(self._redis_port)
+
+    @property
+    def gateway_address(self) -> str:
+        return f"{HOST}:{self._grpc_port}"
+
+    @property
+    def http_port(self) -> int:
+        return self._http_port
+
+    @property
+    def cluster_file(self) -> Path:
+        return self.data_dir / CLUSTER_FILE
+
+    @property
+    def names(self) -> list[str]:
+        """Process names in start order: "redis", "shard-0".., "gateway"."""
+        return ["redis", *(f"shard-{i}" for i in range(self.shards)), "gateway"]
+
+    def shard_address(self, shard_id: int) -> str:
+        """gRPC address of shard ``shard_id`` (the internal Shard service)."""
+        return f"{HOST}:{self._shard_ports[shard_id][0]}"
+
+    def shard_http_port(self, shard_id: int) -> int:
+        """Port of shard ``shard_id``'s /metrics and /healthz."""
+        return self._shard_ports[shard_id][1]
+
+    def shard_data_dir(self, shard_id: int) -> Path:
+        return self.data_dir / f"shard-{shard_id}"
+
+    def log_path(self, name: str) -> Path:
+        return self.logs_dir / f"{name}.log"
+
+    def log_tail(self, name: str, lines: int = 40) -> str:
+        return procs.log_tail(self.log_path(name), lines)
+
+    # ------------------------------------------------------------------ processes
+
+    def pid(self, name: str) -> int:
+        """PID of the current process called ``name``."""
+        proc = self._get(name)
+        if proc.popen is None:
+            raise ClusterError(f"{name} was never started")
+        return proc.popen.pid
+
+    def restarts(self, name: str) -> int:
+        return self._get(name).state.restarts
+
+    def state(self, name: str) -> ProcessState:
+        return self._get(name).state
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> int:
+        """Sends ``sig`` to ``name`` by PID (the supervisor restarts it); returns the PID."""
+        with self._lock:
+            proc = self._get(name)
+            if proc.popen is None:
+                raise ClusterError(f"{name} was never started")
+            if proc.popen.poll() is None:
+                if sig in _FATAL_SIGNALS:
+                    proc.killed = proc.popen
+                os.kill(proc.popen.pid, sig)
+            return proc.popen.pid
+
+    def stop_process(self, name: str, timeout: float | None = None) -> int | None:
+        """Stops ``name`` (SIGTERM, then SIGKILL) and keeps it down until start_process()."""
+        with self._lock:
+            proc = self._get(name)
+            proc.state = supervisor.hold(proc.state)
+            popen = proc.popen
+        if popen is None:
+            return None
+        code = procs.stop(popen, self.stop_timeout if timeout is None else timeout)
+        with self._lock:
+            proc.state = supervisor.record_exit(proc.state, code, time.monotonic())
+            self._write_cluster_file()
+        return code
+
+    def start_process(self, name: str, timeout: float | None = None) -> None:
+        """Starts ``name`` again after stop_process() (or a give-up) and waits until healthy."""
+        with self._lock:
+            proc = self._get(name)
+            if not proc.running():
+                self._spawn(proc)
+                proc.state = supervisor.record_start(proc.state, time.monotonic())
+                self._write_cluster_file()
+        self.wait_healthy(name, self.startup_timeout if timeout is None else timeout)
+
+    def healthy(self, name: str, timeout: float = 1.0) -> bool:
+        """One health probe: PING for Redis, the gRPC health check for the others."""
+        proc = self._get(name)
+        if proc.role == "redis":
+            return redis_server.ping(self.redis_url, timeout)
+        return grpc_healthy(proc.grpc or "", timeout)
+
+    def wait_healthy(self, name: str, timeout: float = 30.0) -> None:
+        """Waits until ``name`` is running and healthy.
+
+        After kill() with a fatal signal it waits for the restarted process. Raises
+        :class:`ClusterError` (with the tail of the log) on timeout, when the process exited
+        and nothing will restart it, or when the supervisor gave up on it.
+        """
+        proc = self._get(name)
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                popen, state, killed = proc.popen, proc.state, proc.killed
+                supervised = self.supervise and self._thread is not None
+            if state.given_up:
+                raise self._error(name, "was given up by the supervisor")
+            if popen is None:
+                raise self._error(name, "was never started")
+            if popen.poll() is None and popen is not killed:
+                remaining = max(0.1, deadline - time.monotonic())
+                if self.healthy(name, timeout=min(1.0, remaining)):
+                    return
+            elif popen.poll() is not None and (state.held or not supervised):
+                raise self._error(name, f"exited with code {popen.returncode}")
+            if time.monotonic() >= deadline:
+                raise self._error(name, f"is not healthy after {timeout:g} s")
+            time.sleep(0.1)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> LocalCluster:
+        """Starts Redis, the shards and the gateway; returns once all are healthy."""
+        if self._started:
+            return self
+        self._check_ports()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        binary = self._redis_binary or redis_server.find_redis_server()
+        self._build(binary)
+        self._started = True
+        self._stopping.clear()
+        _LIVE.add(self)
+        try:
+            self._start_group(["redis"])
+            self._start_group([f"shard-{i}" for i in range(self.shards)])
+            self._start_group(["gateway"])
+        except BaseException:
+            self.stop()
+            raise
+        if self.supervise:
+            self._thread = threading.Thread(
+                target=self._supervise, name="engram-supervisor", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stops the gateway, then the shards, then Redis (SIGTERM, SIGKILL after the timeout)."""
+        if not self._started:
+            return
+        self._stopping.set()
+        with self._lock:
+            for proc in self._procs.values():
+                proc.state = supervisor.hold(proc.state)
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        groups = [["gateway"], [f"shard-{i}" for i in range(self.shards)], ["redis"]]
+        for group in groups:
+            popens = [p.popen for n in group if (p := self._procs.get(n)) and p.popen is not None]
+            procs.stop_all(popens, self.stop_timeout)
+        now = time.monotonic()
+        with self._lock:
+            for proc in self._procs.values():
+                if proc.popen is not None:
+                    proc.state = supervisor.record_exit(proc.state, proc.popen.returncode, now)
+        self.cluster_file.unlink(missing_ok=True)
+        self._started = False
+        _LIVE.discard(self)
+
+    def endpoints(self) -> dict[str, object]:
+        """The topology as written to cluster.json."""
+        with self._lock:
+            processes = [
+                {
+                    "name": p.name,
+                    "role": p.role,
+                    "pid": p.popen.pid if p.popen is not None else None,
+                    "grpc": p.grpc,
+                    "http": p.http,
+                    "port": p.port,
+                    "log": str(p.log_path),
+                    "restarts": p.state.restarts,
+                }
+                for p in self._procs.values()
+            ]
+        return {
+            "launcher_pid": os.getpid(),
+            "data_dir": str(self.data_dir),
+            "logs_dir": str(self.logs_dir),
+            "shard_count": self.shards,
+            "redis_url": self.redis_url,
+            "gateway": self.gateway_address,
+            "http": f"{HOST}:{self._http_port}",
+            "processes": processes,
+        }
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> LocalCluster:
+        return await asyncio.to_thread(self.start)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.stop)
+
+    # ------------------------------------------------------------------ internals
+
+    def _get(self, name: str) -> _Proc:
+        try:
+            return self._procs[name]
+        except KeyError:
+            known = ", ".join(self.names)
+            raise KeyError(
+                f"no process {name!r} (not started yet, or not one of {known})"
+            ) from None
+
+    def _port(self, requested: int) -> int:
+        if requested:
+            self._taken.add(requested)
+            return requested
+        for _ in range(50):
+            port = free_port(HOST)
+            if port not in self._taken:
+                self._taken.add(port)
+                return port
+        raise ClusterError("could not find a free port")
+
+    def _check_ports(self) -> None:
+        for what, port in self._requested.items():
+            if port and procs.port_in_use(port, HOST):
+                raise PortInUseError(
+                    f"port {port} ({what}) is already in use on {HOST}: another `engram up` "
+                    "running? Stop it, or pick another port (0 picks a free one)"
+                )
+
+    def _base_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self._extra_env)
+        services_dir = str(Path(engram.__file__).resolve().parent.parent)
+        path = env.get("PYTHONPATH", "")
+        env["PYTHONPATH"] = services_dir + (os.pathsep + path if path else "")
+        env["PYTHONUNBUFFERED"] = "1"
+        env["ENGRAM_REDIS_URL"] = self.redis_url
+        env["ENGRAM_SHARD_COUNT"] = str(self.shards)
+        env["ENGRAM_LOG_LEVEL"] = self._log_level
+        return env
+
+    def _build(self, redis_binary: str) -> None:
+        base = self._base_env()
+
+        def add(
+            name: str, role: str, argv: list[str], env: dict[str, str], port: int, http: int | None
+        ) -> None:
+            state = ProcessState(name, role, alive=False)
+            self._procs[name] = _Proc(name, role, argv, env, self.log_path(name), port, http, state)
+
+        redis_dir = self.data_dir / "redis"
+        redis_dir.mkdir(parents=True, exist_ok=True)
+        add(
+            "redis",
+            "redis",
+            redis_server.redis_argv(redis_binary, self._redis_port, redis_dir),
+            dict(os.environ),
+            self._redis_port,
+            None,
+        )
+        for i, (port, http) in enumerate(self._shard_ports):
+            self.shard_data_dir(i).mkdir(parents=True, exist_ok=True)
+            env = {
+                **base,
+                "ENGRAM_SHARD_ID": str(i),
+                "ENGRAM_SHARD_LISTEN": f"{HOST}:{port}",
+                "ENGRAM_SHARD_ADVERTISE": f"{HOST}:{port}",
+                "ENGRAM_SHARD_DATA_DIR": str(self.shard_data_dir(i)),
+                "ENGRAM_SHARD_HTTP_PORT": str(http),
+            }
+            add(f"shard-{i}", "shard", list(self._commands["shard"]), env, port, http)
+        env = {
+            **base,
+            "ENGRAM_GATEWAY_LISTEN": f"{HOST}:{self._grpc_port}",
+            "ENGRAM_GATEWAY_HTTP_HOST": HOST,
+            "ENGRAM_GATEWAY_HTTP_PORT": str(self._http_port),
+        }
+        add(
+            "gateway",
+            "gateway",
+            list(self._commands["gateway"]),
+            env,
+            self._grpc_port,
+            self._http_port,
+        )
+
+    def _spawn(self, proc: _Proc) -> None:
+        proc.popen = procs.spawn(proc.argv, env=proc.env, log_path=proc.log_path)
+        proc.killed = None
+        log.debug("started %s (pid %d)", proc.name, proc.popen.pid)
+
+    def _start_group(self, names: list[str]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for name in names:
+                proc = self._procs[name]
+                self._spawn(proc)
+                proc.state = supervisor.record_start(proc.state, now)
+            self._write_cluster_file()
+        deadline = now + self.startup_timeout
+        for name in names:
+            self.wait_healthy(name, max(0.1, deadline - time.monotonic()))
+
+    def _supervise(self) -> None:
+        while not self._stopping.wait(POLL_INTERVAL_S):
+            try:
+                self.supervise_once()
+            except Exception:  # keep supervising whatever one poll ran into
+                log.exception("supervisor poll failed")
+
+    def supervise_once(self, now: float | None = None) -> None:
+        """One supervisor poll: notes exits, restarts what is due, gives up on crash loops."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            changed = False
+            for proc in self._procs.values():
+                if proc.state.alive and proc.popen is not None and proc.popen.poll() is not None:
+                    proc.state = supervisor.record_exit(proc.state, proc.popen.returncode, now)
+                    if not proc.state.held:
+                        delay = supervisor.backoff_delay(
+                            supervisor.effective_streak(proc.state, self.policy), self.policy
+                        )
+                        log.warning(
+                            "%s (pid %d) exited with code %s; restarting in %.1f s",
+                            proc.name,
+                            proc.popen.pid,
+                            proc.popen.returncode,
+                            delay,
+                        )
+            for action in supervisor.decide(
+                [p.state for p in self._procs.values()], now, self.policy
+            ):
+                proc = self._procs[action.name]
+                if isinstance(action, Restart) and action.delay_s <= 0:
+                    self._spawn(proc)
+                    proc.state = supervisor.record_restart(proc.state, now, self.policy)
+                    assert proc.popen is not None
+                    log.warning("restarted %s (pid %d)", proc.name, proc.popen.pid)
+                    changed = True
+                elif isinstance(action, GiveUp):
+                    proc.state = supervisor.give_up(proc.state)
+                    log.error(
+                        "giving up on %s: %s\n%s",
+                        proc.name,
+                        action.reason,
+                        procs.log_tail(proc.log_path, 20),
+                    )
+                    changed = True
+            if changed:
+                self._write_cluster_file()
+
+    def _write_cluster_file(self) -> None:
+        tmp = self.cluster_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.endpoints(), indent=2) + "\n")
+        os.replace(tmp, self.cluster_file)
+
+    def _error(self, name: str, what: str) -> ClusterError:
+        path = self.log_path(name)
+        tail = procs.log_tail(path, 40)
+        body = f"\n--- last lines of {path} ---\n{tail}" if tail else f" (no output in {path})"
+        return ClusterError(f"{name} {what}{body}")
