@@ -25,12 +25,17 @@ class GatewayContext:
     async def recall(self, space: str, req: pb.RecallRequest) -> pb.RecallResponse:
         """Asks the owning shard; turns transport failures into Engram errors."""
         _, stub = await self.router.stub(space)
+        out = pb.RecallResponse(request_id=req.request_id)
         try:
-            return await stub.Recall(
+            async for chunk in stub.Recall(
                 ipb.ShardRecallRequest(memory_space_id=space, recall=req), timeout=_RECALL_TIMEOUT_S
-            )
+            ):
+                out.results.extend(chunk.results)
+                out.snapshot_sequence = chunk.snapshot_sequence
+                out.metadata.CopyFrom(chunk.metadata)
         except grpc.aio.AioRpcError as exc:
             raise _from_status(exc, space) from None
+        return out
 
 
 def _from_status(exc: grpc.aio.AioRpcError, space: str) -> EngramError:

@@ -85,7 +85,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
 
     async def Recall(  # noqa: N802
         self, request: ipb.ShardRecallRequest, context: grpc.aio.ServicerContext
-    ) -> pb.RecallResponse:
+    ) -> AsyncIterator[pb.RecallResponse]:
         try:
             cue = validation.recall(request.recall, self.node.settings.limits)
             space = self.node.space(request.memory_space_id, create=False)
@@ -102,7 +102,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             except EngramError as exc:
                 await context.abort(grpc_status(exc), str(exc))
         out.request_id = request.recall.request_id
-        return out
+        yield out
 
     async def Scan(  # noqa: N802
         self, request: ipb.ScanRequest, context: grpc.aio.ServicerContext
