@@ -80,6 +80,8 @@ class ShardSettings:
     data_dir: str = "./data/shard-0"
     # HTTP port for /metrics and /healthz (0: none).
     http_port: int = 0
+    # Fault-injection file polled by chaos runs (empty: fault injection off).
+    fault_file: str = ""
     wal: WalSettings = field(default_factory=WalSettings)
     index: IndexSettings = field(default_factory=IndexSettings)
 
@@ -179,6 +181,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         advertise=e.str("ENGRAM_SHARD_ADVERTISE", "") or listen,
         data_dir=e.str("ENGRAM_SHARD_DATA_DIR", f"./data/shard-{shard_id}"),
         http_port=e.int("ENGRAM_SHARD_HTTP_PORT", 0, 0, 65_535),
+        fault_file=e.str("ENGRAM_FAULT_FILE", ""),
         wal=WalSettings(
             segment_bytes=e.int(
                 "ENGRAM_WAL_SEGMENT_BYTES", WalSettings.segment_bytes, 4096, 1 << 34

@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 from engram.common import validation
 from engram.common.errors import EngramError, grpc_status
 from engram.gateway.context import GatewayContext
-from engram.gateway.stream import ClientStream, Incoming
+from engram.gateway.stream import ClientStream, Incoming, StreamAbort
 from engram.v1 import streaming_pb2 as pb
 
 SERVICE = "engram.v1.EngramStream"
@@ -34,8 +34,10 @@ class EngramStreamService:
     async def ObserveStream(  # noqa: N802
         self, requests: AsyncIterator[Incoming], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ObservationResponse]:
-        async for response in ClientStream(self.gw).run(requests, context):
-            yield response
+        async for item in ClientStream(self.gw).run(requests):
+            if isinstance(item, StreamAbort):
+                await context.abort(item.code, item.details)
+            yield item
 
     async def RecallStream(  # noqa: N802
         self, request: pb.StreamingRecallRequest, context: grpc.aio.ServicerContext

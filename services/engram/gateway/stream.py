@@ -51,11 +51,12 @@ class Incoming:
     size: int
 
 
-class _Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
+@dataclass(frozen=True)
+class StreamAbort:
+    """The stream must end with this status (the client then resumes on a new stream)."""
+
+    code: grpc.StatusCode
+    details: str
 
 
 _DONE = object()
@@ -80,8 +81,12 @@ class ClientStream:
     # ---------------------------------------------------------------- plumbing
 
     async def run(
-        self, requests: AsyncIterator[Incoming], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ObservationResponse]:
+        self, requests: AsyncIterator[Incoming]
+    ) -> AsyncIterator[pb.ObservationResponse | StreamAbort]:
+        """Consumes a transport's requests; yields responses, and at most one abort (last).
+
+        Transport-neutral: the gRPC service and the WebSocket endpoint both drive it.
+        """
         metrics.active_sessions.inc()
         reader = asyncio.create_task(self._read(requests))
         try:
@@ -89,8 +94,9 @@ class ClientStream:
                 item = await self.out.get()
                 if item is _DONE:
                     break
-                if isinstance(item, _Abort):
-                    await context.abort(item.code, item.details)
+                if isinstance(item, StreamAbort):
+                    yield item
+                    break
                 assert isinstance(item, pb.ObservationResponse)
                 yield item
         finally:
@@ -330,7 +336,7 @@ class ClientStream:
     def _shard_lost(self, why: str) -> None:
         metrics.shard_stream_failures_total.inc()
         log.warning("session %s: %s; ending the client stream so it resumes", self.session_id, why)
-        self.out.put_nowait(_Abort(grpc.StatusCode.UNAVAILABLE, f"{why}; resume the session"))
+        self.out.put_nowait(StreamAbort(grpc.StatusCode.UNAVAILABLE, f"{why}; resume the session"))
 
     def _on_shard_response(self, resp: ipb.AppendResponse) -> None:
         seq = resp.sequence_number

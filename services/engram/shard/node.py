@@ -19,6 +19,7 @@ from engram.common.errors import NotOwnerError, UnavailableError
 from engram.common.settings import Settings
 from engram.control.assignment import Assignment
 from engram.control.store import ControlStore
+from engram.shard import faults as fault_file
 from engram.shard.space import Space
 from engram.shard.wal import WalFaults
 
@@ -67,6 +68,11 @@ class ShardNode:
         self._builder = threading.Thread(target=self._build_loop, name="index-builder", daemon=True)
         self._builder.start()
         self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
+        if self.settings.shard.fault_file:
+            log.warning("fault injection enabled: %s", self.settings.shard.fault_file)
+            self._tasks.append(
+                asyncio.create_task(fault_file.watch(self.settings.shard.fault_file, self.faults))
+            )
 
     async def stop(self) -> None:
         self._stop.set()

@@ -1,0 +1,56 @@
+"""Fault injection for chaos runs: a JSON file the shard polls and applies to its WAL faults.
+
+Off unless ``ENGRAM_FAULT_FILE`` names a file. The file holds the fields of
+:class:`~engram.shard.wal.WalFaults`, e.g. ``{"fail_fsync": 3}`` (the next three fsyncs fail)
+or ``{"persistent_enospc": true}`` (every write fails until the file says otherwise). Counts
+are applied once each time the file changes; persistent flags follow the file. Writing ``{}``
+clears persistent faults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+
+from engram.shard.wal import WalFaults
+
+log = logging.getLogger("engram.shard.faults")
+
+POLL_S = 0.1
+_COUNTS = ("fail_fsync", "fail_write")
+_FLAGS = ("persistent_fsync_error", "persistent_enospc")
+
+
+def apply(faults: WalFaults, spec: dict[str, object]) -> None:
+    for name in _COUNTS:
+        value = spec.get(name, 0)
+        if isinstance(value, int) and value > 0:
+            setattr(faults, name, getattr(faults, name) + value)
+    for name in _FLAGS:
+        setattr(faults, name, bool(spec.get(name, False)))
+
+
+async def watch(path: str, faults: WalFaults) -> None:
+    """Applies the file's faults whenever it changes (runs until cancelled)."""
+    seen: float | None = None
+    while True:
+        try:
+            mtime = os.stat(path).st_mtime_ns
+        except FileNotFoundError:
+            mtime = None
+        if mtime is not None and mtime != seen:
+            seen = mtime
+            try:
+                spec = json.loads(await asyncio.to_thread(_read, path))
+                apply(faults, spec)
+                log.warning("fault injection: %s -> %s", spec, faults)
+            except (OSError, ValueError) as exc:
+                log.error("fault file %s unreadable: %s", path, exc)
+        await asyncio.sleep(POLL_S)
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
