@@ -39,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--http-port", type=int, default=7432, help="gateway /metrics port (0: free)")
     up.add_argument("--redis-port", type=int, default=0, help="Redis port (default 0: free)")
     up.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
+    up.add_argument(
+        "--memory-budget",
+        default=None,
+        help="per-shard budget for un-indexed data, e.g. 64MB or 2GB "
+        "(default: 40%% of memory / shards; env ENGRAM_MEMORY_BUDGET)",
+    )
 
     status = sub.add_parser("status", help="show the processes and spaces of a local cluster")
     status.add_argument("--json", action="store_true", help="print JSON")
@@ -87,6 +93,17 @@ def _up(args: argparse.Namespace) -> int:
         )
         return 1
 
+    env: dict[str, str] = {}
+    if args.memory_budget:
+        from engram.common.settings import parse_size
+
+        if parse_size(args.memory_budget) is None:
+            print(
+                f"error: --memory-budget {args.memory_budget!r} is not a size (e.g. 64MB)",
+                file=sys.stderr,
+            )
+            return 2
+        env["ENGRAM_MEMORY_BUDGET"] = args.memory_budget
     cluster = LocalCluster(
         data_dir,
         shards=args.shards,
@@ -94,6 +111,7 @@ def _up(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         redis_port=args.redis_port,
         log_level=args.log_level,
+        env=env or None,
     )
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGINT, _raise_interrupt)

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from engram.corpus import Corpus
+from engram.v1 import streaming_pb2 as pb
 from engram_client import EngramClient, StreamEvent
 
 
@@ -43,10 +44,18 @@ async def _stream_space(
     events: Counter[str],
     run: str,
 ) -> int:
+    last_state = [pb.StreamStatus.ACTIVE]
+
     def on_event(ev: StreamEvent) -> None:
         events[ev.kind] += 1
         if ev.kind in ("disconnected", "resumed", "error"):
             print(f"  [{space}] {ev.kind}: {ev.detail}", flush=True)
+        elif ev.kind == "status" and ev.status is not None and ev.status.state != last_state[0]:
+            last_state[0] = ev.status.state
+            state = pb.StreamStatus.State.Name(ev.status.state)
+            print(f"  [{space}] status {state}: {ev.detail}", flush=True)
+        elif ev.kind == "rejected" and events["rejected"] % 50 == 1:
+            print(f"  [{space}] rejected (#{events['rejected']}): {ev.detail}", flush=True)
 
     try:
         return await _send_all(
@@ -148,7 +157,8 @@ async def run(args: argparse.Namespace) -> int:
         print(
             f"acked {total:,} observations in {elapsed:.2f} s: {total / elapsed:,.0f} obs/s "
             f"(durable: WAL fsync before every ack); failed batches: {failed_batches}; "
-            f"failed streams: {broken}; reconnects: {events['disconnected']}"
+            f"failed streams: {broken}; reconnects: {events['disconnected']}; "
+            f"status changes: {events['status']}; rejected and resent: {events['rejected']}"
         )
         for i, space in enumerate(spaces[:3]):
             probe = corpus.vectors(starts[i], 1)[0]

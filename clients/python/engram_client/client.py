@@ -59,7 +59,8 @@ class RecallResult:
 @dataclass(frozen=True)
 class StreamEvent:
     """Something the application may want to know: kind is 'connected', 'resumed',
-    'disconnected', 'status' or 'error'."""
+    'disconnected', 'status' (a pushed StreamStatus: backpressure level, pause, ...),
+    'rejected' (a batch refused for now; the stream resends it after retry-after) or 'error'."""
 
     kind: str
     detail: str
@@ -196,6 +197,11 @@ class ObservationStream:
         self._resync = asyncio.Event()
         self._closing = False
         self._fatal: BaseException | None = None
+        self._rejected: set[int] = set()
+        self._resend_at = 0.0
+        self._resender: asyncio.Task[None] | None = None
+        self.status = pb.StreamStatus(state=pb.StreamStatus.ACTIVE)
+        self.rejections = 0
         self._runner: asyncio.Task[None] | None = None
         self._first = asyncio.get_running_loop().create_future()
 
@@ -224,7 +230,7 @@ class ObservationStream:
         self._raise_if_fatal()
         async with self._room:
             await self._room.wait_for(
-                lambda: len(self._pending) < self.max_in_flight or self._fatal is not None
+                lambda: len(self._pending) < self._window() or self._fatal is not None
             )
         self._raise_if_fatal()
         seq = self._next_seq
@@ -282,6 +288,16 @@ class ObservationStream:
     def in_flight(self) -> int:
         return len(self._pending)
 
+    def _window(self) -> int:
+        """Credits in use: all of them when calm, half under backpressure, one when
+        overloaded or while refused batches wait for their retry-after."""
+        state = self.status.state
+        if self._rejected or state == pb.StreamStatus.OVERLOADED:
+            return 1
+        if state == pb.StreamStatus.BACKPRESSURE:
+            return max(1, self.max_in_flight // 2)
+        return self.max_in_flight
+
     # -------------------------------------------------------------- internals
 
     def _raise_if_fatal(self) -> None:
@@ -338,6 +354,7 @@ class ObservationStream:
             if not p.future.done():
                 p.future.set_result(Ack(seq, 0, 0, True, ""))
         self.last_acked = max(self.last_acked, durable)
+        self._rejected.clear()
         async with self._write_lock:
             self._call = call
             for seq, p in sorted(self._pending.items()):
@@ -426,13 +443,48 @@ class ObservationStream:
         elif kind == "error":
             self._on_error(resp.sequence_number, resp.error)
         elif kind == "status":
+            self.status = resp.status
             self._emit("status", resp.status.message, resp.status)
+            self._wake_senders()
 
     def _settle(self, seq: int, ack: pb.ObservationAck) -> None:
+        if ack.status == pb.ObservationAck.REJECTED:
+            self._on_rejected(seq, ack)
+            return
         p = self._pending.pop(seq, None)
         self.last_acked = max(self.last_acked, seq)
         if p is not None and not p.future.done():
             p.future.set_result(Ack(seq, ack.first_lsn, ack.count, ack.duplicate, ack.memory_id))
+        self._wake_senders()
+
+    def _on_rejected(self, seq: int, ack: pb.ObservationAck) -> None:
+        """Refused for now: resend this batch (same sequence number) after retry-after."""
+        if seq not in self._pending:
+            return
+        self.rejections += 1
+        self._rejected.add(seq)
+        loop = asyncio.get_running_loop()
+        self._resend_at = max(self._resend_at, loop.time() + ack.retry_after_ms / 1000)
+        self._emit("rejected", f"batch {seq}: {ack.message}; retry in {ack.retry_after_ms} ms")
+        if self._resender is None or self._resender.done():
+            self._resender = asyncio.ensure_future(self._resend_rejected())
+
+    async def _resend_rejected(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._rejected:
+            delay = self._resend_at - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+                continue
+            async with self._write_lock:
+                seqs = sorted(s for s in self._rejected if s in self._pending)
+                self._rejected.clear()
+                call = self._call
+                if call is None:
+                    return  # the reconnect resends everything pending
+                for seq in seqs:
+                    with contextlib.suppress(Exception):
+                        await call.write(self._request(seq, self._pending[seq]))
         self._wake_senders()
 
     def _wake_senders(self) -> None:

@@ -84,3 +84,28 @@ shard_wal_failures_total = Counter(
     "Failed WAL commits (fsync or write errors)",
     ["memory_space"],
 )
+shard_memory_bytes = Gauge(
+    "engram_shard_memory_bytes",
+    "Bytes held that are not yet in HNSW (intake + fresh tier), counted by admission control",
+)
+shard_memory_budget_bytes = Gauge(
+    "engram_shard_memory_budget_bytes", "The shard's memory budget for un-indexed data"
+)
+shard_pressure = Gauge("engram_shard_pressure", "Admission pressure, 0..1 of the tightest limit")
+backpressure_state = Gauge(
+    "engram_streaming_backpressure_state",
+    "Backpressure level of the shard holding the space: 0 NORMAL, 1 WARNING, 2 CRITICAL, "
+    "3 OVERLOADED",
+    ["memory_space"],
+)
+backpressure_activations_total = Counter(
+    "engram_streaming_backpressure_activations_total",
+    "Times the space's shard entered a backpressure level",
+    ["memory_space", "level"],
+)
+queue_depth = Gauge(
+    "engram_streaming_queue_depth", "Admitted, not yet durable observations per lane", ["priority"]
+)
+queue_memory_bytes = Gauge(
+    "engram_streaming_queue_memory_bytes", "Bytes of admitted, not yet durable batches"
+)

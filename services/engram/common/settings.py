@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from engram.common.errors import SettingsError
 
@@ -42,8 +42,9 @@ class IndexSettings:
     ef_construction: int = 100
     # Minimum HNSW search beam width; the beam used is max(ef_search, 2 * k).
     ef_search: int = 64
-    # Most vectors handed to hnswlib in one add_items call (recalls wait at most one call).
-    build_chunk: int = 256
+    # Most vectors handed to hnswlib in one add_items call (a recall waits at most one call);
+    # the builder uses smaller chunks while the backlog is small.
+    build_chunk: int = 128
     # Threads hnswlib uses for add_items.
     build_threads: int = 2
     # Checkpoint after this many newly indexed observations...
@@ -70,6 +71,34 @@ class LimitSettings:
 
 
 @dataclass(frozen=True)
+class LaneLimits:
+    # Admitted, not yet durable observations of this priority above which the lane is shed
+    # while the shard is CRITICAL or worse...
+    soft_observations: int
+    # ...and above which it is always shed.
+    hard_observations: int
+    # The same two limits in bytes of batch payload.
+    soft_bytes: int
+    hard_bytes: int
+
+
+@dataclass(frozen=True)
+class AdmissionSettings:
+    # Bytes a shard may hold that are not yet in HNSW: intake plus fresh tier (vectors and
+    # metadata). Default: 40 % of the machine's memory divided by the shard count.
+    memory_budget_bytes: int = 1 << 30
+    high: LaneLimits = LaneLimits(10_000, 20_000, 64 * _MIB, 128 * _MIB)
+    normal: LaneLimits = LaneLimits(100_000, 200_000, 256 * _MIB, 512 * _MIB)
+    low: LaneLimits = LaneLimits(50_000, 100_000, 128 * _MIB, 256 * _MIB)
+    # A level is left only when pressure falls below this fraction of its threshold...
+    hysteresis: float = 0.9
+    # ...and no sooner than this many seconds after it was entered.
+    min_dwell_s: float = 0.5
+    # Every this-many builder picks go to the space whose LOW rows waited longest.
+    low_every: int = 4
+
+
+@dataclass(frozen=True)
 class ShardSettings:
     shard_id: int = 0
     # gRPC listen address of the shard.
@@ -84,6 +113,7 @@ class ShardSettings:
     fault_file: str = ""
     wal: WalSettings = field(default_factory=WalSettings)
     index: IndexSettings = field(default_factory=IndexSettings)
+    admission: AdmissionSettings = field(default_factory=AdmissionSettings)
 
 
 @dataclass(frozen=True)
@@ -95,6 +125,10 @@ class GatewaySettings:
     http_port: int = 7432
     # Idle sessions expire from Redis after this many seconds (they resume from the shard).
     session_ttl_s: int = 86_400
+    # WebSocket (/v1/stream on the HTTP port): seconds between the server's heartbeat frames...
+    ws_heartbeat_s: float = 30.0
+    # ...and seconds without any frame from the client after which the server closes (1008).
+    ws_idle_timeout_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -128,6 +162,18 @@ class _Env:
             raise SettingsError(f"{name}={value} is out of range {lo}..{hi}")
         return value
 
+    def size(self, name: str, default: int, lo: int, hi: int) -> int:
+        """A byte size: a plain number or one with a unit (KB, MB, GB; powers of 1024)."""
+        raw = self._env.get(name)
+        if raw is None or raw == "":
+            return default
+        value = parse_size(raw)
+        if value is None:
+            raise SettingsError(f"{name}={raw!r} is not a size (e.g. 64MB, 2GB, 1048576)")
+        if not lo <= value <= hi:
+            raise SettingsError(f"{name}={raw} is out of range {lo}..{hi} bytes")
+        return value
+
     def float(self, name: str, default: float, lo: float, hi: float) -> float:
         raw = self._env.get(name)
         if raw is None or raw == "":
@@ -139,6 +185,52 @@ class _Env:
         if not lo <= value <= hi:
             raise SettingsError(f"{name}={value} is out of range {lo}..{hi}")
         return value
+
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 1 << 10,
+    "KB": 1 << 10,
+    "KIB": 1 << 10,
+    "M": 1 << 20,
+    "MB": 1 << 20,
+    "MIB": 1 << 20,
+    "G": 1 << 30,
+    "GB": 1 << 30,
+    "GIB": 1 << 30,
+}
+
+
+def parse_size(raw: str) -> int | None:
+    """``"64MB"`` -> 67108864; None if it is not a size."""
+    text = raw.strip().upper().replace(" ", "")
+    number = text.rstrip("KMGIB")
+    unit = text[len(number) :]
+    if unit not in _UNITS:
+        return None
+    try:
+        return int(float(number) * _UNITS[unit])
+    except ValueError:
+        return None
+
+
+def default_memory_budget(shard_count: int) -> int:
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 8 << 30
+    return max(64 * _MIB, int(total * 0.4) // max(1, shard_count))
+
+
+def _lane(e: _Env, name: str, d: LaneLimits) -> LaneLimits:
+    p = f"ENGRAM_LANE_{name}_"
+    return LaneLimits(
+        soft_observations=e.int(p + "SOFT_OBSERVATIONS", d.soft_observations, 1, 1 << 40),
+        hard_observations=e.int(p + "HARD_OBSERVATIONS", d.hard_observations, 1, 1 << 40),
+        soft_bytes=e.size(p + "SOFT_BYTES", d.soft_bytes, 1, 1 << 50),
+        hard_bytes=e.size(p + "HARD_BYTES", d.hard_bytes, 1, 1 << 50),
+    )
 
 
 def load(env: Mapping[str, str] | None = None) -> Settings:
@@ -206,12 +298,34 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
             ),
         ),
     )
+    a = AdmissionSettings()
+    admission = AdmissionSettings(
+        memory_budget_bytes=e.size(
+            "ENGRAM_MEMORY_BUDGET", default_memory_budget(cluster.shard_count), 1 << 20, 1 << 50
+        ),
+        high=_lane(e, "HIGH", a.high),
+        normal=_lane(e, "NORMAL", a.normal),
+        low=_lane(e, "LOW", a.low),
+        hysteresis=e.float("ENGRAM_PRESSURE_HYSTERESIS", a.hysteresis, 0.5, 1.0),
+        min_dwell_s=e.float("ENGRAM_PRESSURE_MIN_DWELL_S", a.min_dwell_s, 0.0, 60.0),
+        low_every=e.int("ENGRAM_INDEX_LOW_EVERY", a.low_every, 1, 1000),
+    )
+    shard = replace(shard, admission=admission)
     gateway = GatewaySettings(
         listen=e.str("ENGRAM_GATEWAY_LISTEN", GatewaySettings.listen),
         http_host=e.str("ENGRAM_GATEWAY_HTTP_HOST", GatewaySettings.http_host),
         http_port=e.int("ENGRAM_GATEWAY_HTTP_PORT", GatewaySettings.http_port, 0, 65_535),
         session_ttl_s=e.int("ENGRAM_SESSION_TTL_S", GatewaySettings.session_ttl_s, 1, 1 << 31),
+        ws_heartbeat_s=e.float("ENGRAM_WS_HEARTBEAT_S", GatewaySettings.ws_heartbeat_s, 0.05, 3600),
+        ws_idle_timeout_s=e.float(
+            "ENGRAM_WS_IDLE_TIMEOUT_S", GatewaySettings.ws_idle_timeout_s, 0.1, 86_400
+        ),
     )
+    if gateway.ws_idle_timeout_s <= gateway.ws_heartbeat_s:
+        raise SettingsError(
+            "ENGRAM_WS_IDLE_TIMEOUT_S must exceed ENGRAM_WS_HEARTBEAT_S (clients send heartbeats "
+            f"at the server's interval): {gateway.ws_idle_timeout_s} <= {gateway.ws_heartbeat_s}"
+        )
     level = e.str("ENGRAM_LOG_LEVEL", "INFO").upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise SettingsError(f"ENGRAM_LOG_LEVEL={level!r} is not one of DEBUG, INFO, WARNING, ERROR")

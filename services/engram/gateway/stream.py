@@ -43,6 +43,23 @@ log = logging.getLogger("engram.gateway.stream")
 _SESSION_UPDATE_S = 0.5
 
 
+class TokenBucket:
+    """Holds a stream to ``rate`` observations/s (SLOW_DOWN); bursts up to one second."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = max(1, rate)
+        self._tokens = float(self.rate)
+        self._at = time.monotonic()
+
+    async def take(self, n: int) -> None:
+        now = time.monotonic()
+        self._tokens = min(self.rate, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        self._tokens -= n
+        if self._tokens < 0:
+            await asyncio.sleep(-self._tokens / self.rate)
+
+
 @dataclass(frozen=True)
 class Incoming:
     """A request as the transport delivered it: parsed, or not (``message`` None)."""
@@ -77,6 +94,11 @@ class ClientStream:
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_session_write = 0.0
         self._closing = False
+        self._paused = False
+        self._bucket: TokenBucket | None = None
+        self._rejected_from: int | None = None  # first refused sequence still to be resent
+        self._retry_after_ms = 0
+        self._shard_status = pb.StreamStatus(state=pb.StreamStatus.ACTIVE)
 
     # ---------------------------------------------------------------- plumbing
 
@@ -287,14 +309,32 @@ class ClientStream:
                 "sequence_number is missing: batches are numbered 1, 2, 3, ...",
                 code=pb.INVALID_ARGUMENT,
             )
+        if seq > self.next_expected and self._rejected_from is not None:
+            # sent before the client learnt that an earlier batch was refused
+            self._reject(seq, None, 0)
+            return
         if seq > self.next_expected:
             raise SequenceError(
                 f"sequence number {seq} skips ahead: expected {self.next_expected}",
                 expected=self.next_expected,
             )
+        if self._paused:
+            raise ValidationError(
+                f"batch {seq} arrived while the stream is paused (send RESUME first)",
+                code=pb.STREAM_PAUSED,
+            )
+        credits = self.gw.settings.limits.max_in_flight_batches
+        if len(self._sent_at) >= credits and seq not in self._sent_at:
+            raise ValidationError(
+                f"{len(self._sent_at)} batches are already in flight, the limit is {credits}: "
+                "wait for acks before sending more",
+                code=pb.CREDITS_EXCEEDED,
+            )
         checked = validation.batch(batch, self.gw.settings.limits, self.dim)
         if self.dim == 0:
             self.dim = checked.dim
+        if self._bucket is not None:
+            await self._bucket.take(checked.n)
         call = await self._shard_stream()
         self._sent_at[seq] = (time.perf_counter(), checked.n)
         if seq == self.next_expected:
@@ -339,8 +379,20 @@ class ClientStream:
         self.out.put_nowait(StreamAbort(grpc.StatusCode.UNAVAILABLE, f"{why}; resume the session"))
 
     def _on_shard_response(self, resp: ipb.AppendResponse) -> None:
+        if resp.HasField("status"):
+            self._shard_status = resp.status
+            self._send(pb.ObservationResponse(status=self._status(resp.status)))
+            return
         seq = resp.sequence_number
         sent = self._sent_at.pop(seq, None)
+        if resp.rejected or (
+            resp.HasField("error")
+            and resp.error.code == pb.SEQUENCE_GAP
+            and self._rejected_from is not None
+            and resp.error.expected_sequence <= self._rejected_from
+        ):
+            self._reject(seq, resp, sent[1] if sent else 0)
+            return
         if resp.HasField("error"):
             err = from_proto(resp.error)
             if resp.error.code == pb.SEQUENCE_GAP:
@@ -353,6 +405,8 @@ class ClientStream:
             self._error(err, seq)
             return
         self.last_acked = max(self.last_acked, seq)
+        if self._rejected_from is not None and seq >= self._rejected_from:
+            self._rejected_from = None
         if sent is not None:
             metrics.observation_latency.observe(time.perf_counter() - sent[0])
         if not resp.duplicate:
@@ -373,6 +427,24 @@ class ClientStream:
         if now - self._last_session_write > _SESSION_UPDATE_S:
             self._last_session_write = now
             self._spawn(self._write_session())
+
+    def _reject(self, seq: int, resp: ipb.AppendResponse | None, n: int) -> None:
+        """Refused by admission (or behind a refused batch): the client resends ``seq`` later."""
+        if resp is not None and resp.rejected:
+            reason, message = resp.reject_reason, resp.error.message
+            self._retry_after_ms = resp.retry_after_ms
+        else:
+            reason = "behind_rejected"
+            message = f"an earlier batch ({self._rejected_from}) of this stream was refused"
+        self._rejected_from = min(self._rejected_from or seq, seq)
+        self.next_expected = min(self.next_expected, seq)
+        metrics.observations_rejected_total.labels(self.space, reason).inc(n)
+        ack = pb.ObservationAck(
+            status=pb.ObservationAck.REJECTED,
+            retry_after_ms=self._retry_after_ms or 100,
+            message=message,
+        )
+        self._send(pb.ObservationResponse(ack=ack, sequence_number=seq))
 
     async def _write_session(self) -> None:
         with contextlib.suppress(Exception):
@@ -402,14 +474,38 @@ class ClientStream:
     # -------------------------------------------------------------------- flow
 
     def _flow(self, flow: pb.FlowControl) -> None:
-        status = pb.StreamStatus(
-            state=pb.StreamStatus.ACTIVE,
-            queue_depth=len(self._sent_at),
-            queue_capacity=self.gw.settings.limits.max_in_flight_batches,
-            last_acked_sequence=self.last_acked,
-            message=f"flow control {pb.FlowControl.Action.Name(flow.action)} noted",
-        )
+        """Client flow control: PAUSE / RESUME / SLOW_DOWN / SPEED_UP / BUFFER_STATUS."""
+        action = flow.action
+        A = pb.FlowControl
+        if action == A.PAUSE:
+            self._paused = True
+        elif action == A.RESUME:
+            self._paused = False
+        elif action == A.SLOW_DOWN:
+            rate = flow.preferred_rate or max(
+                1, (self._bucket.rate if self._bucket else 10_000) // 2
+            )
+            self._bucket = TokenBucket(rate)
+        elif action == A.SPEED_UP:
+            self._bucket = TokenBucket(flow.preferred_rate) if flow.preferred_rate else None
+        elif action != A.BUFFER_STATUS:
+            raise ValidationError(f"unknown flow control action {action}", code=pb.INVALID_ARGUMENT)
+        status = self._status(self._shard_status)
+        status.message = f"{A.Action.Name(action)}: {status.message}".rstrip(": ")
         self._send(pb.ObservationResponse(status=status))
+
+    def _status(self, shard: pb.StreamStatus) -> pb.StreamStatus:
+        """This stream's view: the shard's pressure plus the stream's own state."""
+        status = pb.StreamStatus()
+        status.CopyFrom(shard)
+        if self._paused:
+            status.state = pb.StreamStatus.PAUSED
+            status.message = "paused by the client; batches are refused until RESUME"
+        status.queue_depth = len(self._sent_at)
+        status.queue_capacity = self.gw.settings.limits.max_in_flight_batches
+        status.last_acked_sequence = self.last_acked
+        status.preferred_rate = self._bucket.rate if self._bucket else 0
+        return status
 
     def _spawn(self, coro: object) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[arg-type]

@@ -20,6 +20,7 @@ from engram.common.settings import Settings
 from engram.control.assignment import Assignment
 from engram.control.store import ControlStore
 from engram.shard import faults as fault_file
+from engram.shard.admission import AdmissionController
 from engram.shard.space import Space
 from engram.shard.wal import WalFaults
 
@@ -36,6 +37,8 @@ class ShardNode:
         self.spaces: dict[str, Space] = {}
         self.faults = faults or WalFaults()
         self.assignment = Assignment(settings.cluster.shard_count)
+        self.admission = AdmissionController(settings.shard.admission)
+        self._picks = 0
         self.store = ControlStore(
             settings.cluster.redis_url, settings.cluster.key_prefix, settings.cluster.shard_count
         )
@@ -95,6 +98,7 @@ class ShardNode:
             index=s.shard.index,
             limits=s.limits,
             faults=self.faults,
+            admission=self.admission,
         )
 
     # -------------------------------------------------------------------- spaces
@@ -128,27 +132,47 @@ class ShardNode:
 
     # ------------------------------------------------------------------- builder
 
+    def _pick(self, spaces: list[Space]) -> Space | None:
+        """Strict priority (the space whose un-indexed rows include the most urgent lane),
+        except that every ``low_every``-th pick goes to the space whose LOW rows waited longest.
+        """
+        busy = [s for s in spaces if s.backlog() > 0]
+        if not busy:
+            return None
+        self._picks += 1
+        if self._picks % self.settings.shard.admission.low_every == 0:
+            waiting = [(s.oldest_low_since(), s) for s in busy]
+            lows = [(since, s) for since, s in waiting if since is not None]
+            if lows:
+                return min(lows, key=lambda item: item[0])[1]
+        return min(busy, key=lambda s: (s.top_lane() or 9, -s.backlog()))
+
+    def _chunk(self, backlog: int) -> int:
+        """Adaptive: small chunks when the backlog is small (recalls never wait long), up to
+        ``build_chunk`` when it is large (fewer, cheaper add_items calls)."""
+        return max(16, min(self.settings.shard.index.build_chunk, backlog // 4))
+
     def _build_loop(self) -> None:
-        chunk = self.settings.shard.index.build_chunk
         while not self._stop.is_set():
             spaces = list(self.spaces.values())
-            busiest = max(spaces, key=lambda s: s.backlog(), default=None)
-            if busiest is None or busiest.backlog() == 0:
-                for space in spaces:
-                    if space.checkpoint_due():
-                        self._checkpoint(space)
+            space = self._pick(spaces)
+            if space is None:
+                self.admission.idle()
+                for s in spaces:
+                    if s.checkpoint_due():
+                        self._checkpoint(s)
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
             try:
-                added = busiest.index_step(chunk)
+                added = space.index_step(self._chunk(space.backlog()))
             except Exception:  # the builder must survive; the rows stay in the fresh tier
-                log.exception("space %s: indexing failed; retrying in 1 s", busiest.name)
+                log.exception("space %s: indexing failed; retrying in 1 s", space.name)
                 time.sleep(1.0)
                 continue
-            metrics.shard_indexed_total.labels(busiest.name).inc(added)
-            if busiest.checkpoint_due():
-                self._checkpoint(busiest)
+            metrics.shard_indexed_total.labels(space.name).inc(added)
+            if space.checkpoint_due():
+                self._checkpoint(space)
 
     def _checkpoint(self, space: Space) -> None:
         if self._stop.is_set():
@@ -170,7 +194,13 @@ class ShardNode:
                 self.assignment = await self.store.assignment()
             except Exception as exc:  # Redis down: keep serving with the cached assignment
                 log.debug("heartbeat failed: %s", exc)
+            self.admission.tick()
+            snap = self.admission.snapshot()
+            metrics.shard_memory_bytes.set(snap.memory_bytes)
+            metrics.shard_memory_budget_bytes.set(snap.budget_bytes)
+            metrics.shard_pressure.set(snap.pressure)
             for space in self.spaces.values():
                 metrics.shard_rows.labels(space.name).set(space.visible)
                 metrics.shard_index_backlog.labels(space.name).set(space.backlog())
+                metrics.backpressure_state.labels(space.name).set(snap.level)
             await asyncio.sleep(HEARTBEAT_S)

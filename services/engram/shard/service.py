@@ -13,10 +13,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from engram.common import validation
+from engram.common import metrics, validation
 from engram.common.errors import EngramError, SessionError, grpc_status
 from engram.internal.v1 import shard_pb2 as ipb
 from engram.internal.v1 import shard_pb2_grpc
+from engram.shard import admission
 from engram.shard.node import ShardNode
 from engram.shard.space import AppendResult
 from engram.v1 import streaming_pb2 as pb
@@ -29,11 +30,42 @@ _END = object()
 class ShardService(shard_pb2_grpc.ShardServicer):
     def __init__(self, node: ShardNode) -> None:
         self.node = node
+        self._streams: set[asyncio.Queue[object]] = set()
+        self._loop = asyncio.get_running_loop()
+        self._level = admission.NORMAL
+        node.admission.listeners.append(self._on_level)
+
+    def _on_level(self, snap: admission.Snapshot) -> None:
+        """Admission level changed (any thread): push a status to every Append stream."""
+        self._loop.call_soon_threadsafe(self._broadcast, snap)
+
+    def _broadcast(self, snap: admission.Snapshot) -> None:
+        rising = snap.level > self._level
+        self._level = snap.level
+        name = admission.LEVEL_NAMES[snap.level]
+        for space in self.node.spaces:
+            metrics.backpressure_state.labels(space).set(snap.level)
+            if rising:
+                metrics.backpressure_activations_total.labels(space, name).inc()
+        log.info(
+            "admission level %s (pressure %.2f, %d of %d bytes)",
+            name,
+            snap.pressure,
+            snap.memory_bytes,
+            snap.budget_bytes,
+        )
+        status = status_message(snap)
+        for queue in self._streams:
+            queue.put_nowait(ipb.AppendResponse(status=status))
 
     async def Append(  # noqa: N802 (gRPC method name)
         self, request_iterator: AsyncIterator[ipb.AppendRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ipb.AppendResponse]:
         results: asyncio.Queue[object] = asyncio.Queue()
+        self._streams.add(results)
+        snap = self.node.admission.snapshot()
+        if snap.level != admission.NORMAL:
+            results.put_nowait(ipb.AppendResponse(status=status_message(snap)))
 
         async def intake() -> None:
             try:
@@ -48,9 +80,13 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                 item = await results.get()
                 if item is _END:
                     break
+                if isinstance(item, ipb.AppendResponse):
+                    yield item
+                    continue
                 seq, fut = item  # type: ignore[misc]
                 yield await _answer(seq, fut)
         finally:
+            self._streams.discard(results)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
@@ -134,7 +170,39 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         return out
 
 
+def status_message(snap: admission.Snapshot) -> pb.StreamStatus:
+    if snap.level == admission.NORMAL:
+        state = pb.StreamStatus.ACTIVE
+    elif snap.level == admission.OVERLOADED:
+        state = pb.StreamStatus.OVERLOADED
+    else:
+        state = pb.StreamStatus.BACKPRESSURE
+    name = admission.LEVEL_NAMES[snap.level]
+    return pb.StreamStatus(
+        state=state,
+        level=snap.level,
+        pressure=snap.pressure,
+        message=f"shard pressure {name} ({snap.pressure:.2f}): "
+        f"{snap.memory_bytes >> 20} of {snap.budget_bytes >> 20} MiB un-indexed data",
+        queue_depth=sum(n for n, _ in snap.intake.values()),
+        recommended_batch_size=admission.RECOMMENDED_BATCH[snap.level],
+        retry_after_ms=snap.retry_after_ms,
+    )
+
+
+def _rejected(seq: int, exc: admission.RejectedError) -> ipb.AppendResponse:
+    return ipb.AppendResponse(
+        sequence_number=seq,
+        rejected=True,
+        retry_after_ms=exc.retry_after_ms,
+        reject_reason=exc.reason,
+        error=exc.to_proto(),
+    )
+
+
 async def _answer(seq: int, fut: asyncio.Future[AppendResult] | EngramError) -> ipb.AppendResponse:
+    if isinstance(fut, admission.RejectedError):
+        return _rejected(seq, fut)
     if isinstance(fut, EngramError):
         return ipb.AppendResponse(sequence_number=seq, error=fut.to_proto())
     try:

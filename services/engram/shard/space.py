@@ -23,7 +23,7 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +31,10 @@ import numpy as np
 
 from engram.common import validation
 from engram.common.errors import SequenceError, SessionError, StorageError
-from engram.common.settings import IndexSettings, LimitSettings, WalSettings
+from engram.common.settings import AdmissionSettings, IndexSettings, LimitSettings, WalSettings
 from engram.internal.v1 import shard_pb2 as ipb
 from engram.shard import checkpoint as ckpt
+from engram.shard.admission import AdmissionController, lane_of
 from engram.shard.fresh import Block, FreshTier, scan
 from engram.shard.index import HnswTier
 from engram.shard.wal import Wal, WalFaults
@@ -93,6 +94,8 @@ class _Pending:
     confidences: np.ndarray
     timestamps_us: np.ndarray
     result: asyncio.Future[AppendResult]
+    lane: int
+    nbytes: int
 
 
 def now_us() -> int:
@@ -109,8 +112,13 @@ class Space:
         index: IndexSettings,
         limits: LimitSettings,
         faults: WalFaults | None = None,
+        admission: AdmissionController | None = None,
     ) -> None:
         self.name = name
+        # shared by every space of the shard; a space on its own gets an unlimited one
+        self.admission = admission or AdmissionController(
+            AdmissionSettings(memory_budget_bytes=1 << 50)
+        )
         self.directory = directory
         self._index_settings = index
         self._limits = limits
@@ -137,6 +145,10 @@ class Space:
         self._checkpoint_meta: list[str] = []
         self.last_checkpoint = time.monotonic()
         self.changed = threading.Event()  # set when rows become visible (wakes the builder)
+        # un-indexed rows per priority lane, as runs of (end_row, lane, published_at)
+        self._lane_runs: deque[tuple[int, int, float]] = deque()
+        self.lane_backlog: dict[int, int] = defaultdict(int)
+        self._runs_lock = threading.Lock()  # the loop appends runs, the builder drops them
 
     # ------------------------------------------------------------------ recovery
 
@@ -161,6 +173,9 @@ class Space:
                 replayed += self._replay_batch(rec.batch)
         self._assigned = dict(self._durable)
         self._next_row = self.visible
+        if self.backlog():
+            self._add_run(self.visible, pb.PRIORITY_NORMAL, self.backlog())
+            self.admission.loaded(self.backlog() * self.dim * 4)
         log.info(
             "space %s recovered: %d rows (%d from checkpoint, %d replayed), %d sessions",
             self.name,
@@ -297,6 +312,9 @@ class Space:
         self._check_writable()
         checked = validation.batch(batch, self._limits, self.dim)
         n = checked.n
+        lane = lane_of(batch.priority)
+        nbytes = batch.ByteSize()
+        self.admission.admit(lane, n, nbytes)  # raises RejectedError: nothing is consumed
         if self.dim == 0:
             self._fix_dim(checked.dim)
         if not batch.ids:
@@ -326,6 +344,8 @@ class Space:
             confidences=np.frombuffer(batch.confidences, "<f4"),
             timestamps_us=np.frombuffer(batch.timestamps_us, "<i8"),
             result=result,
+            lane=lane,
+            nbytes=nbytes,
         )
         wal_fut = self.wal.append(record.SerializeToString(), first_row + n)
         self._next_row += n
@@ -345,15 +365,18 @@ class Space:
     def _publish(self, p: _Pending, wal_fut: asyncio.Future[None]) -> None:
         """Runs on the loop, in WAL order, when the batch's record is durable (or failed)."""
         self._inflight -= 1
+        n = len(p.vectors)
         if wal_fut.cancelled() or wal_fut.exception() is not None:
+            self.admission.settle(p.lane, n, p.nbytes, 0)
             err = _storage_error(wal_fut)
             p.result.set_exception(err)
             self._fail_waiters(p.session_id, err)
             self._on_failure()
             return
-        n = len(p.vectors)
         assert p.first_row == self.visible, (p.first_row, self.visible)
         self._make_visible(p.vectors, p.ids, p.contents, p.confidences, p.timestamps_us)
+        self._add_run(self.visible, p.lane, n)
+        self.admission.settle(p.lane, n, p.nbytes, n * self.dim * 4)
         self._durable[p.session_id] = p.seq
         self.changed.set()
         p.result.set_result(
@@ -500,6 +523,40 @@ class Space:
         indexed = self.hnsw.count if self.hnsw is not None else 0
         return self.visible - indexed
 
+    def _add_run(self, end_row: int, lane: int, n: int) -> None:
+        with self._runs_lock:
+            runs = self._lane_runs
+            if runs and runs[-1][1] == lane:
+                runs[-1] = (end_row, lane, runs[-1][2])
+            else:
+                runs.append((end_row, lane, time.monotonic()))
+            self.lane_backlog[lane] += n
+
+    def _drop_runs(self, indexed: int, previous: int) -> None:
+        """Moves the lane accounting past rows ``[previous, indexed)`` (builder thread)."""
+        with self._runs_lock:
+            runs = self._lane_runs
+            row = previous
+            while runs and row < indexed:
+                end, lane, _since = runs[0]
+                take = min(end, indexed) - row
+                self.lane_backlog[lane] -= take
+                row += take
+                if end <= indexed:
+                    runs.popleft()
+
+    def top_lane(self) -> int | None:
+        """The most urgent priority among the un-indexed rows (HIGH=1 ... LOW=3)."""
+        lanes = [lane for lane, n in self.lane_backlog.items() if n > 0]
+        return min(lanes) if lanes else None
+
+    def oldest_low_since(self) -> float | None:
+        with self._runs_lock:
+            for _end, lane, since in self._lane_runs:
+                if lane == pb.PRIORITY_LOW:
+                    return since
+        return None
+
     def index_step(self, max_rows: int) -> int:
         """Moves up to ``max_rows`` rows from the fresh tier into HNSW; builder thread only."""
         if self.fresh is None:
@@ -512,6 +569,8 @@ class Space:
             return 0
         self.hnsw.add(self.fresh.rows(lo, hi), lo)
         self.fresh.drop_below(hi)
+        self._drop_runs(hi, lo)
+        self.admission.indexed((hi - lo) * self.dim * 4)
         return hi - lo
 
     def checkpoint_due(self) -> bool:

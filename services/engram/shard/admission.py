@@ -1,0 +1,236 @@
+"""Admission control of a shard: memory budget, priority lanes, pressure levels, shedding.
+
+What is counted (all per shard):
+
+* **intake**, per priority lane: batches admitted but not yet durable (observations and bytes);
+* **unindexed bytes**: what the fresh tier holds (vectors and metadata not yet in HNSW).
+
+``pressure`` is the fullest of these against its limit: intake + unindexed bytes against the
+memory budget, and each lane's intake against its hard limits. Levels NORMAL / WARNING /
+CRITICAL / OVERLOADED start at 0.5 / 0.8 / 0.95 of it; a level is left only when pressure falls
+below ``hysteresis`` × its threshold and it has lasted ``min_dwell_s``, so levels do not flap.
+
+Shedding, LOW first and HIGH last: a LOW batch is refused from CRITICAL on, a NORMAL one at
+OVERLOADED, a HIGH one only when it would not fit in the budget; any lane above its hard limit
+is refused, and above its soft limit from CRITICAL on. A refusal carries a retry-after computed
+from the measured drain rate (how fast indexing frees memory). Called by
+:class:`~engram.shard.space.Space` (admit / settle) and the builder (indexed); level changes
+go to listeners (the shard service pushes them to every stream).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from engram.common.errors import ServerError
+from engram.common.settings import AdmissionSettings, LaneLimits
+from engram.v1 import streaming_pb2 as pb
+
+NORMAL, WARNING, CRITICAL, OVERLOADED = 0, 1, 2, 3
+LEVEL_NAMES = ("NORMAL", "WARNING", "CRITICAL", "OVERLOADED")
+THRESHOLDS = (0.0, 0.5, 0.8, 0.95)
+# Batch sizes to recommend per level: small for latency when calm, large for throughput.
+RECOMMENDED_BATCH = (10, 100, 500, 1000)
+
+HIGH, LOW = pb.PRIORITY_HIGH, pb.PRIORITY_LOW
+LANES = (pb.PRIORITY_HIGH, pb.PRIORITY_NORMAL, pb.PRIORITY_LOW)
+LANE_NAMES = {pb.PRIORITY_HIGH: "high", pb.PRIORITY_NORMAL: "normal", pb.PRIORITY_LOW: "low"}
+
+
+def lane_of(priority: int) -> int:
+    return priority if priority in LANES else pb.PRIORITY_NORMAL
+
+
+class RejectedError(ServerError):
+    """Refused by admission control: nothing stored, the sequence number is not consumed."""
+
+    code = pb.OVERLOADED
+
+    def __init__(self, message: str, *, reason: str, retry_after_ms: int) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after_ms = retry_after_ms
+
+
+@dataclass
+class _Lane:
+    limits: LaneLimits
+    observations: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class Snapshot:
+    level: int
+    pressure: float
+    memory_bytes: int
+    budget_bytes: int
+    intake: dict[int, tuple[int, int]] = field(default_factory=dict)
+    retry_after_ms: int = 0
+
+
+class AdmissionController:
+    def __init__(
+        self, settings: AdmissionSettings, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.settings = settings
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._lanes = {
+            pb.PRIORITY_HIGH: _Lane(settings.high),
+            pb.PRIORITY_NORMAL: _Lane(settings.normal),
+            pb.PRIORITY_LOW: _Lane(settings.low),
+        }
+        self.unindexed_bytes = 0
+        self.level = NORMAL
+        self.pressure = 0.0
+        self._entered = clock()
+        self._drain_bps = 0.0  # EWMA of bytes/s freed by indexing
+        self._last_drain: float | None = None
+        self.listeners: list[Callable[[Snapshot], None]] = []
+
+    # ---------------------------------------------------------------- accounting
+
+    @property
+    def budget(self) -> int:
+        return self.settings.memory_budget_bytes
+
+    def memory_bytes(self) -> int:
+        return self.unindexed_bytes + sum(lane.bytes for lane in self._lanes.values())
+
+    def admit(self, priority: int, observations: int, nbytes: int) -> None:
+        """Takes a batch into intake or raises :class:`RejectedError`."""
+        lane_id = lane_of(priority)
+        with self._lock:
+            lane = self._lanes[lane_id]
+            reason = self._refusal(lane_id, lane, observations, nbytes)
+            if reason is not None:
+                retry = self._retry_after_ms(nbytes)
+                raise RejectedError(
+                    f"{LANE_NAMES[lane_id]} priority batch refused: {reason}; retry in {retry} ms",
+                    reason=reason.split(":")[0],
+                    retry_after_ms=retry,
+                )
+            lane.observations += observations
+            lane.bytes += nbytes
+            changed = self._update()
+        self._notify(changed)
+
+    def _refusal(self, lane_id: int, lane: _Lane, n: int, nbytes: int) -> str | None:
+        lim = lane.limits
+        if self.memory_bytes() + nbytes > self.budget:
+            return "memory_budget: the shard's un-indexed data would exceed its memory budget"
+        if lane.observations + n > lim.hard_observations or lane.bytes + nbytes > lim.hard_bytes:
+            return "lane_full: the priority lane is at its hard capacity"
+        level = self.level
+        if lane_id == LOW and level >= CRITICAL:
+            return f"shed_low: the shard is {LEVEL_NAMES[level]}"
+        if lane_id == pb.PRIORITY_NORMAL and level >= OVERLOADED:
+            return "shed_normal: the shard is OVERLOADED"
+        over_soft = (
+            lane.observations + n > lim.soft_observations or lane.bytes + nbytes > lim.soft_bytes
+        )
+        if over_soft and level >= CRITICAL and lane_id != HIGH:
+            return f"lane_soft: the lane is above its soft capacity while {LEVEL_NAMES[level]}"
+        return None
+
+    def settle(self, priority: int, observations: int, nbytes: int, durable_bytes: int) -> None:
+        """A batch left intake: durable (``durable_bytes`` now in the fresh tier) or failed (0)."""
+        lane = self._lanes[lane_of(priority)]
+        with self._lock:
+            lane.observations -= observations
+            lane.bytes -= nbytes
+            self.unindexed_bytes += durable_bytes
+            changed = self._update()
+        self._notify(changed)
+
+    def loaded(self, unindexed_bytes: int) -> None:
+        """Rows recovered into the fresh tier at start."""
+        with self._lock:
+            self.unindexed_bytes += unindexed_bytes
+            changed = self._update()
+        self._notify(changed)
+
+    def indexed(self, freed_bytes: int) -> None:
+        """The builder moved rows into HNSW, freeing ``freed_bytes`` of fresh tier."""
+        now = self._clock()
+        with self._lock:
+            self.unindexed_bytes = max(0, self.unindexed_bytes - freed_bytes)
+            if self._last_drain is not None:
+                dt = max(now - self._last_drain, 1e-3)
+                rate = freed_bytes / dt
+                self._drain_bps = (
+                    rate if self._drain_bps == 0 else 0.8 * self._drain_bps + 0.2 * rate
+                )
+            self._last_drain = now
+            changed = self._update()
+        self._notify(changed)
+
+    def idle(self) -> None:
+        """The builder has nothing to do: the next drain interval starts now."""
+        self._last_drain = None
+
+    def tick(self) -> None:
+        """Re-evaluates the level (dwell times pass even without traffic)."""
+        with self._lock:
+            changed = self._update()
+        self._notify(changed)
+
+    # -------------------------------------------------------------------- levels
+
+    def _current_pressure(self) -> float:
+        p = self.memory_bytes() / self.budget
+        for lane in self._lanes.values():
+            lim = lane.limits
+            p = max(p, lane.observations / lim.hard_observations, lane.bytes / lim.hard_bytes)
+        return p
+
+    def _update(self) -> Snapshot | None:
+        """Recomputes pressure and level (lock held); returns a snapshot if the level changed."""
+        self.pressure = p = self._current_pressure()
+        target = max(lvl for lvl in range(4) if p >= THRESHOLDS[lvl])
+        now = self._clock()
+        if target > self.level:
+            self.level, self._entered = target, now
+            return self._snapshot()
+        if target < self.level and now - self._entered >= self.settings.min_dwell_s:
+            level = self.level  # step down only while pressure is well below each threshold
+            while level > target and p < THRESHOLDS[level] * self.settings.hysteresis:
+                level -= 1
+            if level != self.level:
+                self.level, self._entered = level, now
+                return self._snapshot()
+        return None
+
+    def _snapshot(self) -> Snapshot:
+        return Snapshot(
+            level=self.level,
+            pressure=self.pressure,
+            memory_bytes=self.memory_bytes(),
+            budget_bytes=self.budget,
+            intake={k: (v.observations, v.bytes) for k, v in self._lanes.items()},
+            retry_after_ms=self._retry_after_ms(0) if self.level >= CRITICAL else 0,
+        )
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            return self._snapshot()
+
+    def _retry_after_ms(self, nbytes: int) -> int:
+        """Time for indexing to free enough memory to leave CRITICAL with room for ``nbytes``."""
+        target = THRESHOLDS[CRITICAL] * self.settings.hysteresis * self.budget
+        excess = self.memory_bytes() + nbytes - target
+        if excess <= 0:
+            return 100
+        if self._drain_bps <= 0:
+            return 1000
+        return int(min(30_000, max(100, 1000 * excess / self._drain_bps)))
+
+    def _notify(self, snap: Snapshot | None) -> None:
+        if snap is None:
+            return
+        for listener in list(self.listeners):
+            listener(snap)
