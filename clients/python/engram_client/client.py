@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -52,8 +53,60 @@ class Hit:
 @dataclass(frozen=True)
 class RecallResult:
     hits: list[Hit]
-    snapshot_sequence: int
+    snapshot_sequence: int  # the space LSN the results were computed at
     latency_us: int
+    consistency: str = "BOUNDED"
+    staleness_us: int = 0  # age of the newest durable write not in the snapshot
+    waited_us: int = 0  # time the server waited for the snapshot to meet the level
+    chunks: int = 1
+
+
+def _result(
+    hits: list[Hit], last: pb.RecallResponse | pb.StreamingRecallResponse, chunks: int
+) -> RecallResult:
+    m = last.metadata
+    return RecallResult(
+        hits,
+        last.snapshot_sequence,
+        m.latency_us,
+        pb.Consistency.Name(m.consistency or pb.BOUNDED),
+        m.staleness_us,
+        m.waited_us,
+        chunks,
+    )
+
+
+def recall_request(
+    cue: np.ndarray | Sequence[float],
+    k: int,
+    *,
+    min_score: float | None = None,
+    consistency: str | int = "BOUNDED",
+    deadline_ms: int = 0,
+    since_us: int | None = None,
+    until_us: int | None = None,
+    min_confidence: float | None = None,
+    chunk_size: int = 0,
+) -> pb.RecallRequest:
+    level = (
+        pb.Consistency.Value(consistency.upper()) if isinstance(consistency, str) else consistency
+    )
+    req = pb.RecallRequest(
+        cue=np.asarray(cue, dtype=np.float32).tolist(),
+        k=k,
+        consistency=level,
+        deadline_ms=deadline_ms,
+        chunk_size=chunk_size,
+    )
+    for name, value in (
+        ("min_score", min_score),
+        ("since_us", since_us),
+        ("until_us", until_us),
+        ("min_confidence", min_confidence),
+    ):
+        if value is not None:
+            setattr(req, name, value)
+    return req
 
 
 @dataclass(frozen=True)
@@ -148,18 +201,35 @@ class EngramClient:
         k: int = 10,
         min_score: float | None = None,
         timeout: float = 10.0,  # noqa: ASYNC109 (a gRPC deadline, passed through)
+        *,
+        session_id: str = "",
+        **options: Any,
     ) -> RecallResult:
+        """Standalone recall. ``options``: consistency ("EVENTUAL", "BOUNDED", "SESSION" with
+        ``session_id``, "STRONG"), deadline_ms, since_us, until_us, min_confidence, chunk_size."""
+        r = recall_request(cue, k, min_score=min_score, **options)
         req = pb.StreamingRecallRequest(
-            memory_space_id=space, cue=np.asarray(cue, dtype=np.float32).tolist(), max_results=k
+            memory_space_id=space,
+            session_id=session_id,
+            cue=r.cue,
+            max_results=k,
+            consistency=r.consistency,
+            deadline_ms=r.deadline_ms,
+            chunk_size=r.chunk_size,
         )
-        if min_score is not None:
-            req.min_score = min_score
+        for name in ("min_score", "since_us", "until_us", "min_confidence"):
+            if r.HasField(name):
+                setattr(req, name, getattr(r, name))
         hits: list[Hit] = []
-        snapshot = latency = 0
-        async for chunk in self.stub.RecallStream(req, timeout=timeout):
-            hits.extend(_hits(chunk.results))
-            snapshot, latency = chunk.snapshot_sequence, chunk.metadata.latency_us
-        return RecallResult(hits, snapshot, latency)
+        last = pb.StreamingRecallResponse()
+        chunks = 0
+        try:
+            async for chunk in self.stub.RecallStream(req, timeout=timeout):
+                hits.extend(_hits(chunk.results))
+                last, chunks = chunk, chunks + 1
+        except grpc.aio.AioRpcError as exc:
+            raise _error_of(exc) from None
+        return _result(hits, last, chunks)
 
     async def list_observations(self, space: str) -> AsyncIterator[tuple[list[str], list[int]]]:
         """Every observation id in ``space`` with its LSN, in chunks."""
@@ -189,6 +259,7 @@ class ObservationStream:
         self._next_seq = 1
         self._pending: dict[int, _Pending] = {}
         self._recalls: dict[str, tuple[pb.RecallRequest, asyncio.Future[RecallResult]]] = {}
+        self._recall_parts: dict[str, list[pb.RecallResponse]] = {}
         self._rid = itertools.count(1)
         self._call: grpc.aio.StreamStreamCall | None = None
         self._write_lock = asyncio.Lock()
@@ -253,15 +324,21 @@ class ObservationStream:
         self._raise_if_fatal()
 
     async def recall(
-        self, cue: np.ndarray | Sequence[float], k: int = 10, min_score: float | None = None
+        self,
+        cue: np.ndarray | Sequence[float],
+        k: int = 10,
+        min_score: float | None = None,
+        **options: Any,
     ) -> RecallResult:
+        """Recall on this stream (SESSION consistency reads this session's writes).
+        ``options`` as for :meth:`EngramClient.recall`."""
         self._raise_if_fatal()
         rid = f"r{next(self._rid)}"
-        req = pb.RecallRequest(request_id=rid, cue=np.asarray(cue, dtype=np.float32).tolist(), k=k)
-        if min_score is not None:
-            req.min_score = min_score
+        req = recall_request(cue, k, min_score=min_score, **options)
+        req.request_id = rid
         fut: asyncio.Future[RecallResult] = asyncio.get_running_loop().create_future()
         self._recalls[rid] = (req, fut)
+        self._recall_parts[rid] = []
         async with self._write_lock:
             if self._call is not None:
                 with contextlib.suppress(Exception):
@@ -359,7 +436,8 @@ class ObservationStream:
             self._call = call
             for seq, p in sorted(self._pending.items()):
                 await call.write(self._request(seq, p))
-            for req, _fut in self._recalls.values():
+            for rid, (req, _fut) in self._recalls.items():
+                self._recall_parts[rid] = []  # asked again: drop chunks of the lost answer
                 await call.write(pb.ObservationRequest(recall=req))
         async with self._room:
             self._room.notify_all()
@@ -434,12 +512,16 @@ class ObservationStream:
         if kind == "ack":
             self._settle(resp.sequence_number, resp.ack)
         elif kind == "recall":
-            entry = self._recalls.pop(resp.recall.request_id, None)
+            rid = resp.recall.request_id
+            parts = self._recall_parts.setdefault(rid, [])
+            parts.append(resp.recall)
+            if resp.recall.more_results:
+                return
+            entry = self._recalls.pop(rid, None)
+            self._recall_parts.pop(rid, None)
             if entry is not None and not entry[1].done():
-                r = resp.recall
-                entry[1].set_result(
-                    RecallResult(_hits(r.results), r.snapshot_sequence, r.metadata.latency_us)
-                )
+                hits = [h for part in parts for h in _hits(part.results)]
+                entry[1].set_result(_result(hits, resp.recall, len(parts)))
         elif kind == "error":
             self._on_error(resp.sequence_number, resp.error)
         elif kind == "status":
@@ -518,6 +600,15 @@ class ObservationStream:
         self._next_seq -= 1
         self._resync.set()
         self._wake_senders()
+
+
+def _error_of(exc: grpc.aio.AioRpcError) -> EngramError:
+    """The server's error (details "CODE_NAME: message") or a transport failure."""
+    details = exc.details() or ""
+    name, _, message = details.partition(": ")
+    if name in pb.ErrorCode.keys():
+        return from_proto(pb.StreamError(code=pb.ErrorCode.Value(name), message=message))
+    return UnavailableError(f"{exc.code().name}: {details}")
 
 
 def _describe(exc: BaseException) -> str:

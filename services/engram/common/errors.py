@@ -134,6 +134,9 @@ GRPC_STATUS: dict[int, grpc.StatusCode] = {
     pb.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     pb.STORAGE_FAILURE: grpc.StatusCode.UNAVAILABLE,
     pb.INTERNAL: grpc.StatusCode.INTERNAL,
+    pb.CREDITS_EXCEEDED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    pb.STREAM_PAUSED: grpc.StatusCode.FAILED_PRECONDITION,
+    pb.CONSISTENCY_TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
 
-from engram.common.errors import EngramError, UnavailableError, ValidationError
+from engram.common.errors import EngramError, UnavailableError, from_proto
 from engram.common.settings import Settings
 from engram.control.store import ControlStore
 from engram.gateway.router import Router
@@ -22,29 +23,29 @@ class GatewayContext:
     store: ControlStore
     router: Router
 
-    async def recall(self, space: str, req: pb.RecallRequest) -> pb.RecallResponse:
-        """Asks the owning shard; turns transport failures into Engram errors."""
+    async def recall(
+        self, space: str, req: pb.RecallRequest, session_id: str = ""
+    ) -> AsyncIterator[pb.RecallResponse]:
+        """The owning shard's answer, chunk by chunk; transport failures become Engram errors."""
         _, stub = await self.router.stub(space)
-        out = pb.RecallResponse(request_id=req.request_id)
+        timeout = (req.deadline_ms or 5000) / 1000 + _RECALL_TIMEOUT_S
+        call = stub.Recall(
+            ipb.ShardRecallRequest(memory_space_id=space, recall=req, session_id=session_id),
+            timeout=timeout,
+        )
         try:
-            async for chunk in stub.Recall(
-                ipb.ShardRecallRequest(memory_space_id=space, recall=req), timeout=_RECALL_TIMEOUT_S
-            ):
-                out.results.extend(chunk.results)
-                out.snapshot_sequence = chunk.snapshot_sequence
-                out.metadata.CopyFrom(chunk.metadata)
+            async for chunk in call:
+                yield chunk
         except grpc.aio.AioRpcError as exc:
             raise _from_status(exc, space) from None
-        return out
 
 
 def _from_status(exc: grpc.aio.AioRpcError, space: str) -> EngramError:
-    code = exc.code()
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        details = exc.details() or ""
-        name, _, message = details.partition(": ")
-        value = pb.ErrorCode.Value(name) if name in pb.ErrorCode.keys() else pb.INVALID_ARGUMENT
-        return ValidationError(message or details, code=value)
+    """An error the shard raised (details "CODE_NAME: message"), or the transport's."""
+    details = exc.details() or ""
+    name, _, message = details.partition(": ")
+    if name in pb.ErrorCode.keys():
+        return from_proto(pb.StreamError(code=pb.ErrorCode.Value(name), message=message))
     return UnavailableError(
-        f"the shard of memory space {space!r} did not answer: {code.name} {exc.details()}"
+        f"the shard of memory space {space!r} did not answer: {exc.code().name} {details}"
     )

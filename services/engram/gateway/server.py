@@ -12,6 +12,7 @@ from engram.common import grpcutil
 from engram.common.http import start_http
 from engram.common.settings import Settings
 from engram.control.store import ControlStore
+from engram.gateway import ws, ws_static
 from engram.gateway.context import GatewayContext
 from engram.gateway.router import Router
 from engram.gateway.service import SERVICE, EngramStreamService, handler
@@ -39,7 +40,15 @@ async def serve(settings: Settings) -> None:
             redis_ok = False
         return True, f"gateway ok; redis {'reachable' if redis_ok else 'UNREACHABLE'}"
 
-    http = await start_http(settings.gateway.http_host, settings.gateway.http_port, healthy)
+    http = await start_http(
+        settings.gateway.http_host,
+        settings.gateway.http_port,
+        healthy,
+        ws_handler=ws.WebSocketEndpoint(gw),
+        ws_path=ws.PATH,
+        max_size=settings.limits.grpc_max_message_bytes,
+        routes=ws_static.route,
+    )
     await grpcutil.set_serving(health, True)
     log.info(
         "gateway serving gRPC on %s, HTTP on %s:%d",

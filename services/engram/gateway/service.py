@@ -44,19 +44,26 @@ class EngramStreamService:
     ) -> AsyncIterator[pb.StreamingRecallResponse]:
         try:
             space = validation.space_id(request.memory_space_id)
-            recall = pb.RecallRequest(cue=request.cue, k=request.max_results)
-            if request.HasField("min_score"):
-                recall.min_score = request.min_score
+            recall = pb.RecallRequest(
+                cue=request.cue,
+                k=request.max_results,
+                consistency=request.consistency,
+                deadline_ms=request.deadline_ms,
+                chunk_size=request.chunk_size,
+            )
+            for name in ("min_score", "since_us", "until_us", "min_confidence"):
+                if request.HasField(name):
+                    setattr(recall, name, getattr(request, name))
             validation.recall(recall, self.gw.settings.limits)
-            result = await self.gw.recall(space, recall)
+            async for chunk in self.gw.recall(space, recall, request.session_id):
+                yield pb.StreamingRecallResponse(
+                    results=chunk.results,
+                    more_results=chunk.more_results,
+                    metadata=chunk.metadata,
+                    snapshot_sequence=chunk.snapshot_sequence,
+                )
         except EngramError as exc:
             await context.abort(grpc_status(exc), str(exc))
-        yield pb.StreamingRecallResponse(
-            results=result.results,
-            more_results=False,
-            metadata=result.metadata,
-            snapshot_sequence=result.snapshot_sequence,
-        )
 
     async def ListObservations(  # noqa: N802
         self, request: pb.ListObservationsRequest, context: grpc.aio.ServicerContext

@@ -464,12 +464,12 @@ class ClientStream:
     async def _do_recall(self, req: pb.RecallRequest) -> None:
         started = time.perf_counter()
         try:
-            result = await self.gw.recall(self.space, req)
+            async for chunk in self.gw.recall(self.space, req, self.session_id):
+                self._send(pb.ObservationResponse(recall=chunk))
         except EngramError as exc:
             self._error(exc, request_id=req.request_id)
             return
         metrics.recall_latency.observe(time.perf_counter() - started)
-        self._send(pb.ObservationResponse(recall=result))
 
     # -------------------------------------------------------------------- flow
 

@@ -8,6 +8,7 @@ the builder drops stays alive for a recall that still scans it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,9 +73,15 @@ class FreshTier:
 
 
 def scan(
-    blocks: list[Block], cue: np.ndarray, lo: int, hi: int, k: int
+    blocks: list[Block],
+    cue: np.ndarray,
+    lo: int,
+    hi: int,
+    k: int,
+    accept: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` of rows ``[lo, hi)`` in ``blocks``: (rows, scores), best first."""
+    """Exact top-``k`` of rows ``[lo, hi)`` in ``blocks`` that ``accept`` keeps (given row
+    numbers, it returns a boolean mask): (rows, scores), best first."""
     rows_out: list[np.ndarray] = []
     scores_out: list[np.ndarray] = []
     for block in blocks:
@@ -83,6 +90,8 @@ def scan(
         if s_lo >= s_hi:
             continue
         scores = block.data[s_lo - b_lo : s_hi - b_lo] @ cue
+        if accept is not None:
+            scores = np.where(accept(np.arange(s_lo, s_hi)), scores, -np.inf)
         if len(scores) > k:
             top = np.argpartition(-scores, k - 1)[:k]
         else:
@@ -93,5 +102,7 @@ def scan(
         return np.empty(0, np.int64), np.empty(0, np.float32)
     rows = np.concatenate(rows_out)
     scores = np.concatenate(scores_out)
+    found = np.isfinite(scores)
+    rows, scores = rows[found], scores[found]
     order = np.argsort(-scores, kind="stable")[:k]
     return rows[order].astype(np.int64), scores[order].astype(np.float32)

@@ -10,7 +10,7 @@ Labels are row numbers (LSN - 1) in the space.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import hnswlib
@@ -19,6 +19,8 @@ import numpy as np
 from engram.common.settings import IndexSettings
 
 _INITIAL_CAPACITY = 16_384
+# Indexes up to this size are searched with ef >= their size: exact results, still fast.
+_EXACT_BELOW = 4_096
 
 
 class RecallFirstLock:
@@ -91,26 +93,49 @@ class HnswTier:
             self._index.add_items(vectors, labels, num_threads=self._settings.build_threads)
         self.count = first_row + n
 
-    def search(self, cue: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Returns (rows, scores) of up to ``k`` nearest rows, best first."""
+    def search(
+        self,
+        cue: np.ndarray,
+        k: int,
+        limit_row: int | None = None,
+        accept: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Up to ``k`` nearest rows below ``limit_row`` that ``accept`` keeps, best first.
+
+        Rows added after a recall's snapshot (at or beyond ``limit_row``) and rows a filter
+        rejects are fetched and dropped, so the search asks for more until it has ``k`` or has
+        looked at every row. Small indexes are searched with a beam as wide as the index,
+        which makes the result exact.
+        """
         with self._lock.read():
             count = self._index.get_current_count()
-            k = min(k, count)
-            if k == 0:
+            limit = count if limit_row is None else min(limit_row, count)
+            if limit == 0 or k == 0:
                 return np.empty(0, np.int64), np.empty(0, np.float32)
-            ef = max(self._settings.ef_search, 2 * k)
-            with self._query_lock:
-                for _ in range(3):
-                    self._index.set_ef(ef)
-                    try:
-                        labels, dists = self._index.knn_query(cue, k=k)
-                        break
-                    except RuntimeError:  # fewer than k reachable: widen, then ask for fewer
-                        ef *= 2
-                        k = max(1, k // 2)
-                else:
-                    return np.empty(0, np.int64), np.empty(0, np.float32)
-        return labels[0].astype(np.int64), (1.0 - dists[0]).astype(np.float32)
+            fetch = min(count, k + (count - limit))
+            while True:
+                rows, scores = self._query(cue, fetch, count)
+                keep = rows < limit
+                if accept is not None:
+                    keep &= accept(rows)
+                if keep.sum() >= k or fetch >= count:
+                    return rows[keep][:k], scores[keep][:k]
+                fetch = min(count, fetch * 4)
+
+    def _query(self, cue: np.ndarray, k: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        ef = max(self._settings.ef_search, 2 * k)
+        if count <= _EXACT_BELOW:
+            ef = max(ef, count)
+        with self._query_lock:
+            for _ in range(3):
+                self._index.set_ef(ef)
+                try:
+                    labels, dists = self._index.knn_query(cue, k=k)
+                    return labels[0].astype(np.int64), (1.0 - dists[0]).astype(np.float32)
+                except RuntimeError:  # fewer than k reachable: widen, then ask for fewer
+                    ef *= 2
+                    k = max(1, k // 2)
+        return np.empty(0, np.int64), np.empty(0, np.float32)
 
     def save(self, path: str) -> None:
         """Writes the index to ``path`` (the caller makes it atomic and durable)."""

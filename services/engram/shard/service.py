@@ -19,7 +19,7 @@ from engram.internal.v1 import shard_pb2 as ipb
 from engram.internal.v1 import shard_pb2_grpc
 from engram.shard import admission
 from engram.shard.node import ShardNode
-from engram.shard.space import AppendResult
+from engram.shard.space import AppendResult, Filters
 from engram.v1 import streaming_pb2 as pb
 
 log = logging.getLogger("engram.shard.service")
@@ -122,23 +122,23 @@ class ShardService(shard_pb2_grpc.ShardServicer):
     async def Recall(  # noqa: N802
         self, request: ipb.ShardRecallRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.RecallResponse]:
+        """Recall at the requested consistency; results in chunks of ``chunk_size``, best first."""
+        r = request.recall
         try:
-            cue = validation.recall(request.recall, self.node.settings.limits)
+            cue = validation.recall(r, self.node.settings.limits)
             space = self.node.space(request.memory_space_id, create=False)
+            if space is None:
+                chunks = [pb.RecallResponse()]
+            else:
+                deadline = (r.deadline_ms or 5000) / 1000
+                snap = await space.consistent_snapshot(r.consistency, request.session_id, deadline)
+                out = await asyncio.to_thread(space.recall, snap, cue, r.k, Filters.of(r))
+                chunks = split(out, r.chunk_size)
         except EngramError as exc:
             await context.abort(grpc_status(exc), str(exc))
-        out: pb.RecallResponse
-        if space is None:
-            out = pb.RecallResponse()
-        else:
-            min_score = request.recall.min_score if request.recall.HasField("min_score") else None
-            snap = space.snapshot()
-            try:
-                out = await asyncio.to_thread(space.recall, snap, cue, request.recall.k, min_score)
-            except EngramError as exc:
-                await context.abort(grpc_status(exc), str(exc))
-        out.request_id = request.recall.request_id
-        yield out
+        for chunk in chunks:
+            chunk.request_id = r.request_id
+            yield chunk
 
     async def Scan(  # noqa: N802
         self, request: ipb.ScanRequest, context: grpc.aio.ServicerContext
@@ -217,3 +217,20 @@ async def _answer(seq: int, fut: asyncio.Future[AppendResult] | EngramError) -> 
         committed_at_us=r.committed_at_us,
         first_id=r.first_id,
     )
+
+
+def split(out: pb.RecallResponse, chunk_size: int) -> list[pb.RecallResponse]:
+    """Incremental results: the best ``chunk_size`` first, then the rest; the last chunk
+    carries ``more_results=False``, the snapshot and the timing metadata."""
+    results = list(out.results)
+    if not chunk_size or len(results) <= chunk_size:
+        return [out]
+    chunks = []
+    for n, lo in enumerate(range(0, len(results), chunk_size)):
+        chunk = pb.RecallResponse(results=results[lo : lo + chunk_size], more_results=True)
+        chunk.snapshot_sequence = out.snapshot_sequence
+        chunk.metadata.CopyFrom(out.metadata)
+        chunk.metadata.chunk_index = n
+        chunks.append(chunk)
+    chunks[-1].more_results = False
+    return chunks

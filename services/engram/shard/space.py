@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from engram.common import validation
-from engram.common.errors import SequenceError, SessionError, StorageError
+from engram.common.errors import SequenceError, ServerError, SessionError, StorageError
 from engram.common.settings import AdmissionSettings, IndexSettings, LimitSettings, WalSettings
 from engram.internal.v1 import shard_pb2 as ipb
 from engram.shard import checkpoint as ckpt
@@ -61,6 +61,36 @@ class Snapshot:
     indexed: int
     blocks: list[Block]
     hnsw: HnswTier | None
+    consistency: int = pb.EVENTUAL
+    waited_us: int = 0
+    staleness_us: int = 0
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Recall filters; None means no bound."""
+
+    min_score: float | None = None
+    since_us: int | None = None
+    until_us: int | None = None
+    min_confidence: float | None = None
+
+    @classmethod
+    def of(cls, r: pb.RecallRequest) -> Filters:
+        return cls(
+            min_score=r.min_score if r.HasField("min_score") else None,
+            since_us=r.since_us if r.HasField("since_us") else None,
+            until_us=r.until_us if r.HasField("until_us") else None,
+            min_confidence=r.min_confidence if r.HasField("min_confidence") else None,
+        )
+
+    @property
+    def on_rows(self) -> bool:
+        return (self.since_us, self.until_us, self.min_confidence) != (None, None, None)
+
+
+class ConsistencyTimeout(ServerError):
+    code = pb.CONSISTENCY_TIMEOUT
 
 
 class _Grow:
@@ -147,6 +177,10 @@ class Space:
         self.changed = threading.Event()  # set when rows become visible (wakes the builder)
         # un-indexed rows per priority lane, as runs of (end_row, lane, published_at)
         self._lane_runs: deque[tuple[int, int, float]] = deque()
+        self._session_rows: dict[str, int] = {}  # rows visible when the session's last batch was
+        self._visibility_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        # staleness bound of BOUNDED recalls, seconds
+        self.bounded_staleness_s = 0.1
         self.lane_backlog: dict[int, int] = defaultdict(int)
         self._runs_lock = threading.Lock()  # the loop appends runs, the builder drops them
 
@@ -378,7 +412,10 @@ class Space:
         self._add_run(self.visible, p.lane, n)
         self.admission.settle(p.lane, n, p.nbytes, n * self.dim * 4)
         self._durable[p.session_id] = p.seq
+        self._session_rows[p.session_id] = self.visible
         self.changed.set()
+        if self._visibility_waiters:
+            self._wake_visibility()
         p.result.set_result(
             AppendResult(p.seq, p.first_row + 1, n, False, now_us(), p.ids[0] if p.ids else "")
         )
@@ -455,20 +492,95 @@ class Space:
 
     # -------------------------------------------------------------------- recall
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, consistency: int = pb.EVENTUAL, waited_us: int = 0) -> Snapshot:
         hnsw = self.hnsw
         indexed = hnsw.count if hnsw is not None else 0
         blocks = self.fresh.snapshot() if self.fresh is not None else []
-        return Snapshot(self.visible, indexed, blocks, hnsw)
+        durable, durable_at = self.wal.durable_lsn
+        staleness = int((time.monotonic() - durable_at) * 1e6) if durable > self.visible else 0
+        return Snapshot(self.visible, indexed, blocks, hnsw, consistency, waited_us, staleness)
+
+    async def consistent_snapshot(
+        self, consistency: int, session_id: str = "", deadline_s: float = 5.0
+    ) -> Snapshot:
+        """A snapshot that meets ``consistency``, waiting for it up to ``deadline_s``.
+
+        EVENTUAL: now. BOUNDED: now if the newest durable write not yet visible is younger
+        than the bound, else everything durable at arrival. STRONG: everything durable (so
+        everything acknowledged anywhere) at arrival. SESSION: everything the session has had
+        acknowledged. Raises ConsistencyTimeout rather than answer from a staler snapshot.
+        """
+        level = consistency or pb.BOUNDED
+        started = time.perf_counter()
+        durable, durable_at = self.wal.durable_lsn
+        target = 0
+        if level == pb.STRONG:
+            target = durable
+        elif level == pb.BOUNDED:
+            if durable > self.visible and time.monotonic() - durable_at > self.bounded_staleness_s:
+                target = durable
+        elif level == pb.SESSION:
+            if session_id and session_id not in self._durable:
+                raise SessionError(
+                    f"session {session_id!r} is unknown in memory space {self.name!r}"
+                )
+            target = self._session_rows.get(session_id, self.visible if session_id else 0)
+        if target > self.visible:
+            fut: asyncio.Future[None] = self._require_loop().create_future()
+            self._visibility_waiters.append((target, fut))
+            try:
+                await asyncio.wait_for(fut, deadline_s)
+            except TimeoutError:
+                raise ConsistencyTimeout(
+                    f"memory space {self.name!r} did not make LSN {target} visible within "
+                    f"{deadline_s * 1000:.0f} ms ({pb.Consistency.Name(level)}); "
+                    f"visible: {self.visible}"
+                ) from None
+        return self.snapshot(level, int((time.perf_counter() - started) * 1e6))
+
+    def _wake_visibility(self) -> None:
+        still = []
+        for target, fut in self._visibility_waiters:
+            if fut.done():
+                continue
+            if self.visible >= target:
+                fut.set_result(None)
+            else:
+                still.append((target, fut))
+        self._visibility_waiters = still
+
+    def _row_filter(self, f: Filters):  # type: ignore[no-untyped-def]
+        if not f.on_rows:
+            return None
+        conf = self.confidences.view()
+        ts = self.timestamps_us.view()
+
+        def accept(rows: np.ndarray) -> np.ndarray:
+            keep = np.ones(len(rows), dtype=bool)
+            if f.since_us is not None:
+                keep &= ts[rows] >= f.since_us
+            if f.until_us is not None:
+                keep &= ts[rows] < f.until_us
+            if f.min_confidence is not None:
+                keep &= conf[rows] >= f.min_confidence
+            return keep
+
+        return accept
 
     def recall(
-        self, snap: Snapshot, cue: np.ndarray, k: int, min_score: float | None
+        self, snap: Snapshot, cue: np.ndarray, k: int, filters: Filters | float | None = None
     ) -> pb.RecallResponse:
         """Top-``k`` of the snapshot by cosine similarity; runs in a worker thread."""
         started = time.perf_counter()
+        if not isinstance(filters, Filters):
+            filters = Filters(min_score=filters)
+        min_score = filters.min_score
         out = pb.RecallResponse(snapshot_sequence=snap.visible)
         out.metadata.indexed_count = snap.indexed
         out.metadata.fresh_count = snap.visible - snap.indexed
+        out.metadata.consistency = snap.consistency
+        out.metadata.waited_us = snap.waited_us
+        out.metadata.staleness_us = snap.staleness_us
         if snap.visible == 0:
             return out
         if cue.shape[0] != self.dim:
@@ -478,12 +590,13 @@ class Space:
                 code=pb.WRONG_DIMENSION,
             )
         q = (cue / np.linalg.norm(cue)).astype(np.float32)
+        accept = self._row_filter(filters)
         parts_rows, parts_scores = [], []
         if snap.hnsw is not None and snap.indexed:
-            rows, scores = snap.hnsw.search(q, k)
+            rows, scores = snap.hnsw.search(q, k, limit_row=snap.visible, accept=accept)
             parts_rows.append(rows)
             parts_scores.append(scores)
-        rows, scores = scan(snap.blocks, q, snap.indexed, snap.visible, k)
+        rows, scores = scan(snap.blocks, q, snap.indexed, snap.visible, k, accept)
         parts_rows.append(rows)
         parts_scores.append(scores)
         rows = np.concatenate(parts_rows)

@@ -34,6 +34,7 @@ import os
 import re
 import struct
 import threading
+import time
 from collections import deque
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
@@ -290,6 +291,7 @@ class Wal:
         self._durable = 0  # offset in the current segment past the last synced byte
         self._written_lsn: int | None = None  # end_lsn of the last written record
         self._durable_lsn = 0  # end_lsn of the last durable record in the whole WAL
+        self._durable_at = 0.0  # time.monotonic() when _durable_lsn last rose
         self._fsyncs = 0
         # Event loop side: where queued records will land, to number rotations at once.
         self._plan_segment = 0
@@ -313,6 +315,14 @@ class Wal:
     def segment_count(self) -> int:
         """Number of live segment files."""
         return len(self._segments)
+
+    @property
+    def durable_lsn(self) -> tuple[int, float]:
+        """(end_lsn of the last durable record, time.monotonic() when it became durable).
+
+        Read by the owner's event loop while the committer thread writes it: the pair may be
+        one round old, never ahead of the disk."""
+        return self._durable_lsn, self._durable_at
 
     @property
     def fsync_count(self) -> int:
@@ -652,6 +662,8 @@ class Wal:
             seg.size = self._durable = self._written
             seg.last_lsn = last
         if last is not None:
+            if last != self._durable_lsn:
+                self._durable_at = time.monotonic()
             self._durable_lsn = last
 
     def _fdatasync(self) -> None:

@@ -1,0 +1,215 @@
+"""The WebSocket endpoint ``/v1/stream`` on the gateway's HTTP port.
+
+One WebSocket connection is one client stream: its frames are turned into the same
+``ObservationRequest`` messages a gRPC client sends and fed to the same
+:class:`~engram.gateway.stream.ClientStream` (session store, sequencing, validation, routing),
+so a session opened over gRPC resumes over WebSocket and the other way round. Text frames are
+JSON (:mod:`engram.gateway.ws_frames`); binary frames are serialized ``ObservationRequest``
+messages, exactly what gRPC carries. Server frames are JSON text.
+
+Connection hygiene: a ``heartbeat`` frame every ``ENGRAM_WS_HEARTBEAT_S`` (the init ack tells the
+client the interval, and clients send theirs at the same pace); no frame from the client for
+``ENGRAM_WS_IDLE_TIMEOUT_S`` closes the connection (1008). Frames larger than the gRPC message
+limit close it with 1009 (the websockets library enforces ``max_size``). A ``close`` frame ends
+the stream after every forwarded batch is answered: a final ``status`` frame (state ``closed``),
+then close code 1000. When the stream must end because a shard is unreachable, an ``error``
+frame is followed by close code 1013 (try again later: resume the session on a new connection).
+Bad frames are answered with ``error`` frames and the connection stays open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from engram.gateway import ws_frames
+from engram.gateway.context import GatewayContext
+from engram.gateway.service import parse
+from engram.gateway.stream import ClientStream, Incoming, StreamAbort
+from engram.v1 import streaming_pb2 as pb
+
+log = logging.getLogger("engram.gateway.ws")
+
+PATH = "/v1/stream"
+
+# WebSocket close codes (RFC 6455 section 7.4.1).
+NORMAL = 1000
+GOING_AWAY = 1001
+POLICY = 1008
+TOO_BIG = 1009
+SERVER_ERROR = 1011
+TRY_AGAIN_LATER = 1013
+
+_ABORT_CLOSE = {
+    grpc.StatusCode.UNAVAILABLE: (TRY_AGAIN_LATER, pb.SHARD_UNAVAILABLE),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (TRY_AGAIN_LATER, pb.OVERLOADED),
+    grpc.StatusCode.INVALID_ARGUMENT: (POLICY, pb.INVALID_ARGUMENT),
+    grpc.StatusCode.FAILED_PRECONDITION: (POLICY, pb.INVALID_ARGUMENT),
+}
+
+
+def close_reason(text: str) -> str:
+    """A close reason fits in 123 bytes of UTF-8."""
+    data = text.encode()
+    if len(data) <= 123:
+        return text
+    return data[:120].decode(errors="ignore") + "..."
+
+
+class WebSocketEndpoint:
+    """The connection handler given to the HTTP server (``start_http(ws_handler=...)``)."""
+
+    def __init__(self, gw: GatewayContext) -> None:
+        self.gw = gw
+        self.heartbeat_s = gw.settings.gateway.ws_heartbeat_s
+        self.idle_timeout_s = gw.settings.gateway.ws_idle_timeout_s
+        self.max_frame_bytes = gw.settings.limits.grpc_max_message_bytes
+        self.connections = 0
+
+    async def __call__(self, conn: ServerConnection) -> None:
+        self.connections += 1
+        try:
+            await _Connection(self, conn).run()
+        finally:
+            self.connections -= 1
+
+
+class _Connection:
+    def __init__(self, endpoint: WebSocketEndpoint, conn: ServerConnection) -> None:
+        self.endpoint = endpoint
+        self.conn = conn
+        self.stream = ClientStream(endpoint.gw)
+        self.last_rx = time.monotonic()
+        self.close_requested = False
+
+    async def run(self) -> None:
+        keepalive = asyncio.create_task(self._keepalive())
+        code, reason = NORMAL, "stream ended"
+        try:
+            async with contextlib.aclosing(self.stream.run(self._requests())) as responses:
+                async for item in responses:
+                    if isinstance(item, StreamAbort):
+                        code, reason = await self._abort(item)
+                        break
+                    await self._respond(item)
+            if self.close_requested and code == NORMAL:
+                await self._closed_status()
+                reason = "closed at the client's request; every batch answered"
+        except ConnectionClosed:
+            return
+        except Exception:
+            log.exception("WebSocket stream of session %s failed", self.stream.session_id or "-")
+            code, reason = SERVER_ERROR, "internal error on the gateway"
+        finally:
+            keepalive.cancel()
+            await asyncio.gather(keepalive, return_exceptions=True)
+        await self.conn.close(code, close_reason(reason))
+
+    # ------------------------------------------------------------------ client -> server
+
+    async def _requests(self) -> AsyncIterator[Incoming]:
+        """The connection's frames as the ClientStream's requests (bad frames answered here)."""
+        while True:
+            try:
+                data = await self.conn.recv()
+            except ConnectionClosed:
+                return
+            self.last_rx = time.monotonic()
+            if isinstance(data, bytes):
+                incoming = parse(data)
+                op = incoming.message.WhichOneof("operation") if incoming.message else None
+            else:
+                try:
+                    kind, req = ws_frames.decode_text(data)
+                except ws_frames.FrameError as exc:
+                    await self._send(
+                        ws_frames.error_frame(
+                            exc.code,
+                            exc.message,
+                            session_id=self.stream.session_id,
+                            sequence_number=exc.sequence_number,
+                            request_id=exc.request_id,
+                        )
+                    )
+                    continue
+                if req is None:  # a client heartbeat: activity, nothing to forward
+                    continue
+                incoming = Incoming(req, req.ByteSize())
+                op = req.WhichOneof("operation")
+            if op == "close":
+                self.close_requested = True
+                if not self.stream.session_id:  # nothing to drain: close right away
+                    return
+            yield incoming
+
+    # ------------------------------------------------------------------ server -> client
+
+    async def _send(self, text: str) -> None:
+        await self.conn.send(text)
+
+    async def _respond(self, resp: pb.ObservationResponse) -> None:
+        extra: dict[str, Any] | None = None
+        if resp.HasField("init_ack"):
+            ep = self.endpoint
+            extra = {
+                "heartbeat_s": ep.heartbeat_s,
+                "idle_timeout_s": ep.idle_timeout_s,
+                "max_frame_bytes": ep.max_frame_bytes,
+            }
+        await self._send(ws_frames.encode_response(resp, extra))
+
+    async def _closed_status(self) -> None:
+        status = pb.StreamStatus(
+            state=pb.StreamStatus.CLOSED,
+            message="closed at the client's request; every batch answered",
+            last_acked_sequence=self.stream.last_acked,
+        )
+        resp = pb.ObservationResponse(status=status, session_id=self.stream.session_id)
+        resp.server_timestamp.GetCurrentTime()
+        await self._send(ws_frames.encode_response(resp))
+
+    async def _abort(self, abort: StreamAbort) -> tuple[int, str]:
+        code, err = _ABORT_CLOSE.get(abort.code, (SERVER_ERROR, pb.INTERNAL))
+        retryable = code != POLICY
+        with contextlib.suppress(ConnectionClosed):
+            await self._send(
+                ws_frames.error_frame(
+                    err, abort.details, session_id=self.stream.session_id, retryable=retryable
+                )
+            )
+        return code, abort.details
+
+    async def _keepalive(self) -> None:
+        """Heartbeat frames every heartbeat_s; closes with 1008 after idle_timeout_s of silence."""
+        ep = self.endpoint
+        next_beat = time.monotonic() + ep.heartbeat_s
+        try:
+            while True:
+                now = time.monotonic()
+                idle_at = self.last_rx + ep.idle_timeout_s
+                if now >= idle_at:
+                    log.info(
+                        "closing idle WebSocket (session %s): no frame for %g s",
+                        self.stream.session_id or "-",
+                        ep.idle_timeout_s,
+                    )
+                    await self.conn.close(
+                        POLICY, f"idle timeout: no frame for {ep.idle_timeout_s:g} s"
+                    )
+                    return
+                if now >= next_beat:
+                    await self._send(
+                        ws_frames.heartbeat_frame(self.stream.session_id, self.stream.last_acked)
+                    )
+                    next_beat = now + ep.heartbeat_s
+                await asyncio.sleep(max(0.0, min(next_beat, idle_at) - time.monotonic()) + 0.001)
+        except ConnectionClosed:
+            return
