@@ -40,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--redis-port", type=int, default=0, help="Redis port (default 0: free)")
     up.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
     up.add_argument(
+        "--canary-interval",
+        type=float,
+        default=1.0,
+        help="seconds between visibility canary probes per shard (0: off; default 1)",
+    )
+    up.add_argument(
         "--memory-budget",
         default=None,
         help="per-shard budget for un-indexed data, e.g. 64MB or 2GB "
@@ -51,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
 
     sub.add_parser("demo", help="stream observations into a running cluster (engram demo -h)")
+    sub.add_parser("recall", help="one recall at a chosen consistency level (engram recall -h)")
     return parser
 
 
@@ -58,6 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] == "demo":
         return _demo(args_list[1:])
+    if args_list and args_list[0] == "recall":
+        from engram.recall_cli import main as recall_main
+
+        return recall_main(args_list[1:])
     args = _parser().parse_args(args_list)
     if args.command == "up":
         return _up(args)
@@ -93,7 +104,7 @@ def _up(args: argparse.Namespace) -> int:
         )
         return 1
 
-    env: dict[str, str] = {}
+    env: dict[str, str] = {"ENGRAM_CANARY_INTERVAL_S": str(args.canary_interval)}
     if args.memory_budget:
         from engram.common.settings import parse_size
 

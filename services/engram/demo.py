@@ -15,6 +15,8 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+import numpy as np
+
 from engram.corpus import Corpus
 from engram.v1 import streaming_pb2 as pb
 from engram_client import EngramClient, StreamEvent
@@ -43,6 +45,7 @@ async def _stream_space(
     progress: list[int],
     events: Counter[str],
     run: str,
+    visibility: list[float],
 ) -> int:
     last_state = [pb.StreamStatus.ACTIVE]
 
@@ -59,7 +62,7 @@ async def _stream_space(
 
     try:
         return await _send_all(
-            client, space, corpus, start, n, batch, acked, progress, on_event, run
+            client, space, corpus, start, n, batch, acked, progress, on_event, run, visibility
         )
     except Exception as exc:  # report and let the other spaces finish
         print(f"  [{space}] stream failed: {exc}", flush=True)
@@ -77,14 +80,24 @@ async def _send_all(
     progress: list[int],
     on_event: Callable[[StreamEvent], None],
     run: str,
+    visibility: list[float],
 ) -> int:
     stream = await client.open_stream(space, on_event=on_event)
     futures = []
-    for lo in range(start, start + n, batch):
+    probes: list[asyncio.Task[None]] = []
+    for number, lo in enumerate(range(start, start + n, batch)):
         hi = min(lo + batch, start + n)
         ids = [f"{run}:{i}" for i in range(lo, hi)]
         contents = [f"observation {i}" for i in range(lo, hi)]
-        fut = await stream.send(corpus.vectors(lo, hi - lo), ids=ids, contents=contents)
+        vectors = corpus.vectors(lo, hi - lo)
+        sent_at = time.perf_counter()
+        fut = await stream.send(vectors, ids=ids, contents=contents)
+        if number % PROBE_EVERY == 0:
+            probes.append(
+                asyncio.create_task(
+                    _probe(client, space, vectors[-1], ids[-1], sent_at, visibility)
+                )
+            )
 
         def done(f: asyncio.Future[object], ids: list[str] = ids) -> None:
             if not f.cancelled() and f.exception() is None:
@@ -95,8 +108,29 @@ async def _send_all(
         futures.append(fut)
     await asyncio.gather(*futures, return_exceptions=True)
     failed = sum(1 for f in futures if f.exception() is not None)
+    await asyncio.gather(*probes, return_exceptions=True)
     await stream.close()
     return failed
+
+
+PROBE_EVERY = 10  # every tenth batch is probed for visibility
+
+
+async def _probe(
+    client: EngramClient, space: str, vector: object, oid: str, sent_at: float, out: list[float]
+) -> None:
+    """Write -> first recall that returns it (EVENTUAL: no server-side waiting)."""
+    deadline = sent_at + 30
+    while time.perf_counter() < deadline:
+        try:
+            r = await client.recall(space, vector, k=1, consistency="EVENTUAL")  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 (a fault in the cluster: keep probing)
+            await asyncio.sleep(0.05)
+            continue
+        if r.hits and r.hits[0].id == oid:
+            out.append(time.perf_counter() - sent_at)
+            return
+        await asyncio.sleep(0.002)
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -111,6 +145,7 @@ async def run(args: argparse.Namespace) -> int:
     progress = [0]
     events: Counter[str] = Counter()
     run = f"run{int(time.time() * 1000) % 100_000_000}"  # ids are unique to this run
+    visibility: list[float] = []
     print(
         f"streaming {args.count} observations (dim {args.dim}, batches of {args.batch}) "
         f"into {args.spaces} spaces via {args.target}",
@@ -145,6 +180,7 @@ async def run(args: argparse.Namespace) -> int:
                     progress,
                     events,
                     run,
+                    visibility,
                 )
                 for i, s in enumerate(spaces)
             ]
@@ -160,6 +196,13 @@ async def run(args: argparse.Namespace) -> int:
             f"failed streams: {broken}; reconnects: {events['disconnected']}; "
             f"status changes: {events['status']}; rejected and resent: {events['rejected']}"
         )
+        if visibility:
+            v = np.sort(np.array(visibility)) * 1000
+            print(
+                f"visibility (send() -> first recall that returns it, {len(v)} probes): "
+                f"P50 {np.percentile(v, 50):.1f} ms, P99 {np.percentile(v, 99):.1f} ms, "
+                f"max {v[-1]:.1f} ms"
+            )
         for i, space in enumerate(spaces[:3]):
             probe = corpus.vectors(starts[i], 1)[0]
             r = await client.recall(space, probe, k=3)

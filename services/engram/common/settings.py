@@ -125,6 +125,8 @@ class GatewaySettings:
     http_port: int = 7432
     # Idle sessions expire from Redis after this many seconds (they resume from the shard).
     session_ttl_s: int = 86_400
+    # Seconds between visibility canary probes per shard (0: canary off).
+    canary_interval_s: float = 0.0
     # WebSocket (/v1/stream on the HTTP port): seconds between the server's heartbeat frames...
     ws_heartbeat_s: float = 30.0
     # ...and seconds without any frame from the client after which the server closes (1008).
@@ -316,6 +318,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         http_host=e.str("ENGRAM_GATEWAY_HTTP_HOST", GatewaySettings.http_host),
         http_port=e.int("ENGRAM_GATEWAY_HTTP_PORT", GatewaySettings.http_port, 0, 65_535),
         session_ttl_s=e.int("ENGRAM_SESSION_TTL_S", GatewaySettings.session_ttl_s, 1, 1 << 31),
+        canary_interval_s=e.float("ENGRAM_CANARY_INTERVAL_S", 0.0, 0.0, 3600.0),
         ws_heartbeat_s=e.float("ENGRAM_WS_HEARTBEAT_S", GatewaySettings.ws_heartbeat_s, 0.05, 3600),
         ws_idle_timeout_s=e.float(
             "ENGRAM_WS_IDLE_TIMEOUT_S", GatewaySettings.ws_idle_timeout_s, 0.1, 86_400

@@ -13,6 +13,7 @@ from engram.common.http import start_http
 from engram.common.settings import Settings
 from engram.control.store import ControlStore
 from engram.gateway import ws, ws_static
+from engram.gateway.canary import Canary
 from engram.gateway.context import GatewayContext
 from engram.gateway.router import Router
 from engram.gateway.service import SERVICE, EngramStreamService, handler
@@ -49,6 +50,9 @@ async def serve(settings: Settings) -> None:
         max_size=settings.limits.grpc_max_message_bytes,
         routes=ws_static.route,
     )
+    canary_task = None
+    if settings.gateway.canary_interval_s > 0:
+        canary_task = asyncio.create_task(Canary(gw, settings.gateway.canary_interval_s).run())
     await grpcutil.set_serving(health, True)
     log.info(
         "gateway serving gRPC on %s, HTTP on %s:%d",
@@ -64,6 +68,9 @@ async def serve(settings: Settings) -> None:
     await stop.wait()
     log.info("gateway stopping")
     await grpcutil.set_serving(health, False)
+    if canary_task is not None:
+        canary_task.cancel()
+        await asyncio.gather(canary_task, return_exceptions=True)
     await server.stop(grace=5)
     http.close()
     await router.close()
