@@ -188,9 +188,18 @@ class EngramClient:
         session_id: str = "",
         on_event: Callable[[StreamEvent], None] | None = None,
         reconnect_timeout_s: float = 120.0,
+        target_latency_ms: float = 50.0,
     ) -> ObservationStream:
-        """Opens (or, with ``session_id``, resumes) a session on ``space``."""
-        stream = ObservationStream(self, space, session_id, on_event, reconnect_timeout_s)
+        """Opens (or, with ``session_id``, resumes) a session on ``space``.
+
+        ``target_latency_ms``: the stream keeps as many batches in flight as the server's
+        credits allow while acks come back within this, and fewer when they do not (acks wait
+        behind in-flight batches, so in-flight depth is what makes writes slow to be visible).
+        0 always uses every credit.
+        """
+        stream = ObservationStream(
+            self, space, session_id, on_event, reconnect_timeout_s, target_latency_ms
+        )
         await stream._start()
         return stream
 
@@ -246,6 +255,7 @@ class ObservationStream:
         session_id: str,
         on_event: Callable[[StreamEvent], None] | None,
         reconnect_timeout_s: float,
+        target_latency_ms: float = 50.0,
     ) -> None:
         self._client = client
         self.space = space
@@ -254,6 +264,9 @@ class ObservationStream:
         self.last_acked = 0
         self.max_in_flight = 8
         self.reconnects = 0
+        self._target_s = target_latency_ms / 1000
+        self._depth = 2.0  # latency-driven window (AIMD on ack latency)
+        self._ack_latency = 0.0  # EWMA, seconds
         self._on_event = on_event
         self._reconnect_timeout = reconnect_timeout_s
         self._next_seq = 1
@@ -312,6 +325,7 @@ class ObservationStream:
         async with self._write_lock:
             call = self._call
             if call is not None and self._pending.get(seq) is p:
+                p.sent_at = time.perf_counter()
                 with contextlib.suppress(Exception):  # a broken call is resumed by the runner
                     await call.write(self._request(seq, p))
         return fut
@@ -371,9 +385,21 @@ class ObservationStream:
         state = self.status.state
         if self._rejected or state == pb.StreamStatus.OVERLOADED:
             return 1
+        credits = self.max_in_flight
         if state == pb.StreamStatus.BACKPRESSURE:
-            return max(1, self.max_in_flight // 2)
-        return self.max_in_flight
+            credits = max(1, credits // 2)
+        if self._target_s <= 0:
+            return credits
+        return max(1, min(credits, int(self._depth)))
+
+    def _adapt(self, latency: float) -> None:
+        """Additive increase while acks are fast, multiplicative decrease when slow."""
+        a = self._ack_latency
+        self._ack_latency = latency if a == 0 else 0.8 * a + 0.2 * latency
+        if self._ack_latency > self._target_s:
+            self._depth = max(1.0, self._depth * 0.7)
+        elif self._ack_latency < self._target_s / 2:
+            self._depth = min(float(self.max_in_flight), self._depth + 1 / max(1.0, self._depth))
 
     # -------------------------------------------------------------- internals
 
@@ -535,6 +561,8 @@ class ObservationStream:
             return
         p = self._pending.pop(seq, None)
         self.last_acked = max(self.last_acked, seq)
+        if p is not None and not ack.duplicate:
+            self._adapt(time.perf_counter() - p.sent_at)
         if p is not None and not p.future.done():
             p.future.set_result(Ack(seq, ack.first_lsn, ack.count, ack.duplicate, ack.memory_id))
         self._wake_senders()
