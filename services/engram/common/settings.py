@@ -47,6 +47,9 @@ class IndexSettings:
     build_chunk: int = 128
     # Threads hnswlib uses for add_items.
     build_threads: int = 2
+    # Nice value of the builder thread (and hnswlib's threads): indexing yields the CPU to
+    # acks and recalls. 0 keeps the process's priority.
+    builder_nice: int = 10
     # Checkpoint after this many newly indexed observations...
     checkpoint_every: int = 200_000
     # ...or after this many seconds with un-checkpointed indexed data.
@@ -292,6 +295,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
             ef_search=e.int("ENGRAM_HNSW_EF_SEARCH", IndexSettings.ef_search, 8, 8192),
             build_chunk=e.int("ENGRAM_INDEX_BUILD_CHUNK", IndexSettings.build_chunk, 1, 1_000_000),
             build_threads=e.int("ENGRAM_INDEX_BUILD_THREADS", IndexSettings.build_threads, 1, 256),
+            builder_nice=e.int("ENGRAM_INDEX_BUILDER_NICE", IndexSettings.builder_nice, 0, 19),
             checkpoint_every=e.int(
                 "ENGRAM_CHECKPOINT_EVERY", IndexSettings.checkpoint_every, 1, 1 << 40
             ),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -153,6 +154,14 @@ class ShardNode:
         return max(16, min(self.settings.shard.index.build_chunk, backlog // 4))
 
     def _build_loop(self) -> None:
+        nice = self.settings.shard.index.builder_nice
+        if nice:
+            # Linux nice values are per thread, and the threads hnswlib starts inherit it:
+            # indexing then yields the CPU to acks and recalls, which must stay fast.
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+            except OSError as exc:
+                log.warning("could not lower the index builder's priority: %s", exc)
         while not self._stop.is_set():
             spaces = list(self.spaces.values())
             space = self._pick(spaces)
