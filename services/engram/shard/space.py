@@ -337,6 +337,11 @@ class Space:
         if session_id not in self._assigned:
             raise SessionError(f"session {session_id!r} is unknown in memory space {self.name!r}")
         assigned = self._assigned[session_id]
+        if seq == 0:
+            raise validation.ValidationError(
+                "sequence_number is missing: batches are numbered 1, 2, 3, ...",
+                code=pb.INVALID_ARGUMENT,
+            )
         if seq <= assigned:
             return self._duplicate(session_id, seq)
         if seq != assigned + 1:
@@ -466,6 +471,13 @@ class Space:
             )
         self._recovering = True
         if self._inflight == 0:
+            # nothing is in flight: what is not durable is gone, so retries must not wait on it
+            self._next_row = self.visible
+            self._assigned = dict(self._durable)
+            for sid in list(self._waiters):
+                self._fail_waiters(
+                    sid, StorageError("the WAL failed before this batch was durable")
+                )
             self._try_reset()
 
     def _try_reset(self) -> None:
@@ -493,12 +505,16 @@ class Space:
     # -------------------------------------------------------------------- recall
 
     def snapshot(self, consistency: int = pb.EVENTUAL, waited_us: int = 0) -> Snapshot:
+        # Order matters: the builder may create the index and drop fresh blocks between these
+        # reads. Taking the blocks before the index means a dropped block's rows are in the
+        # index we read next (rows leave the fresh tier only once indexed).
+        visible = self.visible
+        blocks = self.fresh.snapshot() if self.fresh is not None else []
         hnsw = self.hnsw
         indexed = hnsw.count if hnsw is not None else 0
-        blocks = self.fresh.snapshot() if self.fresh is not None else []
         durable, durable_at = self.wal.durable_lsn
-        staleness = int((time.monotonic() - durable_at) * 1e6) if durable > self.visible else 0
-        return Snapshot(self.visible, indexed, blocks, hnsw, consistency, waited_us, staleness)
+        staleness = int((time.monotonic() - durable_at) * 1e6) if durable > visible else 0
+        return Snapshot(visible, indexed, blocks, hnsw, consistency, waited_us, staleness)
 
     async def consistent_snapshot(
         self, consistency: int, session_id: str = "", deadline_s: float = 5.0
@@ -705,9 +721,10 @@ class Space:
         rows = self.hnsw.count
 
         async def prepare() -> tuple[dict[str, int], int]:
-            sessions = {sid: self._durable.get(sid, 0) for sid in self._assigned}
-            sessions.update(self._durable)
-            return sessions, self.wal.rotate()
+            # sessions still being opened may fail: let them settle, then record durable ones
+            while self._opening:
+                await asyncio.gather(*self._opening.values(), return_exceptions=True)
+            return dict(self._durable), self.wal.rotate()
 
         sessions, closed = asyncio.run_coroutine_threadsafe(prepare(), loop).result()
         lo = self.checkpoint_rows
