@@ -56,7 +56,7 @@ class RecallResult:
     snapshot_sequence: int  # the space LSN the results were computed at
     latency_us: int
     consistency: str = "BOUNDED"
-    staleness_us: int = 0  # age of the newest durable write not in the snapshot
+    staleness_us: int = 0  # age of the oldest durable write not in the snapshot
     waited_us: int = 0  # time the server waited for the snapshot to meet the level
     chunks: int = 1
 

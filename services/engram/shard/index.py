@@ -19,7 +19,7 @@ import numpy as np
 from engram.common.settings import IndexSettings
 
 _INITIAL_CAPACITY = 16_384
-# Indexes up to this size are searched with ef >= their size: exact results, still fast.
+# Indexes up to this size are searched by brute force: exact results, still fast.
 _EXACT_BELOW = 4_096
 
 
@@ -112,20 +112,38 @@ class HnswTier:
             limit = count if limit_row is None else min(limit_row, count)
             if limit == 0 or k == 0:
                 return np.empty(0, np.int64), np.empty(0, np.float32)
+            if count <= _EXACT_BELOW:
+                return self._exact(cue, k, limit, accept)
             fetch = min(count, k + (count - limit))
             while True:
                 rows, scores = self._query(cue, fetch, count)
                 keep = rows < limit
-                if accept is not None:
-                    keep &= accept(rows)
+                if accept is not None and keep.any():
+                    # the filter only knows rows of the snapshot: ask it about those alone
+                    keep[keep] = accept(rows[keep])
                 if keep.sum() >= k or fetch >= count:
                     return rows[keep][:k], scores[keep][:k]
                 fetch = min(count, fetch * 4)
 
+    def _exact(
+        self, cue: np.ndarray, k: int, limit: int, accept: Callable[[np.ndarray], np.ndarray] | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Brute force over rows ``[0, limit)``: small indexes are answered exactly (HNSW can
+        leave some of many equal vectors unreachable)."""
+        rows = np.arange(limit, dtype=np.int64)
+        vectors = np.asarray(self._index.get_items(rows, return_type="numpy"), dtype=np.float32)
+        scores = vectors @ cue
+        if accept is not None:
+            keep = accept(rows)
+            rows, scores = rows[keep], scores[keep]
+        if len(scores) > k:
+            top = np.argpartition(-scores, k - 1)[:k]
+            rows, scores = rows[top], scores[top]
+        order = np.argsort(-scores, kind="stable")
+        return rows[order], scores[order].astype(np.float32)
+
     def _query(self, cue: np.ndarray, k: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         ef = max(self._settings.ef_search, 2 * k)
-        if count <= _EXACT_BELOW:
-            ef = max(ef, count)
         with self._query_lock:
             for _ in range(3):
                 self._index.set_ef(ef)

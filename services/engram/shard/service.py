@@ -128,7 +128,14 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             cue = validation.recall(r, self.node.settings.limits)
             space = self.node.space(request.memory_space_id, create=False)
             if space is None:
-                chunks = [pb.RecallResponse()]
+                if r.consistency == pb.SESSION and request.session_id:
+                    raise SessionError(
+                        f"session {request.session_id!r} is unknown in memory space "
+                        f"{request.memory_space_id!r}"
+                    )
+                empty = pb.RecallResponse()
+                empty.metadata.consistency = r.consistency or pb.BOUNDED
+                chunks = [empty]
             else:
                 deadline = (r.deadline_ms or 5000) / 1000
                 snap = await space.consistent_snapshot(r.consistency, request.session_id, deadline)

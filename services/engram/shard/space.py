@@ -512,8 +512,8 @@ class Space:
         blocks = self.fresh.snapshot() if self.fresh is not None else []
         hnsw = self.hnsw
         indexed = hnsw.count if hnsw is not None else 0
-        durable, durable_at = self.wal.durable_lsn
-        staleness = int((time.monotonic() - durable_at) * 1e6) if durable > visible else 0
+        behind_since = self.wal.durable_since(visible)
+        staleness = int((time.monotonic() - behind_since) * 1e6) if behind_since else 0
         return Snapshot(visible, indexed, blocks, hnsw, consistency, waited_us, staleness)
 
     async def consistent_snapshot(
@@ -528,12 +528,14 @@ class Space:
         """
         level = consistency or pb.BOUNDED
         started = time.perf_counter()
-        durable, durable_at = self.wal.durable_lsn
+        waited_us = 0
+        durable, _ = self.wal.durable_lsn
         target = 0
         if level == pb.STRONG:
             target = durable
         elif level == pb.BOUNDED:
-            if durable > self.visible and time.monotonic() - durable_at > self.bounded_staleness_s:
+            behind_since = self.wal.durable_since(self.visible)
+            if behind_since and time.monotonic() - behind_since > self.bounded_staleness_s:
                 target = durable
         elif level == pb.SESSION:
             if session_id and session_id not in self._durable:
@@ -552,7 +554,8 @@ class Space:
                     f"{deadline_s * 1000:.0f} ms ({pb.Consistency.Name(level)}); "
                     f"visible: {self.visible}"
                 ) from None
-        return self.snapshot(level, int((time.perf_counter() - started) * 1e6))
+            waited_us = max(1, int((time.perf_counter() - started) * 1e6))
+        return self.snapshot(level, waited_us)
 
     def _wake_visibility(self) -> None:
         still = []

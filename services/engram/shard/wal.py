@@ -28,6 +28,7 @@ bad record it truncates there, deletes every later segment, logs a warning and s
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import logging
 import os
@@ -292,6 +293,8 @@ class Wal:
         self._written_lsn: int | None = None  # end_lsn of the last written record
         self._durable_lsn = 0  # end_lsn of the last durable record in the whole WAL
         self._durable_at = 0.0  # time.monotonic() when _durable_lsn last rose
+        # (end_lsn, when durable) of the latest sync rounds, for staleness measurements
+        self._durable_log: collections.deque[tuple[int, float]] = collections.deque(maxlen=1024)
         self._fsyncs = 0
         # Event loop side: where queued records will land, to number rotations at once.
         self._plan_segment = 0
@@ -323,6 +326,17 @@ class Wal:
         Read by the owner's event loop while the committer thread writes it: the pair may be
         one round old, never ahead of the disk."""
         return self._durable_lsn, self._durable_at
+
+    def durable_since(self, lsn: int) -> float | None:
+        """When the oldest durable record with end_lsn above ``lsn`` became durable
+        (time.monotonic()), or None if no durable record is above it."""
+        if self._durable_lsn <= lsn:
+            return None
+        with self._lock:
+            for end, at in self._durable_log:
+                if end > lsn:
+                    return at
+        return self._durable_at
 
     @property
     def fsync_count(self) -> int:
@@ -664,6 +678,8 @@ class Wal:
         if last is not None:
             if last != self._durable_lsn:
                 self._durable_at = time.monotonic()
+                with self._lock:
+                    self._durable_log.append((last, self._durable_at))
             self._durable_lsn = last
 
     def _fdatasync(self) -> None:
