@@ -575,7 +575,7 @@ class ObservationStream:
         self._rejected.add(seq)
         loop = asyncio.get_running_loop()
         self._resend_at = max(self._resend_at, loop.time() + ack.retry_after_ms / 1000)
-        self._emit("rejected", f"batch {seq}: {ack.message}; retry in {ack.retry_after_ms} ms")
+        self._emit("rejected", f"batch {seq}: {ack.message} (resent in {ack.retry_after_ms} ms)")
         if self._resender is None or self._resender.done():
             self._resender = asyncio.ensure_future(self._resend_rejected())
 

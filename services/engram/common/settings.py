@@ -30,8 +30,6 @@ class ClusterSettings:
 class WalSettings:
     # Bytes after which a WAL segment is closed and a new one started.
     segment_bytes: int = 64 * _MIB
-    # Longest a batch waits for the next group-commit fsync, in milliseconds; 0 syncs at once.
-    group_commit_ms: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -282,9 +280,6 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         wal=WalSettings(
             segment_bytes=e.int(
                 "ENGRAM_WAL_SEGMENT_BYTES", WalSettings.segment_bytes, 4096, 1 << 34
-            ),
-            group_commit_ms=e.float(
-                "ENGRAM_WAL_GROUP_COMMIT_MS", WalSettings.group_commit_ms, 0, 1000
             ),
         ),
         index=IndexSettings(

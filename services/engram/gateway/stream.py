@@ -50,14 +50,21 @@ class TokenBucket:
         self.rate = max(1, rate)
         self._tokens = float(self.rate)
         self._at = time.monotonic()
+        self.replaced = asyncio.Event()  # a later SLOW_DOWN / SPEED_UP took over
 
-    async def take(self, n: int) -> None:
+    async def take(self, n: int) -> bool:
+        """Waits for ``n`` tokens; False if the bucket was replaced meanwhile."""
         now = time.monotonic()
         self._tokens = min(self.rate, self._tokens + (now - self._at) * self.rate)
         self._at = now
         self._tokens -= n
         if self._tokens < 0:
-            await asyncio.sleep(-self._tokens / self.rate)
+            try:
+                await asyncio.wait_for(self.replaced.wait(), -self._tokens / self.rate)
+                return False
+            except TimeoutError:
+                pass
+        return True
 
 
 @dataclass(frozen=True)
@@ -128,17 +135,48 @@ class ClientStream:
             await self._teardown()
 
     async def _read(self, requests: AsyncIterator[Incoming]) -> None:
+        """Flow control is handled the moment it arrives (a SPEED_UP must not wait behind a
+        batch held by SLOW_DOWN); everything else goes, in order, through ``_work``. The
+        stream ends when the client stops sending or after a close has been handled."""
+        work: asyncio.Queue[Incoming | None] = asyncio.Queue(
+            maxsize=2 * self.gw.settings.limits.max_in_flight_batches
+        )
+        worker = asyncio.create_task(self._work(work))
+        feeder = asyncio.create_task(self._feed(requests, work))
+        try:
+            await asyncio.wait({worker, feeder}, return_when=asyncio.FIRST_COMPLETED)
+            if not worker.done():
+                await worker  # the client stopped sending: finish what it sent
+            feeder.cancel()
+            await asyncio.gather(feeder, return_exceptions=True)
+        except asyncio.CancelledError:
+            worker.cancel()
+            feeder.cancel()
+            raise
+        await self._drain()
+        self.out.put_nowait(_DONE)
+
+    async def _feed(
+        self, requests: AsyncIterator[Incoming], work: asyncio.Queue[Incoming | None]
+    ) -> None:
         try:
             async for incoming in requests:
-                await self._handle(incoming)
-                if self._closing:
-                    break
+                msg = incoming.message
+                if self.session_id and msg is not None and msg.WhichOneof("operation") == "flow":
+                    await self._handle(incoming)
+                else:
+                    await work.put(incoming)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # transport failure of the client side: just end
             log.debug("client stream ended: %s", exc)
-        await self._drain()
-        self.out.put_nowait(_DONE)
+        await work.put(None)
+
+    async def _work(self, work: asyncio.Queue[Incoming | None]) -> None:
+        while (incoming := await work.get()) is not None:
+            await self._handle(incoming)
+            if self._closing:
+                return
 
     async def _drain(self) -> None:
         """Waits for the acks of everything forwarded (so a close answers them all)."""
@@ -311,7 +349,7 @@ class ClientStream:
             )
         if seq > self.next_expected and self._rejected_from is not None:
             # sent before the client learnt that an earlier batch was refused
-            self._reject(seq, None, 0)
+            self._reject(seq, None, len(batch.vectors) // (4 * batch.dim) if batch.dim else 0)
             return
         if seq > self.next_expected:
             raise SequenceError(
@@ -333,8 +371,13 @@ class ClientStream:
         checked = validation.batch(batch, self.gw.settings.limits, self.dim)
         if self.dim == 0:
             self.dim = checked.dim
-        if self._bucket is not None:
-            await self._bucket.take(checked.n)
+        while self._bucket is not None and not await self._bucket.take(checked.n):
+            pass  # the limit changed while this batch waited: take from the new one
+        if self._paused:
+            raise ValidationError(
+                f"batch {seq} was waiting when the stream was paused (send RESUME first)",
+                code=pb.STREAM_PAUSED,
+            )
         call = await self._shard_stream()
         self._sent_at[seq] = (time.perf_counter(), checked.n)
         if seq == self.next_expected:
@@ -481,13 +524,15 @@ class ClientStream:
             self._paused = True
         elif action == A.RESUME:
             self._paused = False
-        elif action == A.SLOW_DOWN:
-            rate = flow.preferred_rate or max(
-                1, (self._bucket.rate if self._bucket else 10_000) // 2
-            )
-            self._bucket = TokenBucket(rate)
-        elif action == A.SPEED_UP:
-            self._bucket = TokenBucket(flow.preferred_rate) if flow.preferred_rate else None
+        elif action in (A.SLOW_DOWN, A.SPEED_UP):
+            old = self._bucket
+            if action == A.SLOW_DOWN:
+                rate = flow.preferred_rate or max(1, (old.rate if old else 10_000) // 2)
+                self._bucket = TokenBucket(rate)
+            else:
+                self._bucket = TokenBucket(flow.preferred_rate) if flow.preferred_rate else None
+            if old is not None:
+                old.replaced.set()
         elif action != A.BUFFER_STATUS:
             raise ValidationError(f"unknown flow control action {action}", code=pb.INVALID_ARGUMENT)
         status = self._status(self._shard_status)

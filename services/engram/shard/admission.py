@@ -108,7 +108,7 @@ class AdmissionController:
             lane = self._lanes[lane_id]
             reason = self._refusal(lane_id, lane, observations, nbytes)
             if reason is not None:
-                retry = self._retry_after_ms(nbytes)
+                retry = self._retry_after_ms(nbytes, lane_id)
                 raise RejectedError(
                     f"{LANE_NAMES[lane_id]} priority batch refused: {reason}; retry in {retry} ms",
                     reason=reason.split(":")[0],
@@ -116,8 +116,7 @@ class AdmissionController:
                 )
             lane.observations += observations
             lane.bytes += nbytes
-            changed = self._update()
-        self._notify(changed)
+            self._notify(self._update())  # under the lock: listeners see changes in order
 
     def _refusal(self, lane_id: int, lane: _Lane, n: int, nbytes: int) -> str | None:
         lim = lane.limits
@@ -144,15 +143,13 @@ class AdmissionController:
             lane.observations -= observations
             lane.bytes -= nbytes
             self.unindexed_bytes += durable_bytes
-            changed = self._update()
-        self._notify(changed)
+            self._notify(self._update())  # under the lock: listeners see changes in order
 
     def loaded(self, unindexed_bytes: int) -> None:
         """Rows recovered into the fresh tier at start."""
         with self._lock:
             self.unindexed_bytes += unindexed_bytes
-            changed = self._update()
-        self._notify(changed)
+            self._notify(self._update())  # under the lock: listeners see changes in order
 
     def indexed(self, freed_bytes: int) -> None:
         """The builder moved rows into HNSW, freeing ``freed_bytes`` of fresh tier."""
@@ -166,8 +163,7 @@ class AdmissionController:
                     rate if self._drain_bps == 0 else 0.8 * self._drain_bps + 0.2 * rate
                 )
             self._last_drain = now
-            changed = self._update()
-        self._notify(changed)
+            self._notify(self._update())  # under the lock: listeners see changes in order
 
     def idle(self) -> None:
         """The builder has nothing to do: the next drain interval starts now."""
@@ -176,8 +172,7 @@ class AdmissionController:
     def tick(self) -> None:
         """Re-evaluates the level (dwell times pass even without traffic)."""
         with self._lock:
-            changed = self._update()
-        self._notify(changed)
+            self._notify(self._update())  # under the lock: listeners see changes in order
 
     # -------------------------------------------------------------------- levels
 
@@ -219,9 +214,17 @@ class AdmissionController:
         with self._lock:
             return self._snapshot()
 
-    def _retry_after_ms(self, nbytes: int) -> int:
-        """Time for indexing to free enough memory to leave CRITICAL with room for ``nbytes``."""
-        target = THRESHOLDS[CRITICAL] * self.settings.hysteresis * self.budget
+    def _retry_after_ms(self, nbytes: int, lane_id: int = LOW) -> int:
+        """Time for indexing to free enough memory for this lane to be taken again with room
+        for ``nbytes``: below the budget for HIGH, below OVERLOADED's exit for NORMAL, below
+        CRITICAL's exit for LOW."""
+        hysteresis = self.settings.hysteresis
+        if lane_id == HIGH:
+            target = float(self.budget)
+        elif lane_id == pb.PRIORITY_NORMAL:
+            target = THRESHOLDS[OVERLOADED] * hysteresis * self.budget
+        else:
+            target = THRESHOLDS[CRITICAL] * hysteresis * self.budget
         excess = self.memory_bytes() + nbytes - target
         if excess <= 0:
             return 100
@@ -230,6 +233,8 @@ class AdmissionController:
         return int(min(30_000, max(100, 1000 * excess / self._drain_bps)))
 
     def _notify(self, snap: Snapshot | None) -> None:
+        """Calls listeners with the lock held (so they see changes in order): a listener must
+        only hand the snapshot on (the shard service schedules it on its event loop)."""
         if snap is None:
             return
         for listener in list(self.listeners):

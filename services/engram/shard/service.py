@@ -54,6 +54,8 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             snap.memory_bytes,
             snap.budget_bytes,
         )
+        metrics.shard_memory_bytes.set(snap.memory_bytes)
+        metrics.shard_pressure.set(snap.pressure)
         status = status_message(snap)
         for queue in self._streams:
             queue.put_nowait(ipb.AppendResponse(status=status))
