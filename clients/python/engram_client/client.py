@@ -168,6 +168,9 @@ class EngramClient:
             ("grpc.max_send_message_length", _MAX_MESSAGE),
             ("grpc.keepalive_time_ms", 10_000),
             ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2_000),
         ]
         self._channel = grpc.aio.insecure_channel(target, options=opts)
         self.stub = streaming_pb2_grpc.EngramStreamStub(self._channel)
@@ -282,6 +285,8 @@ class ObservationStream:
         self._closing = False
         self._fatal: BaseException | None = None
         self._rejected: set[int] = set()
+        self._resyncs = 0  # resyncs since the last ack
+        self._retry_hint = 0.0  # seconds the server asked to wait before the next resync
         self._resend_at = 0.0
         self._resender: asyncio.Task[None] | None = None
         self.status = pb.StreamStatus(state=pb.StreamStatus.ACTIVE)
@@ -517,7 +522,14 @@ class ObservationStream:
             self.reconnects += 1
             down_since = time.monotonic()
             self._emit("disconnected", f"{why}; resuming session {self.session_id}")
-            await asyncio.sleep(0.01 if self._resync.is_set() else backoff)
+            if self._resync.is_set():
+                # resyncs in a row without an ack in between back off, at least as long as
+                # the server asked (e.g. a WAL that is failing)
+                self._resyncs += 1
+                await asyncio.sleep(max(self._retry_hint, min(2.0, 0.01 * 2**self._resyncs)))
+                self._retry_hint = 0.0
+            else:
+                await asyncio.sleep(backoff)
 
     def _fail_all(self, exc: EngramError) -> None:
         self._fatal = exc
@@ -561,6 +573,7 @@ class ObservationStream:
             return
         p = self._pending.pop(seq, None)
         self.last_acked = max(self.last_acked, seq)
+        self._resyncs = 0
         if p is not None and not ack.duplicate:
             self._adapt(time.perf_counter() - p.sent_at)
         if p is not None and not p.future.done():
@@ -616,6 +629,7 @@ class ObservationStream:
                 self._fail_all(SessionError(err.message))
             return
         if err.code == pb.SEQUENCE_GAP or err.retryable:
+            self._retry_hint = max(self._retry_hint, err.retry_after_ms / 1000)
             self._resync.set()  # resume: the server's durable mark decides what to resend
             return
         # refused for good: fail this batch only, renumber the later ones, resync

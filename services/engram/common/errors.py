@@ -89,6 +89,11 @@ class NotOwnerError(ServerError):
 class StorageError(ServerError):
     code = pb.STORAGE_FAILURE
 
+    def to_proto(self) -> pb.StreamError:
+        err = super().to_proto()
+        err.retry_after_ms = 1000  # the shard retries its WAL about once a second
+        return err
+
 
 def from_proto(err: pb.StreamError) -> EngramError:
     """Rebuilds an error received in-band (from a shard, or by a client)."""

@@ -18,6 +18,11 @@ def options(limits: LimitSettings) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        # a restarted shard is back in well under a second: do not wait gRPC's default
+        # reconnect backoff (which grows to minutes) before trying it again
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1_000),
     ]
 
 
@@ -28,7 +33,8 @@ def server_options(limits: LimitSettings) -> list[tuple[str, int]]:
 def add_health_and_reflection(
     server: grpc.aio.Server, service_names: list[str]
 ) -> health.aio.HealthServicer:
-    """Registers grpc.health.v1 (NOT_SERVING until the caller says so) and reflection."""
+    """Registers grpc.health.v1 and reflection; the caller sets NOT_SERVING before it starts
+    the server (grpc's servicer starts out SERVING) and SERVING once it is ready."""
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     reflection.enable_server_reflection(

@@ -26,8 +26,17 @@ async def start_http(
     port: int,
     health: Health,
     ws_handler: Callable[[ServerConnection], Awaitable[None]] | None = None,
+    *,
+    ws_path: str | None = None,
+    max_size: int | None = 2**20,
+    routes: Callable[[str], tuple[bytes, str] | None] | None = None,
 ) -> Server:
-    """Serves /metrics, /healthz (200 or 503 with the reason) and, if given, WebSocket."""
+    """Serves /metrics, /healthz (200 or 503 with the reason) and, if given, WebSocket.
+
+    ``ws_path``: the only path that takes a WebSocket handshake (None: any); ``max_size``:
+    largest incoming WebSocket message (larger ones close the connection with 1009);
+    ``routes``: path -> (body, content type) for static GETs (None when not one of its paths).
+    """
 
     async def process_request(conn: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
@@ -42,13 +51,23 @@ async def start_http(
                 body,
                 "text/plain; charset=utf-8",
             )
+        if routes is not None and (found := routes(path)) is not None:
+            return _response(200, "OK", found[0], found[1])
         if ws_handler is None or request.headers.get("Upgrade", "").lower() != "websocket":
             return _response(404, "Not Found", b"not found\n", "text/plain; charset=utf-8")
+        if ws_path is not None and path != ws_path:
+            body = f"no WebSocket endpoint at {path}; use {ws_path}\n".encode()
+            return _response(404, "Not Found", body, "text/plain; charset=utf-8")
         return None
 
     async def reject(conn: ServerConnection) -> None:
         await conn.close(1008, "no WebSocket endpoint here")
 
     return await serve(
-        ws_handler or reject, host, port, process_request=process_request, compression=None
+        ws_handler or reject,
+        host,
+        port,
+        process_request=process_request,
+        compression=None,
+        max_size=max_size,
     )

@@ -32,6 +32,7 @@ async def serve(settings: Settings) -> None:
     health = grpcutil.add_health_and_reflection(server, [SERVICE])
     if server.add_insecure_port(settings.gateway.listen) == 0:
         raise SystemExit(f"gateway: cannot listen on {settings.gateway.listen} (port in use?)")
+    await grpcutil.set_serving(health, False)  # grpc's health service starts out SERVING
     await server.start()
 
     async def healthy() -> tuple[bool, str]:

@@ -115,6 +115,9 @@ class LocalCluster:
 
     Ports left at 0 are picked free. ``env`` adds variables for every service (tunables such
     as ``ENGRAM_CHECKPOINT_EVERY``); the addressing variables are the cluster's own.
+    ``shard_env`` adds variables for one shard (by shard id) on top of ``env``, e.g. its own
+    ``ENGRAM_FAULT_FILE``. ``shard_advertise`` overrides the address a shard advertises to
+    gateways (by shard id; default: its listen address), e.g. a proxy in front of it.
     ``commands`` maps a role ("shard", "gateway") to the command that starts it.
     """
 
@@ -134,6 +137,8 @@ class LocalCluster:
         startup_timeout: float = 60.0,
         stop_timeout: float = 10.0,
         commands: Mapping[str, Sequence[str]] | None = None,
+        shard_env: Mapping[int, Mapping[str, str]] | None = None,
+        shard_advertise: Mapping[int, str] | None = None,
     ) -> None:
         if shards < 1:
             raise ValueError("a cluster needs at least one shard")
@@ -147,6 +152,11 @@ class LocalCluster:
         self._commands = {**DEFAULT_COMMANDS, **(commands or {})}
         self._log_level = (log_level or os.environ.get("ENGRAM_LOG_LEVEL") or "INFO").upper()
         self._extra_env = dict(env or {})
+        self._shard_env = {int(i): dict(v) for i, v in (shard_env or {}).items()}
+        self._shard_advertise = {int(i): a for i, a in (shard_advertise or {}).items()}
+        for i in (*self._shard_env, *self._shard_advertise):
+            if not 0 <= i < shards:
+                raise ValueError(f"shard_env/shard_advertise name shard {i}, not 0..{shards - 1}")
         self._redis_binary = redis_binary
         self._requested = {
             "gateway gRPC": grpc_port,
@@ -445,9 +455,10 @@ class LocalCluster:
             self.shard_data_dir(i).mkdir(parents=True, exist_ok=True)
             env = {
                 **base,
+                **self._shard_env.get(i, {}),
                 "ENGRAM_SHARD_ID": str(i),
                 "ENGRAM_SHARD_LISTEN": f"{HOST}:{port}",
-                "ENGRAM_SHARD_ADVERTISE": f"{HOST}:{port}",
+                "ENGRAM_SHARD_ADVERTISE": self._shard_advertise.get(i, f"{HOST}:{port}"),
                 "ENGRAM_SHARD_DATA_DIR": str(self.shard_data_dir(i)),
                 "ENGRAM_SHARD_HTTP_PORT": str(http),
             }

@@ -27,7 +27,8 @@ async def serve(settings: Settings) -> None:
     )
     if server.add_insecure_port(settings.shard.listen) == 0:
         raise SystemExit(f"shard: cannot listen on {settings.shard.listen} (port in use?)")
-    await server.start()  # health says NOT_SERVING until recovery is done
+    await grpcutil.set_serving(health, False)  # until recovery is done (grpc starts SERVING)
+    await server.start()
     await asyncio.to_thread(node.recover)
     await node.start()
 
