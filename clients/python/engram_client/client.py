@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -22,13 +23,20 @@ from typing import Any
 import grpc
 import numpy as np
 
-from engram.common.errors import EngramError, SessionError, UnavailableError, from_proto
+from engram.common.errors import (
+    EngramError,
+    SessionError,
+    UnavailableError,
+    ValidationError,
+    from_proto,
+)
 from engram.v1 import streaming_pb2 as pb
 from engram.v1 import streaming_pb2_grpc
 
 log = logging.getLogger("engram_client")
 
 _MAX_MESSAGE = 64 * 1024 * 1024
+_TOO_LARGE = re.compile(r"larger than max \((\d+) vs\. (\d+)\)")
 
 
 @dataclass(frozen=True)
@@ -168,9 +176,6 @@ class EngramClient:
             ("grpc.max_send_message_length", _MAX_MESSAGE),
             ("grpc.keepalive_time_ms", 10_000),
             ("grpc.keepalive_timeout_ms", 5_000),
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 2_000),
         ]
         self._channel = grpc.aio.insecure_channel(target, options=opts)
         self.stub = streaming_pb2_grpc.EngramStreamStub(self._channel)
@@ -282,11 +287,10 @@ class ObservationStream:
         self._room = asyncio.Condition()
         self._connected = asyncio.Event()
         self._resync = asyncio.Event()
+        self._drain_below = 0  # after a refusal: resync once every earlier batch is answered
         self._closing = False
         self._fatal: BaseException | None = None
         self._rejected: set[int] = set()
-        self._resyncs = 0  # resyncs since the last ack
-        self._retry_hint = 0.0  # seconds the server asked to wait before the next resync
         self._resend_at = 0.0
         self._resender: asyncio.Task[None] | None = None
         self.status = pb.StreamStatus(state=pb.StreamStatus.ACTIVE)
@@ -432,6 +436,8 @@ class ObservationStream:
         try:
             await self._run()
         except asyncio.CancelledError:
+            if self._pending or self._recalls:  # e.g. EngramClient.close() with batches in flight
+                self._fail_all(UnavailableError("the stream was closed before they were answered"))
             raise
         except Exception as exc:  # a bug must not leave callers waiting forever
             log.exception("stream runner failed")
@@ -514,6 +520,8 @@ class ObservationStream:
                         break
             except grpc.aio.AioRpcError as exc:
                 why = _describe(exc)
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    self._refuse_oversized(exc.details() or "")
             async with self._write_lock:
                 self._call = None
             call.cancel()
@@ -522,14 +530,7 @@ class ObservationStream:
             self.reconnects += 1
             down_since = time.monotonic()
             self._emit("disconnected", f"{why}; resuming session {self.session_id}")
-            if self._resync.is_set():
-                # resyncs in a row without an ack in between back off, at least as long as
-                # the server asked (e.g. a WAL that is failing)
-                self._resyncs += 1
-                await asyncio.sleep(max(self._retry_hint, min(2.0, 0.01 * 2**self._resyncs)))
-                self._retry_hint = 0.0
-            else:
-                await asyncio.sleep(backoff)
+            await asyncio.sleep(0.01 if self._resync.is_set() else backoff)
 
     def _fail_all(self, exc: EngramError) -> None:
         self._fatal = exc
@@ -573,12 +574,44 @@ class ObservationStream:
             return
         p = self._pending.pop(seq, None)
         self.last_acked = max(self.last_acked, seq)
-        self._resyncs = 0
         if p is not None and not ack.duplicate:
             self._adapt(time.perf_counter() - p.sent_at)
         if p is not None and not p.future.done():
             p.future.set_result(Ack(seq, ack.first_lsn, ack.count, ack.duplicate, ack.memory_id))
+        self._maybe_resync()
         self._wake_senders()
+
+    def _maybe_resync(self) -> None:
+        if self._drain_below and not any(s < self._drain_below for s in self._pending):
+            self._drain_below = 0
+            self._resync.set()
+
+    def _refuse_oversized(self, details: str) -> None:
+        m = _TOO_LARGE.search(details)
+        if m is None:
+            return
+        limit = int(m.group(2))
+        for seq, p in sorted(self._pending.items(), reverse=True):
+            size = self._request(seq, p).ByteSize()
+            if size > limit:
+                self._refuse(
+                    seq,
+                    ValidationError(
+                        f"a batch of {size} bytes exceeds the message limit of {limit} bytes: "
+                        "split it",
+                        code=pb.BATCH_TOO_LARGE,
+                    ),
+                )
+
+    def _refuse(self, seq: int, exc: EngramError) -> None:
+        """Fails batch ``seq`` for good and renumbers the later ones (no gap)."""
+        failed = self._pending.pop(seq)
+        failed.future.set_exception(exc)
+        renumbered: dict[int, _Pending] = {}
+        for s, p in sorted(self._pending.items()):
+            renumbered[s - 1 if s > seq else s] = p
+        self._pending = renumbered
+        self._next_seq -= 1
 
     def _on_rejected(self, seq: int, ack: pb.ObservationAck) -> None:
         """Refused for now: resend this batch (same sequence number) after retry-after."""
@@ -588,7 +621,7 @@ class ObservationStream:
         self._rejected.add(seq)
         loop = asyncio.get_running_loop()
         self._resend_at = max(self._resend_at, loop.time() + ack.retry_after_ms / 1000)
-        self._emit("rejected", f"batch {seq}: {ack.message} (resent in {ack.retry_after_ms} ms)")
+        self._emit("rejected", f"batch {seq}: {ack.message}; retry in {ack.retry_after_ms} ms")
         if self._resender is None or self._resender.done():
             self._resender = asyncio.ensure_future(self._resend_rejected())
 
@@ -628,19 +661,16 @@ class ObservationStream:
             if err.code == pb.UNKNOWN_SESSION:
                 self._fail_all(SessionError(err.message))
             return
+        if err.code == pb.SEQUENCE_GAP and self._drain_below:
+            return  # a later batch after the refused one: the resync resends it
         if err.code == pb.SEQUENCE_GAP or err.retryable:
-            self._retry_hint = max(self._retry_hint, err.retry_after_ms / 1000)
             self._resync.set()  # resume: the server's durable mark decides what to resend
             return
-        # refused for good: fail this batch only, renumber the later ones, resync
-        failed = self._pending.pop(seq)
-        failed.future.set_exception(from_proto(err))
-        renumbered: dict[int, _Pending] = {}
-        for s, p in sorted(self._pending.items()):
-            renumbered[s - 1 if s > seq else s] = p
-        self._pending = renumbered
-        self._next_seq -= 1
-        self._resync.set()
+        # refused for good: fail this batch only, renumber the later ones, and resync once
+        # the batches before it are answered (their acks are on the way)
+        self._refuse(seq, from_proto(err))
+        self._drain_below = seq
+        self._maybe_resync()
         self._wake_senders()
 
 

@@ -97,7 +97,7 @@ class ClientStream:
         self.last_acked = 0
         self._shard_call: grpc.aio.StreamStreamCall | None = None
         self._shard_reader: asyncio.Task[None] | None = None
-        self._sent_at: dict[int, tuple[float, int]] = {}
+        self._sent_at: dict[int, tuple[float, int, int]] = {}  # seq -> (sent at, n, dim)
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_session_write = 0.0
         self._closing = False
@@ -368,9 +368,9 @@ class ClientStream:
                 "wait for acks before sending more",
                 code=pb.CREDITS_EXCEEDED,
             )
+        # self.dim is learnt from the shard only (init, or an accepted batch): a batch the
+        # shard refuses must not fix the dimension this stream checks against
         checked = validation.batch(batch, self.gw.settings.limits, self.dim)
-        if self.dim == 0:
-            self.dim = checked.dim
         while self._bucket is not None and not await self._bucket.take(checked.n):
             pass  # the limit changed while this batch waited: take from the new one
         if self._paused:
@@ -379,7 +379,7 @@ class ClientStream:
                 code=pb.STREAM_PAUSED,
             )
         call = await self._shard_stream()
-        self._sent_at[seq] = (time.perf_counter(), checked.n)
+        self._sent_at[seq] = (time.perf_counter(), checked.n, checked.dim)
         if seq == self.next_expected:
             self.next_expected += 1
         metrics.batch_size.observe(checked.n)
@@ -440,7 +440,7 @@ class ClientStream:
             err = from_proto(resp.error)
             if resp.error.code == pb.SEQUENCE_GAP:
                 self.next_expected = resp.error.expected_sequence
-            elif err.retryable:
+            else:  # refused before it was sequenced: the number is free again
                 self.next_expected = min(self.next_expected, seq)
             metrics.observations_rejected_total.labels(
                 self.space, pb.ErrorCode.Name(resp.error.code)
@@ -452,6 +452,8 @@ class ClientStream:
             self._rejected_from = None
         if sent is not None:
             metrics.observation_latency.observe(time.perf_counter() - sent[0])
+            if self.dim == 0 and not resp.duplicate:
+                self.dim = sent[2]
         if not resp.duplicate:
             metrics.observations_total.labels(self.space, "normal").inc(resp.count)
             metrics.batches_processed_total.inc()

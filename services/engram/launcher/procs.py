@@ -39,6 +39,16 @@ def _parent_death_hook() -> Callable[[], None] | None:
 
 _DEATH_HOOK = _parent_death_hook()
 
+# Sets PR_SET_PDEATHSIG in the child itself, then execs the real command (the PID stays).
+# Unlike a preexec_fn this keeps subprocess on its vfork/exec path: no atfork handlers run
+# in this process (gRPC's and OpenBLAS' are unsafe while other threads use them).
+_PDEATHSIG_SHIM = (
+    "import ctypes,os,signal,sys;"
+    "ctypes.CDLL(None,use_errno=True).prctl(1,signal.SIGTERM);"
+    "os.getppid()==int(sys.argv[1]) or os._exit(1);"
+    "os.execvp(sys.argv[2],sys.argv[2:])"
+)
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago (bind to port 0, read it, release it)."""
@@ -72,15 +82,17 @@ def spawn(
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         log.write(f"\n===== {stamp} starting: {' '.join(argv)}\n".encode())
         log.flush()
+        args = list(argv)
+        if die_with_parent and _DEATH_HOOK is not None:
+            args = [sys.executable, "-I", "-S", "-c", _PDEATHSIG_SHIM, str(os.getpid()), *args]
         return subprocess.Popen(
-            list(argv),
+            args,
             env=dict(env),
             cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_DEATH_HOOK if die_with_parent else None,
             close_fds=True,
         )
 
