@@ -19,6 +19,8 @@ REDIS_PATH_FILE := $(VENV)/redis-server-path
 PYTEST_ARGS ?=
 UP_ARGS ?=
 DEMO_ARGS ?=
+CHAOS_SECONDS ?= 600
+CHAOS_ARGS ?=
 
 PROTO_SRC := $(shell find proto -name '*.proto' 2>/dev/null | sort)
 PROTO_OUT := $(patsubst proto/%.proto,services/%_pb2.py,$(PROTO_SRC)) \
@@ -29,17 +31,21 @@ PROTO_STAMP := $(VENV)/.proto-generated
 
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o=Dpkg::Use-Pty=0
 
-.PHONY: help setup venv proto redis run test lint demo clean FORCE
+.PHONY: help setup venv proto redis run test lint demo chaos clean FORCE
 
 help:
 	@echo "make run     start a local cluster in the foreground (Ctrl-C stops it)"
 	@echo "make test    run the tests (PYTEST_ARGS='-k wal' to select)"
 	@echo "make demo    stream 3 spaces x 100k vectors into a running cluster and verify"
+	@echo "make bench   benchmark vs the machine's limits and peers (BENCH_ARGS='--dim 768')"
+	@echo "make chaos   10 min of faults against a local cluster; verifies nothing is lost"
 	@echo "make setup   venv + generated protocol code + redis-server"
 	@echo "make lint    ruff over services, clients and tests"
+	@echo "make test-ts the TypeScript client's tests (vitest, against a real cluster)"
+	@echo "make bench-ws  WebSocket throughput and connection benchmark (bench/results/ws-*.json)"
 	@echo "make clean   remove .venv, generated code and .engram/ data"
 
-setup: venv proto redis
+setup: venv proto redis ts-client ws-deps
 
 venv: $(INSTALLED)
 
@@ -115,8 +121,9 @@ redis: $(INSTALLED)
 run: setup
 	$(VENV)/bin/engram up $(UP_ARGS)
 
-test: setup
+test: setup browser-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+	@$(MAKE) --no-print-directory test-ts
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check services clients tests
@@ -124,10 +131,100 @@ lint: $(INSTALLED)
 demo: proto
 	$(VENV)/bin/engram demo --spaces 3 --count 100000 --dim 384 --verify $(DEMO_ARGS)
 
+# Starts its own cluster; report in chaos/results/latest.json. CHAOS_SECONDS=120 for a short run.
+chaos: setup
+	$(PY) chaos/local/run.py --seconds $(CHAOS_SECONDS) $(CHAOS_ARGS)
+
 clean:
 	rm -rf $(VENV) .engram .pytest_cache .hypothesis .ruff_cache *.egg-info
 	rm -f $(PROTO_OUT)
 	find services clients tests -name __pycache__ -type d -prune -exec rm -rf {} +
 	find services clients -name '*.egg-info' -type d -prune -exec rm -rf {} +
+	rm -rf $(TS_DIR)/node_modules $(TS_DIR)/dist $(TS_BUNDLE) $(TS_BUNDLE).map
 
 FORCE:
+
+# ------------------------------------------------- WebSocket: TypeScript client, browser, bench
+
+TS_DIR := clients/typescript
+TS_STAMP := $(TS_DIR)/node_modules/.package-lock-installed
+TS_BUNDLE := services/engram/gateway/static/engram-client.js
+BENCH_WS_ARGS ?=
+
+.PHONY: ts-deps ts-client test-ts browser-deps bench-ws ws-deps
+
+# npm ci whenever package.json or package-lock.json change (node_modules is not committed).
+ts-deps: $(TS_STAMP)
+
+$(TS_STAMP): $(TS_DIR)/package.json $(TS_DIR)/package-lock.json
+	@command -v npm >/dev/null 2>&1 && command -v node >/dev/null 2>&1 || { \
+	  echo "error: node and npm not found: the TypeScript client needs Node.js 20+ and npm"; exit 1; }
+	@node -e 'process.exit(Number(process.versions.node.split(".")[0]) < 20 ? 1 : 0)' || { \
+	  echo "error: Node.js 20+ required, found $$(node --version)"; exit 1; }
+	@echo "==> installing the TypeScript client's packages (npm ci)"
+	@cd $(TS_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+# The TypeScript client bundled for the browser, served at /demo/engram-client.js. Where npm is
+# missing this only warns (the demo page then says how to build it).
+ts-client:
+	@if command -v npm >/dev/null 2>&1; then \
+	  $(MAKE) --no-print-directory $(TS_BUNDLE); \
+	else \
+	  echo "warning: npm not found: /demo needs the browser build of the TypeScript client"; \
+	  echo "         (install Node.js 20+ and npm, then: make ts-client)"; \
+	fi
+
+$(TS_BUNDLE): $(TS_STAMP) $(wildcard $(TS_DIR)/src/*.ts)
+	@echo "==> bundling the TypeScript client for the browser ($@)"
+	@cd $(TS_DIR) && npm run -s bundle -- --log-level=warning
+
+# Type check, build (dist/ with .d.ts), then vitest against a cluster it starts and stops.
+test-ts: $(TS_STAMP) $(INSTALLED) $(PROTO_STAMP)
+	@echo "==> TypeScript client: type check, build, tests"
+	@cd $(TS_DIR) && npm run -s typecheck && npm run -s build && npx vitest run
+
+# Headless Chromium (Debian's, apt-get when root) and the playwright package (Python; it never
+# downloads a browser) for tests/browser. Without Chromium those tests skip and say why.
+browser-deps: $(INSTALLED)
+	@have() { [ -x "$$(command -v "$$1" 2>/dev/null)" ]; }; \
+	if [ ! -x /usr/bin/chromium ] && ! have chromium; then \
+	  if [ "$$(id -u)" = 0 ] && have apt-get; then \
+	    echo "==> installing chromium (apt-get)"; \
+	    { apt-get update -qq && $(APT_INSTALL) chromium >/dev/null; } || \
+	      echo "warning: apt-get could not install chromium; the browser tests will skip"; \
+	  else \
+	    echo "warning: chromium not found (sudo apt-get install chromium); browser tests will skip"; \
+	  fi; \
+	fi
+	@$(PY) -c 'import playwright' >/dev/null 2>&1 || { \
+	  echo "==> installing playwright (pip, the 'browser' extra)"; \
+	  $(PIP) install -q --disable-pip-version-check -e '.[browser]'; }
+
+# orjson for the gateway's JSON frames (optional: the gateway falls back to the json module).
+ws-deps: $(INSTALLED)
+	@$(PY) -c 'import orjson' >/dev/null 2>&1 || { \
+	  echo "==> installing orjson (pip, the 'websocket' extra)"; \
+	  $(PIP) install -q --disable-pip-version-check -e '.[websocket]' || \
+	    echo "warning: orjson not installed; the gateway parses JSON frames with the json module"; }
+
+bench-ws: setup
+	$(PY) bench/ws_bench.py $(BENCH_WS_ARGS)
+
+# ---------------------------------------------------------------------------- benchmark
+
+BENCH_ARGS ?=
+
+.PHONY: bench bench-smoke
+
+# Starts its own cluster on free ports (BENCH_ARGS='--target 127.0.0.1:50051' uses a running
+# one); installs the 'bench' extra here and the peers into bench/.venv-<peer> on first use.
+bench: setup
+	@$(PY) -c 'import matplotlib' >/dev/null 2>&1 && [ -x $(VENV)/bin/py-spy ] || { \
+	  echo "==> installing the 'bench' extra (matplotlib, py-spy)"; \
+	  $(PIP) install -q --disable-pip-version-check -e '.[bench]'; }
+	$(VENV)/bin/engram bench --profile 20 $(BENCH_ARGS)
+
+# The 10-second CI version (tests/bench): checks the benchmark works, not its speed.
+bench-smoke: setup
+	$(PY) -m pytest -q tests/bench

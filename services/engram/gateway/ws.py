@@ -69,10 +69,21 @@ class WebSocketEndpoint:
 
     def __init__(self, gw: GatewayContext) -> None:
         self.gw = gw
+        # the library logs every connection's open and close at INFO: too much at scale
+        logging.getLogger("websockets.server").setLevel(logging.WARNING)
         self.heartbeat_s = gw.settings.gateway.ws_heartbeat_s
         self.idle_timeout_s = gw.settings.gateway.ws_idle_timeout_s
         self.max_frame_bytes = gw.settings.limits.grpc_max_message_bytes
         self.connections = 0
+        log.info(
+            "WebSocket endpoint %s: heartbeat %g s, idle timeout %g s, frames up to %d bytes, "
+            "JSON parser %s",
+            PATH,
+            self.heartbeat_s,
+            self.idle_timeout_s,
+            self.max_frame_bytes,
+            ws_frames.JSON_PARSER,
+        )
 
     async def __call__(self, conn: ServerConnection) -> None:
         self.connections += 1
