@@ -5,6 +5,7 @@
     engram up [--shards 2] [--data-dir ./.engram] [--grpc-port 50051] [--http-port 7432]
     engram status [--json] [--data-dir ./.engram]
     engram demo --spaces 3 --count 100000 --dim 384 --verify
+    engram bench [--seconds 60] [--rate 100000] [--dim 384] [--json PATH] [--target ADDR]
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
 
     sub.add_parser("demo", help="stream observations into a running cluster (engram demo -h)")
+    sub.add_parser("bench", help="benchmark against the limits and peers (engram bench -h)")
     sub.add_parser("recall", help="one recall at a chosen consistency level (engram recall -h)")
     return parser
 
@@ -65,6 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] == "demo":
         return _demo(args_list[1:])
+    if args_list and args_list[0] == "bench":
+        from engram.bench import main as bench_main
+
+        return bench_main(args_list[1:])
     if args_list and args_list[0] == "recall":
         from engram.recall_cli import main as recall_main
 

@@ -1,0 +1,185 @@
+"""The markdown summary of one run (``summary.md`` next to ``results.json``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _f(x: Any, unit: str = "", nd: int = 1) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, (int, float)):
+        s = f"{x:,.0f}" if abs(x) >= 1000 else f"{x:,.{nd}f}"
+        return f"{s} {unit}".strip()
+    return str(x)
+
+
+def _lat_row(name: str, s: dict[str, Any]) -> str:
+    return (
+        f"| {name} | {s.get('count', 0)} | {_f(s.get('p50'))} | {_f(s.get('p99'))} "
+        f"| {_f(s.get('max'))} |"
+    )
+
+
+def summary(r: dict[str, Any], images: list[str]) -> str:
+    m, c, lim = r["machine"], r["config"], r["limits"]
+    out = [
+        "# Engram Stream benchmark",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, {m['os']}, Python "
+        f"{m['python']}; data on {m['data_filesystem']}. Load average at start "
+        f"{m['load_average_start']}, at end {m.get('load_average_end')} (a shared machine: quote "
+        "ratios measured in one run).",
+        "",
+        f"Scenario: dim {c['dim']}, batches of {c['batch']:,}, {c['spaces']} spaces over "
+        f"{r['cluster']['shards']} shards, {c['writers']} writer processes, "
+        + (
+            "`--find-max`"
+            if c["find_max"]
+            else f"{c['rate']:,.0f} obs/s offered for {c['seconds']:g} s"
+        )
+        + f", {c['recall_rate']:g} recalls/s, corpus {r['corpus']['corpus']}.",
+        "",
+        "## Targets",
+        "",
+        "| target | goal | measured | met | limit | ratio to limit | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in r["targets"]:
+        met = {True: "**met**", False: "**NOT met**", None: "n/a"}[t["met"]]
+        lim_t = t.get("limit")
+        lim_s = f"{lim_t['name']}: {_f(lim_t['value'], nd=3)}" if lim_t else ""
+        ratio = t.get("ratio_to_limit")
+        out.append(
+            f"| {t['name']} | {t['target']} | {_f(t['measured'], t['unit'], 3)} | {met} | {lim_s} "
+            f"| {'' if ratio is None else f'{ratio:.3g}'} | {t['note']} |"
+        )
+    out += ["", "## Limits measured in this run", "", "| limit | figure | obs/s |", "|---|---|---|"]
+    h, w, g = lim["hnswlib"], lim["wal"], lim["grpc"]
+    out += [
+        f"| {h['what']} ({h['count']:,} x {h['dim']}, M={h['M']}, efC={h['ef_construction']}, "
+        f"{h['threads']} threads) | {_f(h['vectors_per_s'])} vectors/s (last chunk "
+        f"{_f(h['last_chunk_vectors_per_s'])}); {_f(h.get('rss_bytes_per_vector'))} B/vector RSS "
+        f"| {_f(h['obs_per_s'])} |",
+        f"| {w['what']}, {w['record_bytes'] / 1e6:.2f} MB records | {_f(w['records_per_s'])} "
+        f"records/s, {_f(w['mb_per_s'])} MB/s, append p99 {_f(w['append_ms_p99'])} ms "
+        f"| {_f(w['obs_per_s'])} |",
+        f"| {g['what']} | {_f(g['messages_per_s'])} batches/s, {_f(g['mb_per_s'])} MB/s "
+        f"| {_f(g['obs_per_s'])} |",
+    ]
+    tp = r["throughput"]
+    out += [
+        "",
+        "## Ingest",
+        "",
+        f"Acked durable: {_f(tp['sustained_obs_per_s'])} obs/s over {tp['timed_seconds']:.1f} s "
+        f"(per-second median {_f(tp['per_second_median'])}, min {_f(tp['per_second_min'])}); "
+        f"{tp['batches_acked']:,} batches acked, {tp['batches_failed']} failed. Ratio to the WAL "
+        f"limit {tp['ratio_to_wal_limit']}, to the gRPC limit {tp['ratio_to_grpc_limit']}.",
+    ]
+    if r.get("find_max"):
+        fm = r["find_max"]
+        out += [
+            "",
+            f"Find-max ({fm['criteria']}): max sustainable "
+            f"{_f(fm['max_sustainable_obs_per_s'])} obs/s.",
+            "",
+            "| offered | acked | ack p50 ms | ack p99 ms | keeps up |",
+            "|---|---|---|---|---|",
+        ]
+        for s in fm["steps"]:
+            out.append(
+                f"| {_f(s['offered'])} | {_f(s['acked'])} | {_f(s['ack_p50_ms'])} | "
+                f"{_f(s['ack_p99_ms'])} | {'yes' if s['keeps_up'] else 'no'} |"
+            )
+    lat = r["latency"]
+    out += [
+        "",
+        "## Latency (ms)",
+        "",
+        "| what | count | p50 | p99 | max |",
+        "|---|---|---|---|---|",
+        _lat_row("ack (batch sent -> durable ack)", lat["ack_ms"]),
+        _lat_row("send wait (client window / credits full)", lat["send_wait_ms"]),
+        _lat_row("visibility (ack -> answer of the recall that returns it)", lat["visibility_ms"]),
+        _lat_row(
+            "visibility lower bound (ack -> that recall was sent)", lat["visibility_lower_bound_ms"]
+        ),
+        _lat_row("  sampler hand-over (harness part of the above)", lat["visibility_ipc_delay_ms"]),
+        _lat_row("recall during ingest", lat["recall_ms_during_ingest"]),
+        _lat_row("recall at peak backlog", lat["recall_ms_at_peak_backlog"]),
+        _lat_row("recall during the drain", lat["recall_ms_during_drain"]),
+        _lat_row("recall, server side, during ingest", lat["recall_server_ms_during_ingest"]),
+    ]
+    depth = lat["in_flight_batches_per_stream"]
+    out += [
+        "",
+        f"Batches in flight per stream when one was sent (the client's window): mean "
+        f"{depth['mean']}, max {depth['max']}.",
+    ]
+    b, ix, mem = r["backlog"], r["indexing"], r["memory"]
+    out += [
+        "",
+        "## Index backlog, indexing, memory",
+        "",
+        f"Backlog peak {_f(b['peak_rows'])} rows at {b['peak_at_s']} s; drained: {b['drained']}"
+        + (
+            f" ({b['drained_after_s']} s after ingest)"
+            if b["drained"]
+            else f" (still {_f(b['at_end'])} rows at the end)"
+        )
+        + ".",
+        f"Indexing: idle probe {_f(ix['idle_probe'].get('rows_per_s'))} rows/s vs raw hnswlib "
+        f"{_f(ix['raw_hnswlib_vectors_per_s'])} vectors/s; during ingest "
+        f"{_f(ix['rows_per_s_during_ingest'])} rows/s; after ingest with recalls going on "
+        f"{_f(ix['rows_per_s_after_ingest_with_recalls'])} rows/s; draining alone "
+        f"{_f(ix['rows_per_s_drain_alone'])} rows/s (all shards together).",
+        f"Shard RSS per million observations: {_f(r['shard_rss_gb_per_million'], 'GB', 3)} "
+        f"(incremental over the load: {_f(mem['gb_per_million_incremental'], 'GB', 3)}; raw "
+        f"hnswlib index {_f(mem['raw_hnswlib_rss_bytes_per_vector'])} B/vector).",
+        "",
+        "| process | mean CPU % (timed) | max RSS MB | end RSS MB |",
+        "|---|---|---|---|",
+    ]
+    for name, p in r["processes"].items():
+        out.append(
+            f"| {name} | {_f(p['cpu_pct_mean_timed'])} | {_f(p['rss_mb_max'])} "
+            f"| {_f(p['rss_mb_end'])} |"
+        )
+    out += [
+        "",
+        "## Side by side (same vectors and batch size)",
+        "",
+        "| system | ingest until searchable obs/s | freshness p50 ms | p99 ms | max ms | notes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, p in r["peers"]["results"].items():
+        if "skipped" in p:
+            out.append(f"| {name} | skipped | | | | {p['skipped'][:200]} |")
+            continue
+        f = p["freshness_ms"]
+        out.append(
+            f"| {name} {p.get('version', '')} | {_f(p['ingest_until_searchable_obs_per_s'])} "
+            f"| {_f(f['p50'], nd=2)} | {_f(f['p99'], nd=2)} | {_f(f['max'], nd=2)} "
+            f"| {p['count']:,} rows, {f['count']} samples; {p.get('settings', {})} |"
+        )
+    for name, prof in (r.get("profile") or {}).items():
+        out += ["", f"## Profile: {name} (py-spy)", ""]
+        if "skipped" in prof:
+            out.append(f"skipped: {prof['skipped']}")
+            continue
+        out += [
+            f"{prof['samples']:,} samples. Threads: "
+            + ", ".join(f"{t['function']} {t['pct']}%" for t in prof["threads"]),
+            "",
+            "| self % | function |",
+            "|---|---|",
+        ]
+        out += [f"| {x['pct']} | `{x['function']}` |" for x in prof["self"][:12]]
+        out += ["", "| total % | engram function |", "|---|---|"]
+        out += [f"| {x['pct']} | `{x['function']}` |" for x in prof["total_engram"][:12]]
+    if r["notes"]:
+        out += ["", "## Notes", ""] + [f"* {n}" for n in r["notes"]]
+    if images:
+        out += ["", "## Plots", ""] + [f"![{i}]({i})" for i in images]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,572 @@
+"""Turns one run's raw data into the result: figures, targets with met / not met, the JSON and
+the table printed at the end (the markdown is :mod:`.markdown`, the plots :mod:`.plots`).
+
+Every figure is computed from the raw telemetry here, once; nothing is adjusted to look better:
+a target that is not met is reported with the measured figure, and a figure that could not be
+measured is ``null`` with the reason in ``notes``.
+
+Telemetry tuples (see :mod:`.workers`): acks
+``(space, k, t_send, t_written, t_ack, n, ok, in_flight)``,
+recalls ``(t_issue, latency_s, server_us, fresh, indexed, space, ok)``, visibility samples
+``(space, t_send, t_ack, t_received, t_found | None, polls, t_last_poll_issued)``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engram.bench import stats
+from engram.bench.config import BenchConfig
+from engram.bench.load import LoadRun
+from engram.bench.monitor import Sample
+
+TARGETS = {
+    "acked_obs_per_s": 100_000.0,
+    "visibility_p99_ms": 100.0,
+    "recall_p99_ms": 20.0,
+    "recall_at_10": 0.95,
+    "index_rate_ratio_to_hnswlib": 0.80,
+    "shard_rss_gb_per_million": 2.0,
+}
+HIGHER_IS_BETTER = {"acked_obs_per_s", "recall_at_10", "index_rate_ratio_to_hnswlib"}
+PEAK_FRACTION = 0.9  # "backlog at its peak": while the backlog is >= 90 % of its peak
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _nearest(samples: list[Sample], t: float) -> Sample | None:
+    if not samples:
+        return None
+    i = bisect.bisect_left([s.t for s in samples], t)
+    cands = [samples[j] for j in (i - 1, i) if 0 <= j < len(samples)]
+    return min(cands, key=lambda s: abs(s.t - t))
+
+
+def _indexed(s: Sample | None) -> int | None:
+    if s is None or s.rows() is None:
+        return None
+    return (s.rows() or 0) - (s.backlog() or 0)
+
+
+def _rate_between(a: Sample | None, b: Sample | None) -> float | None:
+    ia, ib = _indexed(a), _indexed(b)
+    if a is None or b is None or ia is None or ib is None or b.t <= a.t:
+        return None
+    return round((ib - ia) / (b.t - a.t), 1)
+
+
+def _shard_memory(s: Sample | None, shard_count: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if s is None:
+        return out
+    for i in range(shard_count):
+        proc, st = s.procs.get(f"shard-{i}"), s.shards.get(i, {})
+        if proc is None or "spaces" not in st:
+            continue
+        out[f"shard-{i}"] = {
+            "rss_mb": proc["rss_mb"],
+            "rows": sum(sp["count"] for sp in st["spaces"].values()),
+            "indexed": sum(sp["indexed"] for sp in st["spaces"].values()),
+        }
+    return out
+
+
+def _gb_per_million(rss_mb: float, rows: int) -> float | None:
+    return round(rss_mb / 1000 / (rows / 1e6), 3) if rows > 0 else None
+
+
+def _proc_summary(samples: list[Sample], lo: float, hi: float) -> dict[str, Any]:
+    out = {}
+    for n in sorted({n for s in samples for n in s.procs}):
+        every = [s.procs[n] for s in samples if n in s.procs and "gone" not in s.procs[n]]
+        inside = [s.procs[n]["cpu_pct"] for s in samples if n in s.procs and lo < s.t <= hi]
+        if every:
+            out[n] = {
+                "cpu_pct_mean_timed": round(float(np.mean(inside)), 1) if inside else None,
+                "rss_mb_max": max(p["rss_mb"] for p in every),
+                "rss_mb_end": every[-1]["rss_mb"],
+            }
+    return out
+
+
+def _ms(values_s: list[float]) -> list[float]:
+    return [v * 1000 for v in values_s]
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def _throughput(cfg: BenchConfig, load: LoadRun, n_sec: int) -> dict[str, Any]:
+    t0, t_stop = load.t0, load.t_stop
+    span = t_stop - t0
+    acks = load.telemetry.acks
+    ok = [a for a in acks if a[6]]
+    acked_timed = sum(a[5] for a in ok if t0 <= a[4] < t_stop)
+    series = stats.buckets([a[4] for a in ok], [a[5] for a in ok], t0, n_sec)
+    full = series[: max(1, math.floor(span))]
+    out: dict[str, Any] = {
+        "timed_seconds": round(span, 3),
+        "acked_in_timed_phase": acked_timed,
+        "sustained_obs_per_s": round(acked_timed / span, 1) if span > 0 else 0.0,
+        "per_second_median": stats.rounded(float(np.median(full))),
+        "per_second_min": stats.rounded(min(full)),
+        "offered_obs_per_s": None if cfg.find_max else cfg.rate,
+        "batches_acked": len(ok),
+        "batches_failed": len(acks) - len(ok),
+    }
+    out["headline_obs_per_s"] = out["sustained_obs_per_s"]
+    if cfg.find_max:
+        passing = [s for s in load.steps if s["keeps_up"]]
+        best = max(passing, key=lambda s: s["acked"]) if passing else None
+        out["headline_obs_per_s"] = best["acked"] if best else 0.0
+    return out
+
+
+def _latency(load: LoadRun, samples: list[Sample]) -> dict[str, Any]:
+    tel, t0, t_stop = load.telemetry, load.t0, load.t_stop
+    span = t_stop - t0
+    in_win = [a for a in tel.acks if a[6] and t0 <= a[4] < t_stop]
+    rec_ok = [r for r in tel.recalls if r[6]]
+    load_samples = [s for s in samples if s.t >= t0 and s.backlog() is not None]
+    peak = max((s.backlog() or 0 for s in load_samples), default=0)
+    peak_t = next((s.t for s in load_samples if s.backlog() == peak), None)
+    near_peak = []
+    for r in rec_ok:
+        n = _nearest(load_samples, r[0])
+        if n is not None and abs(n.t - r[0]) <= 1.0 and (n.backlog() or 0) >= PEAK_FRACTION * peak:
+            near_peak.append(r)
+    found = [v for v in tel.vis if v[4] is not None]
+    issued = len([r for r in tel.recalls if t0 <= r[0] < t_stop])
+    return {
+        "ack_ms": stats.summary_ms([a[4] - a[3] for a in in_win]),
+        "send_wait_ms": stats.summary_ms([a[3] - a[2] for a in in_win]),
+        "in_flight_batches_per_stream": {
+            "p50": stats.percentile([a[7] for a in in_win], 50),
+            "mean": round(float(np.mean([a[7] for a in in_win])), 2) if in_win else None,
+            "max": max((a[7] for a in in_win), default=None),
+        },
+        "visibility_ms": stats.summary_ms([v[4] - v[2] for v in found]),
+        "visibility_lower_bound_ms": stats.summary_ms([max(0.0, v[6] - v[2]) for v in found]),
+        "visibility_polls_mean": round(float(np.mean([v[5] for v in found])), 2) if found else None,
+        "visibility_ipc_delay_ms": stats.summary_ms([v[3] - v[2] for v in tel.vis]),
+        "visibility_samples": len(tel.vis),
+        "visibility_missed": len(tel.vis) - len(found),
+        "recall_ms_during_ingest": stats.summary_ms([r[1] for r in rec_ok if t0 <= r[0] < t_stop]),
+        "recall_ms_during_drain": stats.summary_ms([r[1] for r in rec_ok if r[0] >= t_stop]),
+        "recall_ms_at_peak_backlog": stats.summary_ms([r[1] for r in near_peak]),
+        "recall_server_ms_during_ingest": stats.summary_ms(
+            [r[2] / 1e6 for r in rec_ok if t0 <= r[0] < t_stop]
+        ),
+        "recall_failed": len(tel.recalls) - len(rec_ok),
+        "recalls_per_s_during_ingest": round(issued / span, 2) if span > 0 else 0.0,
+        "_peak": peak,
+        "_peak_t": peak_t,
+        "_near_peak": len(near_peak),
+    }
+
+
+def _indexing_memory(
+    cfg: BenchConfig, data: dict[str, Any], load: LoadRun, samples: list[Sample]
+) -> dict[str, Any]:
+    lim = data["limits"]
+    raws = [lim[k]["vectors_per_s"] for k in ("hnswlib", "hnswlib_after_probe") if k in lim]
+    raw = round(float(np.mean(raws)), 1)
+    probe = data.get("ours", {}).get("index_probe", {}) or {}
+    s_t0, s_stop = _nearest(samples, load.t0), _nearest(samples, load.t_stop)
+    s_reads = _nearest(samples, load.t_reads_stopped)
+    drained = load.t_drained is not None
+    s_after = _nearest(samples, load.t_drained) if drained else (samples[-1] if samples else None)
+    shards = data["target"]["shards"]
+    end, before = (
+        _shard_memory(data.get("final"), shards),
+        _shard_memory(data.get("before_load"), shards),
+    )
+    rss_end, rows_end = sum(v["rss_mb"] for v in end.values()), sum(v["rows"] for v in end.values())
+    d_rss = rss_end - sum(v["rss_mb"] for v in before.values())
+    d_rows = rows_end - sum(v["rows"] for v in before.values())
+    final: Sample | None = data.get("final")
+    return {
+        "raw_hnswlib_vectors_per_s": raw,
+        "raw_hnswlib_runs": raws,
+        "idle_probe": probe,
+        "ratio": stats.ratio(probe.get("rows_per_s"), raw),
+        "rows_per_s_during_ingest": _rate_between(s_t0, s_stop),
+        "rows_per_s_after_ingest_with_recalls": _rate_between(s_stop, s_reads),
+        "rows_per_s_drain_alone": _rate_between(s_reads, s_after),
+        "drained": drained,
+        "drained_after_s": round(load.t_drained - load.t_stop, 1) if load.t_drained else None,
+        "backlog_at_end_of_ingest": s_stop.backlog() if s_stop else None,
+        "backlog_at_end": final.backlog() if final else None,
+        "memory": {
+            "gb_per_million": _gb_per_million(rss_end, rows_end) if end else None,
+            "gb_per_million_incremental": _gb_per_million(d_rss, d_rows)
+            if end and before
+            else None,
+            "shards_at_end": end,
+            "shards_before_load": before,
+            "raw_hnswlib_rss_bytes_per_vector": lim["hnswlib"].get("rss_bytes_per_vector"),
+        },
+    }
+
+
+def _peers(data: dict[str, Any]) -> dict[str, Any]:
+    ours = data.get("ours", {})
+    results = {"engram-stream": ours}
+    for p in data.get("peers", []):
+        results[p.get("peer", "?")] = p
+    comparisons = {}
+    for name, p in results.items():
+        if name == "engram-stream" or "skipped" in p or "skipped" in ours:
+            continue
+        comparisons[name] = {
+            "ingest_until_searchable_ratio": stats.ratio(
+                ours.get("ingest_until_searchable_obs_per_s"),
+                p.get("ingest_until_searchable_obs_per_s"),
+            ),
+            "freshness_p50_ms": [ours["freshness_ms"].get("p50"), p["freshness_ms"].get("p50")],
+            "freshness_p99_ms": [ours["freshness_ms"].get("p99"), p["freshness_ms"].get("p99")],
+        }
+    return {"results": results, "comparisons": comparisons}
+
+
+def _target(
+    key: str,
+    name: str,
+    measured: float | None,
+    unit: str,
+    limit: tuple[str, float | None] | None = None,
+    ratio_to_limit: float | None = None,
+    note: str = "",
+) -> dict[str, Any]:
+    goal = TARGETS[key]
+    higher = key in HIGHER_IS_BETTER
+    met = None if measured is None else (measured >= goal if higher else measured <= goal)
+    row: dict[str, Any] = {
+        "key": key,
+        "name": name,
+        "target": f"{'>=' if higher else '<='} {goal:g} {unit}".strip(),
+        "measured": None if measured is None else round(measured, 4),
+        "unit": unit,
+        "met": met,
+        "note": note,
+    }
+    if limit is not None:
+        row["limit"] = {"name": limit[0], "value": limit[1]}
+        row["ratio_to_limit"] = ratio_to_limit
+    return row
+
+
+def _targets(
+    cfg: BenchConfig,
+    r: dict[str, Any],
+    lat: dict[str, Any],
+    ix: dict[str, Any],
+    quality: dict[str, Any],
+) -> list[dict[str, Any]]:
+    lim, tp, mem = r["limits"], r["throughput"], ix["memory"]
+    io_limit = min(lim["wal"]["obs_per_s"], lim["grpc"]["obs_per_s"])
+    io_name = "WAL append" if lim["wal"]["obs_per_s"] <= lim["grpc"]["obs_per_s"] else "gRPC"
+    raw_b = mem["raw_hnswlib_rss_bytes_per_vector"]
+    raw_gb = round(raw_b / 1000, 3) if raw_b else None
+    probe = ix["idle_probe"]
+    out = [
+        _target(
+            "acked_obs_per_s",
+            "acked-durable throughput"
+            + (" (max sustainable)" if cfg.find_max else f", {tp['timed_seconds']:.0f} s"),
+            tp["headline_obs_per_s"],
+            "obs/s",
+            (f"{io_name} limit obs/s", io_limit),
+            stats.ratio(tp["headline_obs_per_s"], io_limit),
+            f"recalls/s meanwhile: {lat['recalls_per_s_during_ingest']}",
+        ),
+        _target(
+            "visibility_p99_ms",
+            "visibility P99 (ack -> a recall returns it)",
+            r["visibility_p99_ms"],
+            "ms",
+            note=f"{lat['visibility_samples']} samples, {lat['visibility_missed']} never found",
+        ),
+        _target(
+            "recall_p99_ms",
+            "recall P99 with the backlog at its peak",
+            r["recall_p99_ms"],
+            "ms",
+            note=f"{lat['_near_peak']} recalls while the backlog was >= {PEAK_FRACTION:.0%} of "
+            f"its peak ({lat['_peak']:,} rows)",
+        ),
+        _target(
+            "recall_at_10",
+            "recall@10 vs exact search",
+            r["recall_at_10"],
+            "",
+            note=f"{quality.get('queries', 0)} queries; backlog {ix['backlog_at_end']} rows then",
+        ),
+        _target(
+            "index_rate_ratio_to_hnswlib",
+            "fresh -> HNSW indexing rate / raw hnswlib",
+            ix["ratio"],
+            "",
+            ("raw hnswlib vectors/s", ix["raw_hnswlib_vectors_per_s"]),
+            ix["ratio"],
+            f"idle probe {probe.get('rows_per_s')} rows/s over {probe.get('rows', '?')} rows",
+        ),
+        _target(
+            "shard_rss_gb_per_million",
+            "shard RSS per 1 M observations",
+            mem["gb_per_million"],
+            "GB",
+            ("raw hnswlib index GB per M", raw_gb),
+            stats.ratio(mem["gb_per_million"], raw_gb),
+            "after the backlog drained" if ix["drained"] else "backlog NOT drained",
+        ),
+    ]
+    for name, c in r["peers"]["comparisons"].items():
+        ratio = c["ingest_until_searchable_ratio"]
+        out.append(
+            {
+                "key": f"ahead_of_{name}_ingest",
+                "name": f"ingest until searchable, ours / {name}",
+                "target": "> 1 x",
+                "measured": ratio,
+                "unit": "x",
+                "met": None if ratio is None else ratio > 1,
+                "note": "same vectors and batch size",
+            }
+        )
+        ours99, theirs99 = c["freshness_p99_ms"]
+        out.append(
+            {
+                "key": f"ahead_of_{name}_freshness",
+                "name": f"freshness P99 vs {name}",
+                "target": f"< {theirs99} ms",
+                "measured": ours99,
+                "unit": "ms",
+                "met": None if ours99 is None or theirs99 is None else ours99 < theirs99,
+                "note": f"p50: ours {c['freshness_p50_ms'][0]} ms, {name} "
+                f"{c['freshness_p50_ms'][1]} ms",
+            }
+        )
+    return out
+
+
+def _series(load: LoadRun, samples: list[Sample], n_sec: int) -> dict[str, Any]:
+    tel, t0 = load.telemetry, load.t0
+    ok = [a for a in tel.acks if a[6]]
+    rec = [r for r in tel.recalls if r[6]]
+    offered = []
+    for i in range(n_sec):
+        rate = 0.0
+        for t, r in load.rate_changes:
+            if t <= t0 + i + 0.5:
+                rate = r
+        offered.append(rate if t0 + i < load.t_stop else 0.0)
+    a_t, a_v = [a[4] for a in ok], [a[4] - a[3] for a in ok]
+    r_t, r_v = [r[0] for r in rec], [r[1] for r in rec]
+    return {
+        "t": list(range(n_sec)),
+        "offered_obs_per_s": offered,
+        "sent_obs_per_s": stats.buckets(
+            [a[2] for a in tel.acks], [a[5] for a in tel.acks], t0, n_sec
+        ),
+        "acked_obs_per_s": stats.buckets(a_t, [a[5] for a in ok], t0, n_sec),
+        "ack_p50_ms": stats.per_second_percentiles(a_t, a_v, t0, n_sec, 50),
+        "ack_p99_ms": stats.per_second_percentiles(a_t, a_v, t0, n_sec, 99),
+        "recall_p50_ms": stats.per_second_percentiles(r_t, r_v, t0, n_sec, 50),
+        "recall_p99_ms": stats.per_second_percentiles(r_t, r_v, t0, n_sec, 99),
+        "visibility": [
+            [round(v[2] - t0, 3), round((v[4] - v[2]) * 1000, 3)] for v in tel.vis if v[4]
+        ],
+        "monitor": [
+            {
+                "t": round(s.t - t0, 2),
+                "backlog": s.backlog(),
+                "rows": s.rows(),
+                "other_cpu_pct": round(s.other_cpu_pct(), 1),
+                "shards": {
+                    str(k): {
+                        "backlog": sum(p["count"] - p["indexed"] for p in v["spaces"].values()),
+                        "rows": sum(p["count"] for p in v["spaces"].values()),
+                    }
+                    for k, v in s.shards.items()
+                    if "spaces" in v
+                },
+                "procs": s.procs,
+            }
+            for s in samples
+        ],
+    }  # fmt: skip
+
+
+# --------------------------------------------------------------------------------- build
+
+
+def build(cfg: BenchConfig, data: dict[str, Any]) -> dict[str, Any]:
+    load: LoadRun = data["load"]
+    tel = load.telemetry
+    samples: list[Sample] = data["monitor"]
+    last_t = max([a[4] for a in tel.acks] + [s.t for s in samples] + [load.t_stop])
+    n_sec = max(1, math.ceil(last_t - load.t0))
+    tp = _throughput(cfg, load, n_sec)
+    lat = _latency(load, samples)
+    ix = _indexing_memory(cfg, data, load, samples)
+    quality = data.get("quality", {})
+    timed = [s for s in samples if load.t0 < s.t <= load.t_stop]
+    other_cpu = round(float(np.mean([s.other_cpu_pct() for s in timed])), 1) if timed else None
+    wal_limit = data["limits"]["wal"]["obs_per_s"]
+    grpc_limit = data["limits"]["grpc"]["obs_per_s"]
+    r: dict[str, Any] = {
+        "acked_obs_per_s": tp["headline_obs_per_s"],
+        "visibility_p99_ms": lat["visibility_ms"]["p99"],
+        "recall_p99_ms": lat["recall_ms_at_peak_backlog"]["p99"],
+        "recall_at_10": quality.get("recall_at_10"),
+        "index_rate_ratio_to_hnswlib": ix["ratio"],
+        "shard_rss_gb_per_million": ix["memory"]["gb_per_million"],
+        "peers": _peers(data),
+        "machine": {
+            **data["machine"],
+            "load_average_end": [round(x, 2) for x in os.getloadavg()],
+            "other_processes_cpu_pct_during_timed_phase": other_cpu,
+        },
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "corpus": data["corpus"],
+        "cluster": data["target"],
+        "limits": data["limits"],
+        "throughput": {
+            **tp,
+            "ratio_to_wal_limit": stats.ratio(tp["headline_obs_per_s"], wal_limit),
+            "ratio_to_grpc_limit": stats.ratio(tp["headline_obs_per_s"], grpc_limit),
+        },
+        "find_max": None,
+        "latency": {k: v for k, v in lat.items() if not k.startswith("_")},
+        "recall_quality": {k: v for k, v in quality.items() if k != "latency_s"},
+        "backlog": {
+            "peak_rows": lat["_peak"],
+            "peak_at_s": None if lat["_peak_t"] is None else round(lat["_peak_t"] - load.t0, 1),
+            "at_end_of_ingest": ix["backlog_at_end_of_ingest"],
+            "drained": ix["drained"],
+            "drained_after_s": ix["drained_after_s"],
+            "at_end": ix["backlog_at_end"],
+        },
+        "indexing": {k: v for k, v in ix.items() if k != "memory"},
+        "memory": ix["memory"],
+        "processes": _proc_summary(samples, load.t0, load.t_stop),
+        "profile": load.profiles,
+        "stream_events": [list(e) for e in tel.events[:50]],
+    }  # fmt: skip
+    if cfg.find_max:
+        passing = [s for s in load.steps if s["keeps_up"]]
+        r["find_max"] = {
+            "steps": load.steps,
+            "max_sustainable_obs_per_s": tp["headline_obs_per_s"] if passing else None,
+            "criteria": f"acked >= 95% of offered and ack p99 <= {cfg.max_ack_p99_ms:g} ms",
+        }
+    r["targets"] = _targets(cfg, r, lat, ix, quality)
+    r["notes"] = _notes(cfg, r, load, other_cpu)
+    r["series"] = _series(load, samples, n_sec)
+    return r
+
+
+def _notes(
+    cfg: BenchConfig, r: dict[str, Any], load: LoadRun, other_cpu: float | None
+) -> list[str]:
+    notes = []
+    tel, ix, lat = load.telemetry, r["indexing"], r["latency"]
+    if other_cpu is not None and other_cpu >= 20:
+        notes.append(
+            f"other processes on this machine used {other_cpu:.0f}% CPU (100 = one core) on "
+            "average during the timed phase: figures are depressed by that much contention"
+        )
+    if cfg.find_max and not any(s["keeps_up"] for s in load.steps):
+        notes.append("--find-max: not even the first step kept up")
+    if lat["visibility_missed"]:
+        notes.append(f"{lat['visibility_missed']} visibility samples were not found within 10 s")
+    if not lat["visibility_samples"]:
+        notes.append("no visibility samples were taken")
+    if not ix["idle_probe"].get("rows_per_s"):
+        notes.append("the idle indexing probe did not complete: indexing ratio not measured")
+    if r["memory"]["gb_per_million"] is None:
+        notes.append("shard RSS per million not measured (no PIDs or Stats for the shards)")
+    elif not ix["drained"]:
+        notes.append(
+            f"the index backlog did not drain within {cfg.drain_timeout:g} s "
+            f"({ix['backlog_at_end']} rows still un-indexed): shard RSS per million is measured "
+            "with those rows in the fresh tier, not once indexed"
+        )
+    if cfg.dim != 384:
+        notes.append(f"the targets are stated for dim 384; this run used dim {cfg.dim}")
+    if cfg.profile_seconds > 0:
+        notes.append(
+            f"py-spy sampled the gateway and shard-0 at {cfg.profile_rate} Hz for "
+            f"{cfg.profile_seconds:g} s from second {cfg.profile_start:g} of the timed phase"
+        )
+    notes.extend(f"load process failure: {f.splitlines()[0]}" for f in tel.failures)
+    if r["throughput"]["batches_failed"]:
+        notes.append(f"{r['throughput']['batches_failed']} batches failed (not acknowledged)")
+    if tel.events:
+        notes.append(f"{len(tel.events)} stream events (disconnects, resumes, errors) under load")
+    return notes
+
+
+# --------------------------------------------------------------------------------- output
+
+
+def _num(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:,.3g}"
+
+
+def table(result: dict[str, Any]) -> str:
+    rows = [("target", "goal", "measured", "met", "limit", "ratio to limit")]
+    for t in result["targets"]:
+        lim = t.get("limit")
+        ratio = t.get("ratio_to_limit")
+        rows.append(
+            (
+                t["name"],
+                t["target"],
+                f"{_num(t['measured'])} {t['unit']}".strip(),
+                {True: "MET", False: "NOT MET", None: "n/a"}[t["met"]],
+                f"{lim['name']} {_num(lim['value'])}" if lim else "",
+                "" if ratio is None else f"{ratio:.3g}",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    m = result["machine"]
+    lines = [
+        "",
+        f"summary ({m['cpu']}, {m['cores']} cores, load average {m['load_average_start']})",
+    ]
+    for j, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lines.extend(f"note: {n}" for n in result["notes"])
+    return "\n".join(lines)
+
+
+def write(cfg: BenchConfig, out_dir: Path, result: dict[str, Any]) -> None:
+    from engram.bench import markdown, plots
+
+    images: list[str] = []
+    if cfg.plots:
+        try:
+            images = plots.draw(result, out_dir)
+        except ImportError as exc:
+            result["notes"].append(f"plots skipped: {exc} (pip install matplotlib)")
+    text = json.dumps(result, indent=1, default=str) + "\n"
+    (out_dir / "results.json").write_text(text)
+    if cfg.json_path:
+        Path(cfg.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.json_path).write_text(text)
+    (out_dir / "summary.md").write_text(markdown.summary(result, images))

@@ -1,0 +1,118 @@
+"""A 10-second run of ``engram bench`` against a cluster of its own: the benchmark works end to
+end and writes a sane JSON report. It checks the harness, not the service's speed: no figure
+is asserted beyond being present and physically plausible."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TOP_LEVEL = (
+    "acked_obs_per_s",
+    "visibility_p99_ms",
+    "recall_p99_ms",
+    "recall_at_10",
+    "index_rate_ratio_to_hnswlib",
+    "shard_rss_gb_per_million",
+    "peers",
+    "machine",
+    "targets",
+)
+
+
+def _engram() -> list[str]:
+    script = Path(sys.executable).parent / "engram"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "engram.cli"]
+
+
+def _positive(x: object) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.mark.timeout(240)
+def test_bench_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    argv = [
+        *_engram(),
+        "bench",
+        "--seconds", "10",
+        "--rate", "5000",
+        "--dim", "64",
+        "--no-peers",
+        "--json", str(out),
+        # keep the side-by-side, the limit probes and the pools small: this is a smoke test
+        "--compare-count", "5000",
+        "--compare-samples", "5",
+        "--limit-seconds", "1",
+        "--pool", "8000",
+        "--drain-timeout", "60",
+        "--drain-recall-seconds", "2",
+        "--recall-queries", "20",
+        "--out", str(tmp_path / "results"),
+    ]  # fmt: skip
+    proc = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=220,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.returncode == 0, (
+        f"engram bench failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    )
+    assert "summary" in proc.stdout and "acked-durable throughput" in proc.stdout
+
+    r = json.loads(out.read_text())
+    for key in TOP_LEVEL:
+        assert key in r, f"missing top-level key {key!r}"
+    assert r["machine"]["cores"] >= 1 and r["machine"]["cpu"]
+
+    # ingest happened and was measured from acks; nothing failed
+    assert _positive(r["acked_obs_per_s"])
+    assert r["acked_obs_per_s"] <= 5000 * 1.5  # cannot ack more than it offered
+    assert r["throughput"]["batches_failed"] == 0
+    assert sum(r["series"]["acked_obs_per_s"]) >= r["throughput"]["acked_in_timed_phase"]
+
+    # latencies are positive milliseconds; every visibility sample was found
+    assert _positive(r["visibility_p99_ms"])
+    assert r["latency"]["visibility_missed"] == 0
+    assert _positive(r["latency"]["ack_ms"]["p50"])
+    assert r["latency"]["recall_ms_during_ingest"]["count"] > 0
+
+    # quality and indexing: whatever the speed, the backlog drained and recall is exact-ish
+    assert r["backlog"]["drained"] is True
+    assert 0.0 <= r["recall_at_10"] <= 1.0
+    assert r["recall_quality"]["queries"] > 0
+    assert _positive(r["index_rate_ratio_to_hnswlib"])
+    assert _positive(r["shard_rss_gb_per_million"])
+
+    # limits were measured in the same run
+    for limit in ("hnswlib", "wal", "grpc"):
+        assert _positive(r["limits"][limit]["obs_per_s"]), limit
+
+    # every target has a verdict field and a measured figure (or an explicit null)
+    keys = {t["key"] for t in r["targets"]}
+    assert {k for k in TOP_LEVEL[:6]} <= keys
+    for t in r["targets"]:
+        assert t["met"] in (True, False, None)
+    # peers were skipped on purpose; ours is still measured the peer way
+    assert "engram-stream" in r["peers"]["results"]
+    assert "skipped" not in r["peers"]["results"]["engram-stream"]
+
+    # the results directory holds the JSON and the summary
+    runs = list((tmp_path / "results").iterdir())
+    assert len(runs) == 1
+    assert (runs[0] / "results.json").exists() and (runs[0] / "summary.md").exists()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # the bench extra is not installed: the report says so
+        assert any("plots skipped" in n for n in r["notes"])
+    else:
+        for name in ("throughput.png", "latency.png", "backlog.png", "cpu.png", "peers.png"):
+            assert (runs[0] / name).stat().st_size > 1000, name
