@@ -399,7 +399,8 @@ class ObservationStream:
             credits = max(1, credits // 2)
         if self._target_s <= 0:
             return credits
-        return max(1, min(credits, int(self._depth)))
+        # at least two in flight: one batch is always on the wire while the other is acked
+        return max(min(2, credits), min(credits, int(self._depth)))
 
     def _adapt(self, latency: float) -> None:
         """Additive increase while acks are fast, multiplicative decrease when slow."""

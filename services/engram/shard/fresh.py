@@ -8,6 +8,7 @@ the builder drops stays alive for a recall that still scans it.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -67,6 +68,7 @@ class FreshTier:
             keep += 1
         if keep:
             self.blocks = self.blocks[keep:]
+            _trim()
 
     def snapshot(self) -> list[Block]:
         return list(self.blocks)
@@ -106,3 +108,16 @@ def scan(
     rows, scores = rows[found], scores[found]
     order = np.argsort(-scores, kind="stable")[:k]
     return rows[order].astype(np.int64), scores[order].astype(np.float32)
+
+
+def _trim() -> None:
+    """Hands freed block memory back to the OS (glibc keeps large freed chunks otherwise)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6")
+    _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+except (OSError, AttributeError):
+    _LIBC = None

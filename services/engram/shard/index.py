@@ -79,6 +79,13 @@ class HnswTier:
             self._index.load_index(path, max_elements=0)
         self._index.set_num_threads(settings.build_threads)
         self.count = self._index.get_current_count()
+        # while the index is small, its vectors are also kept here for exact recalls
+        self._small: np.ndarray | None = None
+        if self.count <= _EXACT_BELOW:
+            rows = np.arange(self.count, dtype=np.int64)
+            self._small = np.asarray(
+                self._index.get_items(rows, return_type="numpy"), dtype=np.float32
+            ).reshape(self.count, dim)
         self._lock = RecallFirstLock()
         self._query_lock = threading.Lock()  # set_ef + knn_query are one step
 
@@ -91,6 +98,9 @@ class HnswTier:
             if first_row + n > capacity:
                 self._index.resize_index(max(capacity * 2, first_row + n))
             self._index.add_items(vectors, labels, num_threads=self._settings.build_threads)
+            if self._small is not None:
+                grown = np.concatenate([self._small[:first_row], vectors.astype(np.float32)])
+                self._small = grown if len(grown) <= _EXACT_BELOW else None
         self.count = first_row + n
 
     def search(
@@ -114,7 +124,7 @@ class HnswTier:
                 return np.empty(0, np.int64), np.empty(0, np.float32)
             if count <= _EXACT_BELOW:
                 return self._exact(cue, k, limit, accept)
-            fetch = min(count, k + (count - limit))
+            fetch = min(count, k + min(count - limit, 4 * k))
             while True:
                 rows, scores = self._query(cue, fetch, count)
                 keep = rows < limit
@@ -131,7 +141,10 @@ class HnswTier:
         """Brute force over rows ``[0, limit)``: small indexes are answered exactly (HNSW can
         leave some of many equal vectors unreachable)."""
         rows = np.arange(limit, dtype=np.int64)
-        vectors = np.asarray(self._index.get_items(rows, return_type="numpy"), dtype=np.float32)
+        if self._small is not None and len(self._small) >= limit:
+            vectors = self._small[:limit]
+        else:
+            vectors = np.asarray(self._index.get_items(rows, return_type="numpy"), np.float32)
         scores = vectors @ cue
         if accept is not None:
             keep = accept(rows)

@@ -8,6 +8,7 @@ can keep many batches in flight. Errors are answered in-band per batch; the stre
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 from collections.abc import AsyncIterator
 
@@ -34,6 +35,9 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         self._loop = asyncio.get_running_loop()
         self._level = admission.NORMAL
         node.admission.listeners.append(self._on_level)
+        # recalls scan with numpy and hnswlib outside the GIL; two at a time keep both cores
+        # busy without starving acks and indexing
+        self._recall_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="recall")
 
     def _on_level(self, snap: admission.Snapshot) -> None:
         """Admission level changed (any thread): push a status to every Append stream."""
@@ -141,7 +145,9 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             else:
                 deadline = (r.deadline_ms or 5000) / 1000
                 snap = await space.consistent_snapshot(r.consistency, request.session_id, deadline)
-                out = await asyncio.to_thread(space.recall, snap, cue, r.k, Filters.of(r))
+                out = await self._loop.run_in_executor(
+                    self._recall_pool, space.recall, snap, cue, r.k, Filters.of(r)
+                )
                 chunks = split(out, r.chunk_size)
         except EngramError as exc:
             await context.abort(grpc_status(exc), str(exc))
