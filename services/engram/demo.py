@@ -90,8 +90,8 @@ async def _send_all(
         ids = [f"{run}:{i}" for i in range(lo, hi)]
         contents = [f"observation {i}" for i in range(lo, hi)]
         vectors = corpus.vectors(lo, hi - lo)
-        sent_at = time.perf_counter()
         fut = await stream.send(vectors, ids=ids, contents=contents)
+        sent_at = time.perf_counter()  # written to the stream (after waiting for a credit)
         if number % PROBE_EVERY == 0:
             probes.append(
                 asyncio.create_task(
@@ -199,7 +199,7 @@ async def run(args: argparse.Namespace) -> int:
         if visibility:
             v = np.sort(np.array(visibility)) * 1000
             print(
-                f"visibility (send() -> first recall that returns it, {len(v)} probes): "
+                f"visibility (write -> first recall that returns it, {len(v)} probes): "
                 f"P50 {np.percentile(v, 50):.1f} ms, P99 {np.percentile(v, 99):.1f} ms, "
                 f"max {v[-1]:.1f} ms"
             )
