@@ -41,6 +41,7 @@ from engram.v1 import streaming_pb2 as pb
 log = logging.getLogger("engram.gateway.stream")
 
 _SESSION_UPDATE_S = 0.5
+_LANE_NAMES = {pb.PRIORITY_HIGH: "high", pb.PRIORITY_NORMAL: "normal", pb.PRIORITY_LOW: "low"}
 
 
 class TokenBucket:
@@ -97,7 +98,8 @@ class ClientStream:
         self.last_acked = 0
         self._shard_call: grpc.aio.StreamStreamCall | None = None
         self._shard_reader: asyncio.Task[None] | None = None
-        self._sent_at: dict[int, tuple[float, int, int]] = {}  # seq -> (sent at, n, dim)
+        # seq -> (sent at, observations, dim, priority lane name)
+        self._sent_at: dict[int, tuple[float, int, int, str]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_session_write = 0.0
         self._closing = False
@@ -379,7 +381,8 @@ class ClientStream:
                 code=pb.STREAM_PAUSED,
             )
         call = await self._shard_stream()
-        self._sent_at[seq] = (time.perf_counter(), checked.n, checked.dim)
+        lane = _LANE_NAMES.get(batch.priority, "normal")
+        self._sent_at[seq] = (time.perf_counter(), checked.n, checked.dim, lane)
         if seq == self.next_expected:
             self.next_expected += 1
         metrics.batch_size.observe(checked.n)
@@ -455,7 +458,8 @@ class ClientStream:
             if self.dim == 0 and not resp.duplicate:
                 self.dim = sent[2]
         if not resp.duplicate:
-            metrics.observations_total.labels(self.space, "normal").inc(resp.count)
+            lane = sent[3] if sent is not None else "normal"
+            metrics.observations_total.labels(self.space, lane).inc(resp.count)
             metrics.batches_processed_total.inc()
         ack = pb.ObservationAck(
             status=pb.ObservationAck.ACCEPTED,
