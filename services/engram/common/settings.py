@@ -48,6 +48,12 @@ class IndexSettings:
     # Nice value of the builder thread (and hnswlib's threads): indexing yields the CPU to
     # acks and recalls. 0 keeps the process's priority.
     builder_nice: int = 10
+    # Un-indexed rows of a space above which full fresh-tier blocks are partitioned (IVF) and
+    # recalls scan only the lists nearest the cue there; below it the scan is exact.
+    fresh_partition_rows: int = 65_536
+    # Coarse lists of a partitioned fresh tier, and how many of them a recall scans.
+    fresh_lists: int = 64
+    fresh_nprobe: int = 12
     # Checkpoint after this many newly indexed observations...
     checkpoint_every: int = 200_000
     # ...or after this many seconds with un-checkpointed indexed data.
@@ -291,6 +297,11 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
             build_chunk=e.int("ENGRAM_INDEX_BUILD_CHUNK", IndexSettings.build_chunk, 1, 1_000_000),
             build_threads=e.int("ENGRAM_INDEX_BUILD_THREADS", IndexSettings.build_threads, 1, 256),
             builder_nice=e.int("ENGRAM_INDEX_BUILDER_NICE", IndexSettings.builder_nice, 0, 19),
+            fresh_partition_rows=e.int(
+                "ENGRAM_FRESH_PARTITION_ROWS", IndexSettings.fresh_partition_rows, 1, 1 << 40
+            ),
+            fresh_lists=e.int("ENGRAM_FRESH_LISTS", IndexSettings.fresh_lists, 1, 65_536),
+            fresh_nprobe=e.int("ENGRAM_FRESH_NPROBE", IndexSettings.fresh_nprobe, 1, 65_536),
             checkpoint_every=e.int(
                 "ENGRAM_CHECKPOINT_EVERY", IndexSettings.checkpoint_every, 1, 1 << 40
             ),

@@ -174,6 +174,8 @@ class ShardNode:
                 self._wake.clear()
                 continue
             try:
+                if space.partition_step():
+                    continue  # cheap, and it keeps recalls fast while the backlog is large
                 added = space.index_step(self._chunk(space.backlog()))
             except Exception:  # the builder must survive; the rows stay in the fresh tier
                 log.exception("space %s: indexing failed; retrying in 1 s", space.name)

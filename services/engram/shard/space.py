@@ -35,7 +35,7 @@ from engram.common.settings import AdmissionSettings, IndexSettings, LimitSettin
 from engram.internal.v1 import shard_pb2 as ipb
 from engram.shard import checkpoint as ckpt
 from engram.shard.admission import AdmissionController, lane_of
-from engram.shard.fresh import Block, FreshTier, scan
+from engram.shard.fresh import BLOCK_ROWS, Block, FreshTier, Partitioning, partition, scan, train
 from engram.shard.index import HnswTier
 from engram.shard.wal import Wal, WalFaults
 from engram.v1 import streaming_pb2 as pb
@@ -61,6 +61,7 @@ class Snapshot:
     indexed: int
     blocks: list[Block]
     hnsw: HnswTier | None
+    partitioning: Partitioning | None = None
     consistency: int = pb.EVENTUAL
     waited_us: int = 0
     staleness_us: int = 0
@@ -175,6 +176,7 @@ class Space:
         self._checkpoint_meta: list[str] = []
         self.last_checkpoint = time.monotonic()
         self.changed = threading.Event()  # set when rows become visible (wakes the builder)
+        self.partitioning: Partitioning | None = None  # trained once the backlog is large
         # un-indexed rows per priority lane, as runs of (end_row, lane, published_at)
         self._lane_runs: deque[tuple[int, int, float]] = deque()
         self._session_rows: dict[str, int] = {}  # rows visible when the session's last batch was
@@ -514,7 +516,9 @@ class Space:
         indexed = hnsw.count if hnsw is not None else 0
         behind_since = self.wal.durable_since(visible)
         staleness = int((time.monotonic() - behind_since) * 1e6) if behind_since else 0
-        return Snapshot(visible, indexed, blocks, hnsw, consistency, waited_us, staleness)
+        return Snapshot(
+            visible, indexed, blocks, hnsw, self.partitioning, consistency, waited_us, staleness
+        )
 
     async def consistent_snapshot(
         self, consistency: int, session_id: str = "", deadline_s: float = 5.0
@@ -615,7 +619,9 @@ class Space:
             rows, scores = snap.hnsw.search(q, k, limit_row=snap.visible, accept=accept)
             parts_rows.append(rows)
             parts_scores.append(scores)
-        rows, scores = scan(snap.blocks, q, snap.indexed, snap.visible, k, accept)
+        rows, scores = scan(
+            snap.blocks, q, snap.indexed, snap.visible, k, accept, snap.partitioning
+        )
         parts_rows.append(rows)
         parts_scores.append(scores)
         rows = np.concatenate(parts_rows)
@@ -688,6 +694,21 @@ class Space:
                 if lane == pb.PRIORITY_LOW:
                     return since
         return None
+
+    def partition_step(self) -> bool:
+        """Partitions one full fresh block if the backlog is large (builder thread); trains the
+        space's centroids the first time. True if it did something."""
+        settings = self._index_settings
+        if self.fresh is None or self.backlog() < settings.fresh_partition_rows:
+            return False
+        pending = self.fresh.unpartitioned_full()
+        if not pending:
+            return False
+        if self.partitioning is None:
+            centroids = train(pending[0].data[:BLOCK_ROWS], settings.fresh_lists)
+            self.partitioning = Partitioning(centroids, min(settings.fresh_nprobe, len(centroids)))
+        partition(pending[0], self.partitioning.centroids)
+        return True
 
     def index_step(self, max_rows: int) -> int:
         """Moves up to ``max_rows`` rows from the fresh tier into HNSW; builder thread only."""
