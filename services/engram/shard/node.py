@@ -46,7 +46,7 @@ class ShardNode:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
         self._builder: threading.Thread | None = None
-        self._wake = threading.Event()
+        self._wake = threading.Event()  # set by stop(): the idle builder need not finish its wait
         self._tasks: list[asyncio.Task[None]] = []
         self.ready = False  # True once every space on disk is recovered and started
 
@@ -127,9 +127,6 @@ class ShardNode:
         self.spaces[name] = space
         log.info("space %s created", name)
         return space
-
-    def wake_builder(self) -> None:
-        self._wake.set()
 
     # ------------------------------------------------------------------- builder
 

@@ -175,7 +175,6 @@ class Space:
         self._checkpoint_index_file = ""
         self._checkpoint_meta: list[str] = []
         self.last_checkpoint = time.monotonic()
-        self.changed = threading.Event()  # set when rows become visible (wakes the builder)
         self.partitioning: Partitioning | None = None  # trained once the backlog is large
         # un-indexed rows per priority lane, as runs of (end_row, lane, published_at)
         self._lane_runs: deque[tuple[int, int, float]] = deque()
@@ -420,7 +419,6 @@ class Space:
         self.admission.settle(p.lane, n, p.nbytes, n * self.dim * 4)
         self._durable[p.session_id] = p.seq
         self._session_rows[p.session_id] = self.visible
-        self.changed.set()
         if self._visibility_waiters:
             self._wake_visibility()
         p.result.set_result(
