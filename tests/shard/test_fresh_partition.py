@@ -5,13 +5,23 @@ from __future__ import annotations
 import numpy as np
 
 from engram.corpus import Corpus
-from engram.shard.fresh import BLOCK_ROWS, FreshTier, Partitioning, partition, scan, train
+from engram.shard.fresh import BLOCK_ROWS, FreshTier, Partitioning, partitioned, scan
 
 DIM = 32
 
 
 def _normalised(v: np.ndarray) -> np.ndarray:
     return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _partition(tier: FreshTier, nlist: int, nprobe: int) -> Partitioning:
+    full = tier.unpartitioned_full()
+    assert len(full) >= 2
+    ivf = Partitioning.learn(full[0].data, nlist, nprobe)
+    for block in full:
+        assert tier.replace(block, partitioned(block, ivf))
+    assert tier.unpartitioned_full() == []
+    return ivf
 
 
 def _tier(blocks: int) -> tuple[FreshTier, np.ndarray]:
@@ -25,13 +35,7 @@ def _tier(blocks: int) -> tuple[FreshTier, np.ndarray]:
 
 def test_partitioned_scan_finds_what_the_exact_scan_finds() -> None:
     tier, rows = _tier(blocks=4)
-    full = tier.unpartitioned_full()
-    assert len(full) >= 3
-    centroids = train(full[0].data, nlist=64)
-    for block in full:
-        partition(block, centroids)
-    assert tier.unpartitioned_full() == []
-    ivf = Partitioning(centroids, nprobe=12)
+    ivf = _partition(tier, nlist=256, nprobe=16)
     queries = _normalised(Corpus(DIM, seed=3).vectors(10 * BLOCK_ROWS, 100))
     hits = 0
     for q in queries:
@@ -45,11 +49,7 @@ def test_partitioned_scan_finds_what_the_exact_scan_finds() -> None:
 
 def test_a_stored_vector_is_always_found_and_ranges_are_respected() -> None:
     tier, rows = _tier(blocks=3)
-    full = tier.unpartitioned_full()
-    centroids = train(full[0].data, nlist=32)
-    for block in full:
-        partition(block, centroids)
-    ivf = Partitioning(centroids, nprobe=4)
+    ivf = _partition(tier, nlist=64, nprobe=4)
     rng = np.random.default_rng(1)
     for row in rng.integers(0, len(rows), 50):
         # the cue's nearest list is the stored row's own list, so it is always probed
@@ -62,14 +62,48 @@ def test_a_stored_vector_is_always_found_and_ranges_are_respected() -> None:
 
 def test_filters_apply_inside_partitioned_blocks() -> None:
     tier, rows = _tier(blocks=3)
-    full = tier.unpartitioned_full()
-    centroids = train(full[0].data, nlist=16)
-    for block in full:
-        partition(block, centroids)
-    ivf = Partitioning(centroids, nprobe=16)  # every list: must equal the exact filtered scan
+    ivf = _partition(tier, nlist=16, nprobe=16)  # every list: must equal the exact scan
     even = lambda r: r % 2 == 0  # noqa: E731
     for q in rows[:20]:
         exact, _ = scan(tier.snapshot(), q, 0, len(rows), 10, even)
         approx, _ = scan(tier.snapshot(), q, 0, len(rows), 10, even, partitioning=ivf)
         assert list(approx) == list(exact)
         assert all(r % 2 == 0 for r in approx)
+
+
+def test_partitioned_blocks_keep_every_row_in_row_order_for_the_index() -> None:
+    tier, rows = _tier(blocks=3)
+    _partition(tier, nlist=64, nprobe=4)
+    lo, hi = 100, 2 * BLOCK_ROWS + 7  # spans partitioned blocks and the tail
+    assert np.array_equal(tier.rows(lo, hi), rows[lo:hi])
+
+
+def test_two_level_assignment_picks_the_best_leaf_of_the_nearest_coarse_centroid() -> None:
+    tier, rows = _tier(blocks=2)
+    ivf = Partitioning.learn(rows[:BLOCK_ROWS], nlist=64, nprobe=4)
+    assert len(ivf.coarse) == 8 and ivf.nlist <= 64 and ivf.leaf_start[-1] == ivf.nlist
+    sample = rows[:500]
+    leaf = ivf.assign(sample)
+    coarse = np.argmax(sample @ ivf.coarse.T, axis=1)
+    for r, c, got in zip(sample, coarse, leaf, strict=True):
+        lo, hi = ivf.leaf_start[c], ivf.leaf_start[c + 1]
+        assert lo <= got < hi
+        assert got == lo + int(np.argmax(ivf.leaves[lo:hi] @ r))
+
+
+def test_a_block_indexed_while_it_was_partitioned_is_not_put_back() -> None:
+    tier, _rows = _tier(blocks=3)
+    full = tier.unpartitioned_full()
+    ivf = Partitioning.learn(full[0].data, 16, 4)
+    new = partitioned(full[0], ivf)
+    tier.drop_below(full[0].first_row + full[0].filled)
+    assert not tier.replace(full[0], new)
+    assert all(b.first_row != full[0].first_row for b in tier.snapshot())
+
+
+def test_normalising_on_the_way_in_matches_normalised_rows() -> None:
+    raw = Corpus(DIM, seed=5).vectors(0, 3000).astype(np.float32) * 3.0
+    norms = np.linalg.norm(raw, axis=1)
+    tier = FreshTier(DIM)
+    tier.append(raw, norms)
+    assert np.allclose(tier.rows(0, 3000), _normalised(raw), atol=1e-6)

@@ -51,9 +51,10 @@ class IndexSettings:
     # Un-indexed rows of a space above which full fresh-tier blocks are partitioned (IVF) and
     # recalls scan only the lists nearest the cue there; below it the scan is exact.
     fresh_partition_rows: int = 65_536
-    # Coarse lists of a partitioned fresh tier, and how many of them a recall scans.
-    fresh_lists: int = 64
-    fresh_nprobe: int = 12
+    # Lists (leaves of the two-level quantiser) of a partitioned fresh tier, and how many of
+    # them a recall scans.
+    fresh_lists: int = 1024
+    fresh_nprobe: int = 24
     # Checkpoint after this many newly indexed observations...
     checkpoint_every: int = 200_000
     # ...or after this many seconds with un-checkpointed indexed data.

@@ -39,6 +39,7 @@ class CheckedBatch:
     n: int
     dim: int
     vectors: np.ndarray  # (n, dim) float32, read-only view
+    sq_norms: np.ndarray  # (n,) squared length of each vector, all > 0
 
 
 def batch(b: pb.ObservationBatch, limits: LimitSettings, space_dim: int = 0) -> CheckedBatch:
@@ -87,7 +88,7 @@ def batch(b: pb.ObservationBatch, limits: LimitSettings, space_dim: int = 0) -> 
         conf = np.frombuffer(b.confidences, dtype="<f4")
         if not np.isfinite(conf).all():
             raise ValidationError("a confidence is NaN or infinity", code=pb.NON_FINITE_VALUE)
-    return CheckedBatch(n=n, dim=dim, vectors=vectors)
+    return CheckedBatch(n=n, dim=dim, vectors=vectors, sq_norms=norms)
 
 
 def _same_length(name: str, got: int, n: int) -> None:

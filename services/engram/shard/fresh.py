@@ -3,19 +3,22 @@
 Rows live in fixed-size numpy blocks, appended in LSN order the moment a batch is durable, and
 are scanned exactly by recalls. The builder copies rows from here into the index; a block is
 dropped once every row in it is indexed. Readers take a snapshot (the list of blocks) so a block
-the builder drops stays alive for a recall that still scans it.
+the builder drops or replaces stays alive for a recall that still scans it.
 
-When the un-indexed backlog grows large (HNSW insertion is far slower than ingest), the builder
-*partitions* full blocks, IVF-style, as Milvus does with the interim index of growing segments:
-coarse centroids are trained once per space, each full block's rows are grouped by their
-nearest centroid (off the ack path), and a recall scans only the rows of the ``nprobe`` lists
-nearest the cue in those blocks. The rest (small backlogs, the block being filled) is scanned
-exactly.
+When the un-indexed backlog grows large (HNSW insertion is far slower than ingest), the shard's
+partitioner thread *partitions* full blocks, IVF-style, as Milvus does with the interim index of
+growing segments. A two-level quantiser is trained once per space (``sqrt(nlist)`` coarse
+centroids, each with ``sqrt(nlist)`` leaves), so assigning a row costs about ``2 sqrt(nlist)``
+dot products instead of ``nlist``. A partitioned block is a new block whose rows are *sorted by
+leaf* (it replaces the old one in the tier), so a recall reads the ``nprobe`` leaves nearest the
+cue as contiguous slices. The rest (small backlogs, the block being filled) is scanned exactly.
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,21 +30,22 @@ _FIRST_BLOCK_ROWS = 1_024
 
 @dataclass
 class Block:
+    """Rows ``[first_row, first_row + filled)``. Only ``filled`` ever changes (the last block
+    grows); partitioning makes a new block rather than change this one."""
+
     first_row: int
     data: np.ndarray  # (capacity, dim) float32; rows past ``filled`` are unused
     filled: int = 0
-    # set by partition(): block rows ordered by list, and where each list starts in ``order``
+    # partitioned blocks: ``data`` is sorted by leaf; ``order[i]`` is the block position (row -
+    # first_row) of ``data[i]``, ``inverse`` the reverse, and leaf ``c`` is
+    # ``data[offsets[c]:offsets[c + 1]]``
     order: np.ndarray | None = None
+    inverse: np.ndarray | None = None
     offsets: np.ndarray | None = None
 
-
-@dataclass(frozen=True)
-class Partitioning:
-    centroids: np.ndarray  # (nlist, dim), unit length
-    nprobe: int
-
-    def lists_for(self, cue: np.ndarray) -> np.ndarray:
-        return np.argsort(-(self.centroids @ cue))[: self.nprobe]
+    @property
+    def partitioned(self) -> bool:
+        return self.order is not None
 
 
 def train(sample: np.ndarray, nlist: int, iterations: int = 8, seed: int = 0) -> np.ndarray:
@@ -61,66 +65,158 @@ def train(sample: np.ndarray, nlist: int, iterations: int = 8, seed: int = 0) ->
     return centroids
 
 
-def partition(block: Block, centroids: np.ndarray) -> None:
-    """Groups a full block's rows by nearest centroid (builder thread; readers see the result
-    only once both arrays are set)."""
-    nearest = np.argmax(block.data[: block.filled] @ centroids.T, axis=1)
-    order = np.argsort(nearest, kind="stable").astype(np.int32)
-    offsets = np.searchsorted(nearest[order], np.arange(len(centroids) + 1)).astype(np.int32)
-    block.offsets = offsets  # set first: scan() uses a block's lists only once order is set
-    block.order = order
+@dataclass(frozen=True)
+class Partitioning:
+    """A two-level quantiser: a row goes to the nearest coarse centroid, then to the nearest of
+    that centroid's leaves; a recall probes the ``nprobe`` leaves nearest the cue."""
+
+    coarse: np.ndarray  # (k1, dim), unit length
+    leaves: np.ndarray  # (nlist, dim), unit length
+    leaf_start: np.ndarray  # (k1 + 1,): coarse i owns leaves[leaf_start[i]:leaf_start[i + 1]]
+    nprobe: int
+
+    @classmethod
+    def learn(cls, sample: np.ndarray, nlist: int, nprobe: int, seed: int = 0) -> Partitioning:
+        k1 = max(1, min(len(sample), round(math.sqrt(nlist))))
+        k2 = max(1, nlist // k1)
+        coarse = train(sample, k1, seed=seed)
+        nearest = np.argmax(sample @ coarse.T, axis=1)
+        leaves, starts = [], [0]
+        for i in range(len(coarse)):
+            members = sample[nearest == i]
+            leaf = train(members, k2, seed=seed) if len(members) else coarse[i : i + 1]
+            leaves.append(leaf)
+            starts.append(starts[-1] + len(leaf))
+        all_leaves = np.concatenate(leaves).astype(np.float32)
+        return cls(coarse, all_leaves, np.asarray(starts), max(1, min(nprobe, len(all_leaves))))
+
+    @property
+    def nlist(self) -> int:
+        return len(self.leaves)
+
+    def assign(self, rows: np.ndarray) -> np.ndarray:
+        """The leaf of each row (int32)."""
+        nearest = np.argmax(rows @ self.coarse.T, axis=1)
+        by_coarse = np.argsort(nearest, kind="stable")
+        bounds = np.searchsorted(nearest[by_coarse], np.arange(len(self.coarse) + 1))
+        out = np.empty(len(rows), np.int32)
+        for i in range(len(self.coarse)):
+            members = by_coarse[bounds[i] : bounds[i + 1]]
+            if len(members):
+                lo, hi = self.leaf_start[i], self.leaf_start[i + 1]
+                out[members] = lo + np.argmax(rows[members] @ self.leaves[lo:hi].T, axis=1)
+        return out
+
+    def lists_for(self, cue: np.ndarray) -> np.ndarray:
+        scores = self.leaves @ cue
+        if self.nprobe >= len(scores):
+            return np.arange(len(scores))
+        return np.argpartition(-scores, self.nprobe - 1)[: self.nprobe]
+
+
+def partitioned(block: Block, partitioning: Partitioning) -> Block:
+    """A copy of a full block with its rows sorted by leaf (no lock held: the caller swaps it in
+    with :meth:`FreshTier.replace`)."""
+    data = block.data[: block.filled]
+    leaf = partitioning.assign(data)
+    order = np.argsort(leaf, kind="stable").astype(np.int32)
+    offsets = np.searchsorted(leaf[order], np.arange(partitioning.nlist + 1)).astype(np.int32)
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order), dtype=np.int32)
+    return Block(block.first_row, data[order], block.filled, order, inverse, offsets)
 
 
 class FreshTier:
+    """Appended to by the event loop; blocks are replaced and dropped by the shard's worker
+    threads (under ``_lock``, which the loop never takes: appending only adds at the end)."""
+
     def __init__(self, dim: int, first_row: int = 0) -> None:
         self.dim = dim
         self.blocks: list[Block] = []
         self.end_row = first_row  # one past the last appended row
         self._last_capacity = 0
+        self._lock = threading.Lock()
+        self._spare: np.ndarray | None = None  # a full-size block, its pages already touched
 
-    def append(self, vectors: np.ndarray) -> None:
-        """Appends normalised rows (called on the event loop after the batch is durable)."""
+    def append(self, vectors: np.ndarray, norms: np.ndarray | None = None) -> None:
+        """Appends rows (called on the event loop after the batch is durable); with ``norms``,
+        rows are divided by them on the way in."""
         done = 0
         n = len(vectors)
         while done < n:
             if not self.blocks or self.blocks[-1].filled == len(self.blocks[-1].data):
-                rows = min(BLOCK_ROWS, max(_FIRST_BLOCK_ROWS, 2 * self._last_capacity))
-                self._last_capacity = rows
-                self.blocks.append(Block(self.end_row, np.empty((rows, self.dim), np.float32)))
+                self.blocks.append(Block(self.end_row, self._new_block()))
             block = self.blocks[-1]
             take = min(n - done, len(block.data) - block.filled)
-            block.data[block.filled : block.filled + take] = vectors[done : done + take]
+            out = block.data[block.filled : block.filled + take]
+            if norms is None:
+                out[:] = vectors[done : done + take]
+            else:
+                np.divide(vectors[done : done + take], norms[done : done + take, None], out=out)
             block.filled += take
             done += take
             self.end_row += take
 
+    def _new_block(self) -> np.ndarray:
+        rows = min(BLOCK_ROWS, max(_FIRST_BLOCK_ROWS, 2 * self._last_capacity))
+        self._last_capacity = rows
+        spare, self._spare = self._spare, None
+        if rows == BLOCK_ROWS and spare is not None:
+            return spare
+        return np.empty((rows, self.dim), np.float32)
+
+    def prepare_spare(self) -> None:
+        """Allocates the next full-size block and touches its pages (worker thread), so the
+        event loop does not take the page faults of a fresh 25 MB block."""
+        if self._spare is None and self._last_capacity == BLOCK_ROWS:
+            spare = np.empty((BLOCK_ROWS, self.dim), np.float32)
+            spare.fill(0.0)
+            self._spare = spare
+
     def rows(self, lo: int, hi: int) -> np.ndarray:
-        """A copy of rows ``[lo, hi)`` (all in this tier)."""
+        """A copy of rows ``[lo, hi)`` (all in this tier), in row order."""
         parts = []
         for block in list(self.blocks):
             b_lo, b_hi = block.first_row, block.first_row + block.filled
             if b_hi <= lo or b_lo >= hi:
                 continue
-            parts.append(block.data[max(lo, b_lo) - b_lo : min(hi, b_hi) - b_lo])
+            a, b = max(lo, b_lo) - b_lo, min(hi, b_hi) - b_lo
+            if block.inverse is not None:
+                parts.append(block.data[block.inverse[a:b]])
+            else:
+                parts.append(block.data[a:b])
         return np.concatenate(parts) if len(parts) > 1 else np.array(parts[0])
 
     def drop_below(self, row: int) -> None:
         """Forgets blocks whose every row is below ``row`` (indexed)."""
-        keep = 0
-        for block in self.blocks:
-            full = block.filled == len(block.data)
-            if not full or block.first_row + block.filled > row:
-                break
-            keep += 1
+        with self._lock:
+            keep = 0
+            for block in self.blocks:
+                full = block.filled == len(block.data)
+                if not full or block.first_row + block.filled > row:
+                    break
+                keep += 1
+            if keep:
+                del self.blocks[:keep]  # in place: the loop may be appending
         if keep:
-            self.blocks = self.blocks[keep:]
             _trim()
+
+    def replace(self, old: Block, new: Block) -> bool:
+        """Swaps ``new`` in for ``old`` (gone already if indexed meanwhile: then False)."""
+        with self._lock:
+            for i, block in enumerate(self.blocks):
+                if block is old:
+                    self.blocks[i] = new
+                    return True
+        return False
 
     def snapshot(self) -> list[Block]:
         return list(self.blocks)
 
     def unpartitioned_full(self) -> list[Block]:
-        return [b for b in self.blocks if b.order is None and b.filled == BLOCK_ROWS]
+        return [
+            b for b in list(self.blocks) if b.order is None and b.filled == len(b.data) == BLOCK_ROWS
+        ]
 
 
 def scan(
@@ -142,13 +238,21 @@ def scan(
         s_lo, s_hi = max(lo, b_lo), min(hi, b_hi)
         if s_lo >= s_hi:
             continue
-        order = block.order
-        if lists is not None and order is not None and block.offsets is not None:
-            offsets = block.offsets
-            local = np.concatenate([order[offsets[c] : offsets[c + 1]] for c in lists])
-            local = local[(local >= s_lo - b_lo) & (local < s_hi - b_lo)]
+        if lists is not None and block.order is not None and block.offsets is not None:
+            starts = block.offsets[lists]
+            lens = block.offsets[lists + 1] - starts
+            at = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(lens.sum())
+            local = block.order[at]
+            if s_lo > b_lo or s_hi < b_hi:  # part of the block is indexed or past the snapshot
+                inside = (local >= s_lo - b_lo) & (local < s_hi - b_lo)
+                at, local = at[inside], local[inside]
             rows = local.astype(np.int64) + b_lo
-            scores = block.data[local] @ cue
+            scores = block.data[at] @ cue
+        elif block.inverse is not None:  # partitioned, scanned in full
+            local = block.order[: block.filled]
+            inside = (local >= s_lo - b_lo) & (local < s_hi - b_lo)
+            rows = local[inside].astype(np.int64) + b_lo
+            scores = block.data[: block.filled][inside] @ cue
         else:
             rows = np.arange(s_lo, s_hi)
             scores = block.data[s_lo - b_lo : s_hi - b_lo] @ cue

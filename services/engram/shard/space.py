@@ -35,7 +35,7 @@ from engram.common.settings import AdmissionSettings, IndexSettings, LimitSettin
 from engram.internal.v1 import shard_pb2 as ipb
 from engram.shard import checkpoint as ckpt
 from engram.shard.admission import AdmissionController, lane_of
-from engram.shard.fresh import BLOCK_ROWS, Block, FreshTier, Partitioning, partition, scan, train
+from engram.shard.fresh import Block, FreshTier, Partitioning, partitioned, scan
 from engram.shard.index import HnswTier
 from engram.shard.wal import Wal, WalFaults
 from engram.v1 import streaming_pb2 as pb
@@ -119,7 +119,8 @@ class _Pending:
     session_id: str
     seq: int
     first_row: int
-    vectors: np.ndarray  # normalised
+    vectors: np.ndarray  # as sent; normalised on their way into the fresh tier
+    norms: np.ndarray
     ids: list[str]
     contents: list[str]
     confidences: np.ndarray
@@ -378,7 +379,8 @@ class Space:
             session_id=session_id,
             seq=seq,
             first_row=first_row,
-            vectors=_normalise(checked.vectors),
+            vectors=checked.vectors,
+            norms=np.sqrt(checked.sq_norms),
             ids=list(batch.ids),
             contents=list(batch.contents) if batch.contents else [""] * n,
             confidences=np.frombuffer(batch.confidences, "<f4"),
@@ -414,7 +416,9 @@ class Space:
             self._on_failure()
             return
         assert p.first_row == self.visible, (p.first_row, self.visible)
-        self._make_visible(p.vectors, p.ids, p.contents, p.confidences, p.timestamps_us)
+        self._make_visible(
+            p.vectors, p.ids, p.contents, p.confidences, p.timestamps_us, p.norms
+        )
         self._add_run(self.visible, p.lane, n)
         self.admission.settle(p.lane, n, p.nbytes, n * self.dim * 4)
         self._durable[p.session_id] = p.seq
@@ -442,13 +446,15 @@ class Space:
         contents: list[str],
         confidences: np.ndarray,
         timestamps_us: np.ndarray,
+        norms: np.ndarray | None = None,
     ) -> None:
+        """Publishes rows: normalised ``vectors``, or raw ones with their ``norms``."""
         assert self.fresh is not None
         self.ids.extend(ids)
         self.contents.extend(contents)
         self.confidences.extend(confidences)
         self.timestamps_us.extend(timestamps_us)
-        self.fresh.append(vectors)
+        self.fresh.append(vectors, norms)
         self.visible += len(vectors)
 
     def _fail_waiters(self, session_id: str, err: Exception) -> None:
@@ -694,19 +700,26 @@ class Space:
         return None
 
     def partition_step(self) -> bool:
-        """Partitions one full fresh block if the backlog is large (builder thread); trains the
-        space's centroids the first time. True if it did something."""
+        """Partitions one full fresh block if the backlog is large (partitioner thread); learns
+        the space's quantiser the first time. True if it did something."""
         settings = self._index_settings
-        if self.fresh is None or self.backlog() < settings.fresh_partition_rows:
+        fresh = self.fresh
+        if fresh is None or self.backlog() < settings.fresh_partition_rows:
             return False
-        pending = self.fresh.unpartitioned_full()
+        pending = fresh.unpartitioned_full()
         if not pending:
             return False
-        if self.partitioning is None:
-            centroids = train(pending[0].data[:BLOCK_ROWS], settings.fresh_lists)
-            self.partitioning = Partitioning(centroids, min(settings.fresh_nprobe, len(centroids)))
-        partition(pending[0], self.partitioning.centroids)
+        if self.partitioning is None:  # set before any block is partitioned (see snapshot())
+            self.partitioning = Partitioning.learn(
+                pending[0].data, settings.fresh_lists, settings.fresh_nprobe
+            )
+        fresh.replace(pending[0], partitioned(pending[0], self.partitioning))
         return True
+
+    def prepare_spare(self) -> None:
+        """Readies the fresh tier's next block off the event loop (partitioner thread)."""
+        if self.fresh is not None:
+            self.fresh.prepare_spare()
 
     def index_step(self, max_rows: int) -> int:
         """Moves up to ``max_rows`` rows from the fresh tier into HNSW; builder thread only."""
