@@ -39,8 +39,8 @@ def test_partitioned_scan_finds_what_the_exact_scan_finds() -> None:
     queries = _normalised(Corpus(DIM, seed=3).vectors(10 * BLOCK_ROWS, 100))
     hits = 0
     for q in queries:
-        exact, _ = scan(tier.snapshot(), q, 0, len(rows), 10)
-        approx, scores = scan(tier.snapshot(), q, 0, len(rows), 10, partitioning=ivf)
+        exact, _ = scan(tier.snapshot(), q, 0, len(rows), 10, probe=False)
+        approx, scores = scan(tier.snapshot(), q, 0, len(rows), 10)
         assert list(scores) == sorted(scores, reverse=True)
         hits += len(set(exact) & set(approx))
     recall = hits / (10 * len(queries))
@@ -53,10 +53,10 @@ def test_a_stored_vector_is_always_found_and_ranges_are_respected() -> None:
     rng = np.random.default_rng(1)
     for row in rng.integers(0, len(rows), 50):
         # the cue's nearest list is the stored row's own list, so it is always probed
-        found, scores = scan(tier.snapshot(), rows[row], 0, len(rows), 1, partitioning=ivf)
+        found, scores = scan(tier.snapshot(), rows[row], 0, len(rows), 1)
         assert found[0] == row and scores[0] > 0.999
     lo, hi = BLOCK_ROWS + 100, 2 * BLOCK_ROWS + 50
-    found, _ = scan(tier.snapshot(), rows[5], lo, hi, 50, partitioning=ivf)
+    found, _ = scan(tier.snapshot(), rows[5], lo, hi, 50)
     assert len(found) and all(lo <= r < hi for r in found)
 
 
@@ -65,10 +65,23 @@ def test_filters_apply_inside_partitioned_blocks() -> None:
     ivf = _partition(tier, nlist=16, nprobe=16)  # every list: must equal the exact scan
     even = lambda r: r % 2 == 0  # noqa: E731
     for q in rows[:20]:
-        exact, _ = scan(tier.snapshot(), q, 0, len(rows), 10, even)
-        approx, _ = scan(tier.snapshot(), q, 0, len(rows), 10, even, partitioning=ivf)
+        exact, _ = scan(tier.snapshot(), q, 0, len(rows), 10, even, probe=False)
+        approx, _ = scan(tier.snapshot(), q, 0, len(rows), 10, even)
         assert list(approx) == list(exact)
         assert all(r % 2 == 0 for r in approx)
+
+
+def test_blocks_keep_the_quantiser_they_were_partitioned_with() -> None:
+    tier, rows = _tier(blocks=3)
+    full = tier.unpartitioned_full()
+    first = Partitioning.learn(full[0].data, 64, 64)
+    flipped = Partitioning.learn(-full[0].data, 64, 64)  # a different quantiser per block
+    tier.replace(full[0], partitioned(full[0], first))
+    tier.replace(full[1], partitioned(full[1], flipped))
+    for q in rows[:: len(rows) // 15][:15]:  # every leaf is probed: exact
+        exact, _ = scan(tier.snapshot(), q, 0, len(rows), 10, probe=False)
+        probed, _ = scan(tier.snapshot(), q, 0, len(rows), 10)
+        assert list(probed) == list(exact)
 
 
 def test_partitioned_blocks_keep_every_row_in_row_order_for_the_index() -> None:
@@ -83,7 +96,8 @@ def test_two_level_assignment_picks_the_best_leaf_of_the_nearest_coarse_centroid
     ivf = Partitioning.learn(rows[:BLOCK_ROWS], nlist=64, nprobe=4)
     assert len(ivf.coarse) == 8 and ivf.nlist <= 64 and ivf.leaf_start[-1] == ivf.nlist
     sample = rows[:500]
-    leaf = ivf.assign(sample)
+    leaf, sims = ivf.assign(sample)
+    assert np.allclose(sims, np.sum(sample * ivf.leaves[leaf], axis=1), atol=1e-5)
     coarse = np.argmax(sample @ ivf.coarse.T, axis=1)
     for r, c, got in zip(sample, coarse, leaf, strict=True):
         lo, hi = ivf.leaf_start[c], ivf.leaf_start[c + 1]

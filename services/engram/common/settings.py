@@ -55,6 +55,9 @@ class IndexSettings:
     # them a recall scans.
     fresh_lists: int = 1024
     fresh_nprobe: int = 24
+    # A block whose rows fit the quantiser this much worse (mean cosine to their leaf) than its
+    # training rows did makes the space learn a new quantiser: embeddings drift.
+    fresh_refit_drop: float = 0.05
     # Checkpoint after this many newly indexed observations...
     checkpoint_every: int = 200_000
     # ...or after this many seconds with un-checkpointed indexed data.
@@ -303,6 +306,9 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
             ),
             fresh_lists=e.int("ENGRAM_FRESH_LISTS", IndexSettings.fresh_lists, 1, 65_536),
             fresh_nprobe=e.int("ENGRAM_FRESH_NPROBE", IndexSettings.fresh_nprobe, 1, 65_536),
+            fresh_refit_drop=e.float(
+                "ENGRAM_FRESH_REFIT_DROP", IndexSettings.fresh_refit_drop, 0.0, 2.0
+            ),
             checkpoint_every=e.int(
                 "ENGRAM_CHECKPOINT_EVERY", IndexSettings.checkpoint_every, 1, 1 << 40
             ),

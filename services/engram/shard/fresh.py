@@ -9,14 +9,21 @@ When the un-indexed backlog grows large (HNSW insertion is far slower than inges
 partitioner thread *partitions* full blocks, IVF-style, as Milvus does with the interim index of
 growing segments. A two-level quantiser is trained once per space (``sqrt(nlist)`` coarse
 centroids, each with ``sqrt(nlist)`` leaves), so assigning a row costs about ``2 sqrt(nlist)``
-dot products instead of ``nlist``. A partitioned block is a new block whose rows are *sorted by
-leaf* (it replaces the old one in the tier), so a recall reads the ``nprobe`` leaves nearest the
-cue as contiguous slices. The rest (small backlogs, the block being filled) is scanned exactly.
+dot products instead of ``nlist``. A partitioned block is a new block over the same rows that
+also lists them leaf by leaf (it replaces the old one in the tier); a recall scores only the rows
+of the ``nprobe`` leaves nearest the cue. The rest (small backlogs, the block being filled) is
+scanned exactly.
+
+Embeddings drift (a new topic, a new source), and a quantiser trained on old rows sends new ones
+to a few ill-fitting leaves, where probing the nearest leaves misses their neighbours. So each
+block keeps the quantiser it was partitioned with, and when a block fits the current quantiser
+clearly worse than its training sample did, the space learns a new one from that block.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import math
 import threading
 from collections.abc import Callable
@@ -36,12 +43,11 @@ class Block:
     first_row: int
     data: np.ndarray  # (capacity, dim) float32; rows past ``filled`` are unused
     filled: int = 0
-    # partitioned blocks: ``data`` is sorted by leaf; ``order[i]`` is the block position (row -
-    # first_row) of ``data[i]``, ``inverse`` the reverse, and leaf ``c`` is
-    # ``data[offsets[c]:offsets[c + 1]]``
+    # partitioned blocks: the block positions (row - first_row) of leaf ``c`` are
+    # ``order[offsets[c]:offsets[c + 1]]``, leaves of ``partitioning``
     order: np.ndarray | None = None
-    inverse: np.ndarray | None = None
     offsets: np.ndarray | None = None
+    partitioning: Partitioning | None = None
 
     @property
     def partitioned(self) -> bool:
@@ -74,6 +80,7 @@ class Partitioning:
     leaves: np.ndarray  # (nlist, dim), unit length
     leaf_start: np.ndarray  # (k1 + 1,): coarse i owns leaves[leaf_start[i]:leaf_start[i + 1]]
     nprobe: int
+    fit: float = 1.0  # mean similarity of the training rows to their leaf
 
     @classmethod
     def learn(cls, sample: np.ndarray, nlist: int, nprobe: int, seed: int = 0) -> Partitioning:
@@ -88,24 +95,30 @@ class Partitioning:
             leaves.append(leaf)
             starts.append(starts[-1] + len(leaf))
         all_leaves = np.concatenate(leaves).astype(np.float32)
-        return cls(coarse, all_leaves, np.asarray(starts), max(1, min(nprobe, len(all_leaves))))
+        made = cls(coarse, all_leaves, np.asarray(starts), max(1, min(nprobe, len(all_leaves))))
+        _, sims = made.assign(sample)
+        return dataclasses.replace(made, fit=float(sims.mean()))
 
     @property
     def nlist(self) -> int:
         return len(self.leaves)
 
-    def assign(self, rows: np.ndarray) -> np.ndarray:
-        """The leaf of each row (int32)."""
+    def assign(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The leaf of each row (int32), and the row's similarity to it."""
         nearest = np.argmax(rows @ self.coarse.T, axis=1)
         by_coarse = np.argsort(nearest, kind="stable")
         bounds = np.searchsorted(nearest[by_coarse], np.arange(len(self.coarse) + 1))
-        out = np.empty(len(rows), np.int32)
+        leaf = np.empty(len(rows), np.int32)
+        sims = np.empty(len(rows), np.float32)
         for i in range(len(self.coarse)):
             members = by_coarse[bounds[i] : bounds[i + 1]]
             if len(members):
                 lo, hi = self.leaf_start[i], self.leaf_start[i + 1]
-                out[members] = lo + np.argmax(rows[members] @ self.leaves[lo:hi].T, axis=1)
-        return out
+                scores = rows[members] @ self.leaves[lo:hi].T
+                best = np.argmax(scores, axis=1)
+                leaf[members] = lo + best
+                sims[members] = scores[np.arange(len(members)), best]
+        return leaf, sims
 
     def lists_for(self, cue: np.ndarray) -> np.ndarray:
         scores = self.leaves @ cue
@@ -114,16 +127,16 @@ class Partitioning:
         return np.argpartition(-scores, self.nprobe - 1)[: self.nprobe]
 
 
-def partitioned(block: Block, partitioning: Partitioning) -> Block:
-    """A copy of a full block with its rows sorted by leaf (no lock held: the caller swaps it in
-    with :meth:`FreshTier.replace`)."""
-    data = block.data[: block.filled]
-    leaf = partitioning.assign(data)
+def partitioned(
+    block: Block, partitioning: Partitioning, leaf: np.ndarray | None = None
+) -> Block:
+    """The block over the same rows, listed leaf by leaf (``leaf``: each row's leaf, if already
+    assigned). No lock is held: the caller swaps it in with :meth:`FreshTier.replace`."""
+    if leaf is None:
+        leaf, _ = partitioning.assign(block.data[: block.filled])
     order = np.argsort(leaf, kind="stable").astype(np.int32)
     offsets = np.searchsorted(leaf[order], np.arange(partitioning.nlist + 1)).astype(np.int32)
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(len(order), dtype=np.int32)
-    return Block(block.first_row, data[order], block.filled, order, inverse, offsets)
+    return Block(block.first_row, block.data, block.filled, order, offsets, partitioning)
 
 
 class FreshTier:
@@ -180,11 +193,7 @@ class FreshTier:
             b_lo, b_hi = block.first_row, block.first_row + block.filled
             if b_hi <= lo or b_lo >= hi:
                 continue
-            a, b = max(lo, b_lo) - b_lo, min(hi, b_hi) - b_lo
-            if block.inverse is not None:
-                parts.append(block.data[block.inverse[a:b]])
-            else:
-                parts.append(block.data[a:b])
+            parts.append(block.data[max(lo, b_lo) - b_lo : min(hi, b_hi) - b_lo])
         return np.concatenate(parts) if len(parts) > 1 else np.array(parts[0])
 
     def drop_below(self, row: int) -> None:
@@ -226,19 +235,24 @@ def scan(
     hi: int,
     k: int,
     accept: Callable[[np.ndarray], np.ndarray] | None = None,
-    partitioning: Partitioning | None = None,
+    probe: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` of rows ``[lo, hi)`` in ``blocks`` that ``accept`` keeps (given row
-    numbers, it returns a boolean mask): (rows, scores), best first."""
+    """Top-``k`` of rows ``[lo, hi)`` in ``blocks`` that ``accept`` keeps (given row numbers, it
+    returns a boolean mask): (rows, scores), best first. Exact, except in partitioned blocks
+    (unless not ``probe``), where only the leaves nearest the cue are scored."""
     rows_out: list[np.ndarray] = []
     scores_out: list[np.ndarray] = []
-    lists = partitioning.lists_for(cue) if partitioning is not None else None
+    probed: dict[int, np.ndarray] = {}  # quantiser -> its leaves nearest the cue
     for block in blocks:
         b_lo, b_hi = block.first_row, block.first_row + block.filled
         s_lo, s_hi = max(lo, b_lo), min(hi, b_hi)
         if s_lo >= s_hi:
             continue
-        if lists is not None and block.order is not None and block.offsets is not None:
+        p = block.partitioning
+        if probe and p is not None and block.order is not None and block.offsets is not None:
+            lists = probed.get(id(p))
+            if lists is None:
+                lists = probed[id(p)] = p.lists_for(cue)
             starts = block.offsets[lists]
             lens = block.offsets[lists + 1] - starts
             at = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(lens.sum())
@@ -247,12 +261,7 @@ def scan(
                 inside = (local >= s_lo - b_lo) & (local < s_hi - b_lo)
                 at, local = at[inside], local[inside]
             rows = local.astype(np.int64) + b_lo
-            scores = block.data[at] @ cue
-        elif block.inverse is not None:  # partitioned, scanned in full
-            local = block.order[: block.filled]
-            inside = (local >= s_lo - b_lo) & (local < s_hi - b_lo)
-            rows = local[inside].astype(np.int64) + b_lo
-            scores = block.data[: block.filled][inside] @ cue
+            scores = block.data[local] @ cue
         else:
             rows = np.arange(s_lo, s_hi)
             scores = block.data[s_lo - b_lo : s_hi - b_lo] @ cue

@@ -61,7 +61,6 @@ class Snapshot:
     indexed: int
     blocks: list[Block]
     hnsw: HnswTier | None
-    partitioning: Partitioning | None = None
     consistency: int = pb.EVENTUAL
     waited_us: int = 0
     staleness_us: int = 0
@@ -176,7 +175,8 @@ class Space:
         self._checkpoint_index_file = ""
         self._checkpoint_meta: list[str] = []
         self.last_checkpoint = time.monotonic()
-        self.partitioning: Partitioning | None = None  # trained once the backlog is large
+        # the fresh tier's quantiser, learnt once the backlog is large (again if rows drift)
+        self.partitioning: Partitioning | None = None
         # un-indexed rows per priority lane, as runs of (end_row, lane, published_at)
         self._lane_runs: deque[tuple[int, int, float]] = deque()
         self._session_rows: dict[str, int] = {}  # rows visible when the session's last batch was
@@ -521,7 +521,7 @@ class Space:
         behind_since = self.wal.durable_since(visible)
         staleness = int((time.monotonic() - behind_since) * 1e6) if behind_since else 0
         return Snapshot(
-            visible, indexed, blocks, hnsw, self.partitioning, consistency, waited_us, staleness
+            visible, indexed, blocks, hnsw, consistency, waited_us, staleness
         )
 
     async def consistent_snapshot(
@@ -623,9 +623,7 @@ class Space:
             rows, scores = snap.hnsw.search(q, k, limit_row=snap.visible, accept=accept)
             parts_rows.append(rows)
             parts_scores.append(scores)
-        rows, scores = scan(
-            snap.blocks, q, snap.indexed, snap.visible, k, accept, snap.partitioning
-        )
+        rows, scores = scan(snap.blocks, q, snap.indexed, snap.visible, k, accept)
         parts_rows.append(rows)
         parts_scores.append(scores)
         rows = np.concatenate(parts_rows)
@@ -709,11 +707,24 @@ class Space:
         pending = fresh.unpartitioned_full()
         if not pending:
             return False
-        if self.partitioning is None:  # set before any block is partitioned (see snapshot())
-            self.partitioning = Partitioning.learn(
-                pending[0].data, settings.fresh_lists, settings.fresh_nprobe
+        block = pending[0]
+        rows = block.data[: block.filled]
+        p, leaf = self.partitioning, None
+        if p is not None:
+            leaf, sims = p.assign(rows)
+            if float(sims.mean()) < p.fit - settings.fresh_refit_drop:
+                log.info(
+                    "space %s: rows %d.. fit the fresh-tier quantiser worse (%.3f, trained "
+                    "%.3f): learning a new one",
+                    self.name, block.first_row, float(sims.mean()), p.fit,
+                )
+                p = None
+        if p is None:
+            p = self.partitioning = Partitioning.learn(
+                rows, settings.fresh_lists, settings.fresh_nprobe
             )
-        fresh.replace(pending[0], partitioned(pending[0], self.partitioning))
+            leaf = None
+        fresh.replace(block, partitioned(block, p, leaf))
         return True
 
     def prepare_spare(self) -> None:
