@@ -52,7 +52,7 @@ def test_a_stored_vector_is_always_found_and_ranges_are_respected() -> None:
     ivf = _partition(tier, nlist=64, nprobe=4)
     rng = np.random.default_rng(1)
     for row in rng.integers(0, len(rows), 50):
-        # the cue's nearest list is the stored row's own list, so it is always probed
+        # the leaf a cue would be assigned to is always probed: a stored row's own leaf
         found, scores = scan(tier.snapshot(), rows[row], 0, len(rows), 1)
         assert found[0] == row and scores[0] > 0.999
     lo, hi = BLOCK_ROWS + 100, 2 * BLOCK_ROWS + 50
@@ -121,3 +121,14 @@ def test_normalising_on_the_way_in_matches_normalised_rows() -> None:
     tier = FreshTier(DIM)
     tier.append(raw, norms)
     assert np.allclose(tier.rows(0, 3000), _normalised(raw), atol=1e-6)
+
+
+def test_rows_like_the_training_rows_fit_as_well_and_drifted_rows_do_not() -> None:
+    corpus = Corpus(DIM, seed=9)
+    rows = _normalised(corpus.vectors(0, 3 * BLOCK_ROWS))
+    ivf = Partitioning.learn(rows[:BLOCK_ROWS], nlist=256, nprobe=8)
+    _, same = ivf.assign(rows[BLOCK_ROWS:])
+    assert float(same.mean()) > ivf.fit - 0.02  # no refit for more of the same
+    signs = np.where(np.random.default_rng(0).random(DIM) < 0.5, -1.0, 1.0).astype(np.float32)
+    _, drifted = ivf.assign(rows[BLOCK_ROWS:] * signs)
+    assert float(drifted.mean()) < ivf.fit - 0.2
