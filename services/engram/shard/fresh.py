@@ -33,7 +33,8 @@ import numpy as np
 
 BLOCK_ROWS = 16_384  # largest block; the first blocks of a space are smaller (from 1,024 up)
 _FIRST_BLOCK_ROWS = 1_024
-LEARN_ROWS = 8_192  # rows a quantiser learns from: about 0.2 s of one core
+LEARN_ROWS = 4_096  # rows a quantiser learns from (with 4 k-means rounds: ~0.1 s of a core)
+_LEARN_ROUNDS = 4
 
 
 @dataclass
@@ -93,12 +94,12 @@ class Partitioning:
         sample = rows[:: max(1, len(rows) // LEARN_ROWS)]
         k1 = max(1, min(len(sample), round(math.sqrt(nlist))))
         k2 = max(1, nlist // k1)
-        coarse = train(sample, k1, seed=seed)
+        coarse = train(sample, k1, _LEARN_ROUNDS, seed)
         nearest = np.argmax(sample @ coarse.T, axis=1)
         leaves, starts = [], [0]
         for i in range(len(coarse)):
             members = sample[nearest == i]
-            leaf = train(members, k2, seed=seed) if len(members) else coarse[i : i + 1]
+            leaf = train(members, k2, _LEARN_ROUNDS, seed) if len(members) else coarse[i : i + 1]
             leaves.append(leaf)
             starts.append(starts[-1] + len(leaf))
         all_leaves = np.concatenate(leaves).astype(np.float32)
