@@ -40,17 +40,22 @@ class IndexSettings:
     ef_construction: int = 100
     # Minimum HNSW search beam width; the beam used is max(ef_search, 2 * k).
     ef_search: int = 64
-    # Most vectors handed to hnswlib in one add_items call (a recall waits at most one call);
-    # the builder uses smaller chunks while the backlog is small.
-    build_chunk: int = 128
-    # Threads hnswlib uses for add_items.
+    # Most vectors handed to hnswlib in one add_items call. A recall waits for the call in
+    # progress (hnswlib cannot search while it inserts), so the builder sizes its calls to
+    # about ``build_chunk_ms`` at its measured rate, and never above this.
+    build_chunk: int = 1024
+    build_chunk_ms: float = 8.0
+    # Threads hnswlib uses for add_items (one while writes are arriving).
     build_threads: int = 2
-    # Nice value of the builder thread (and hnswlib's threads): indexing yields the CPU to
-    # acks and recalls. 0 keeps the process's priority.
-    builder_nice: int = 10
+    # Share of the time the builder works while writes are arriving (it sleeps in between, so
+    # acks and recalls keep the CPU); once writes stop, it works flat out.
+    build_busy_share: float = 0.3
+    # Nice value of the builder thread (and hnswlib's threads). 0 by default: a niced builder
+    # holding the index lock is preempted for long stretches, and recalls wait behind it.
+    builder_nice: int = 0
     # Un-indexed rows of a space above which full fresh-tier blocks are partitioned (IVF) and
     # recalls scan only the lists nearest the cue there; below it the scan is exact.
-    fresh_partition_rows: int = 65_536
+    fresh_partition_rows: int = 32_768
     # Lists (leaves of the two-level quantiser) of a partitioned fresh tier, and how many of
     # them a recall scans.
     fresh_lists: int = 1024
@@ -122,6 +127,8 @@ class ShardSettings:
     http_port: int = 0
     # Fault-injection file polled by chaos runs (empty: fault injection off).
     fault_file: str = ""
+    # Recalls slower than this on the shard are logged with where the time went (0: never).
+    slow_recall_ms: float = 200.0
     wal: WalSettings = field(default_factory=WalSettings)
     index: IndexSettings = field(default_factory=IndexSettings)
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
@@ -285,6 +292,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         listen=listen,
         advertise=e.str("ENGRAM_SHARD_ADVERTISE", "") or listen,
         data_dir=e.str("ENGRAM_SHARD_DATA_DIR", f"./data/shard-{shard_id}"),
+        slow_recall_ms=e.float("ENGRAM_SLOW_RECALL_MS", ShardSettings.slow_recall_ms, 0.0, 1e6),
         http_port=e.int("ENGRAM_SHARD_HTTP_PORT", 0, 0, 65_535),
         fault_file=e.str("ENGRAM_FAULT_FILE", ""),
         wal=WalSettings(
@@ -300,6 +308,12 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
             ef_search=e.int("ENGRAM_HNSW_EF_SEARCH", IndexSettings.ef_search, 8, 8192),
             build_chunk=e.int("ENGRAM_INDEX_BUILD_CHUNK", IndexSettings.build_chunk, 1, 1_000_000),
             build_threads=e.int("ENGRAM_INDEX_BUILD_THREADS", IndexSettings.build_threads, 1, 256),
+            build_chunk_ms=e.float(
+                "ENGRAM_INDEX_BUILD_CHUNK_MS", IndexSettings.build_chunk_ms, 0.1, 10_000.0
+            ),
+            build_busy_share=e.float(
+                "ENGRAM_INDEX_BUSY_SHARE", IndexSettings.build_busy_share, 0.01, 1.0
+            ),
             builder_nice=e.int("ENGRAM_INDEX_BUILDER_NICE", IndexSettings.builder_nice, 0, 19),
             fresh_partition_rows=e.int(
                 "ENGRAM_FRESH_PARTITION_ROWS", IndexSettings.fresh_partition_rows, 1, 1 << 40

@@ -89,7 +89,7 @@ class HnswTier:
         self._lock = RecallFirstLock()
         self._query_lock = threading.Lock()  # set_ef + knn_query are one step
 
-    def add(self, vectors: np.ndarray, first_row: int) -> None:
+    def add(self, vectors: np.ndarray, first_row: int, threads: int | None = None) -> None:
         """Adds rows ``first_row .. first_row + len(vectors)``; called by the builder only."""
         n = len(vectors)
         labels = np.arange(first_row, first_row + n, dtype=np.uint64)
@@ -97,7 +97,9 @@ class HnswTier:
             capacity = self._index.get_max_elements()
             if first_row + n > capacity:
                 self._index.resize_index(max(capacity * 2, first_row + n))
-            self._index.add_items(vectors, labels, num_threads=self._settings.build_threads)
+            self._index.add_items(
+                vectors, labels, num_threads=threads or self._settings.build_threads
+            )
             if self._small is not None:
                 grown = np.concatenate([self._small[:first_row], vectors.astype(np.float32)])
                 self._small = grown if len(grown) <= _EXACT_BELOW else None

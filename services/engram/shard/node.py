@@ -42,6 +42,7 @@ class ShardNode:
         self.assignment = Assignment(settings.cluster.shard_count)
         self.admission = AdmissionController(settings.shard.admission)
         self._picks = 0
+        self._build_rate = 2_000.0  # rows/s of the builder's add_items calls (moving average)
         self.store = ControlStore(
             settings.cluster.redis_url, settings.cluster.key_prefix, settings.cluster.shard_count
         )
@@ -154,9 +155,16 @@ class ShardNode:
         return min(busy, key=lambda s: (s.top_lane() or 9, -s.backlog()))
 
     def _chunk(self, backlog: int) -> int:
-        """Adaptive: small chunks when the backlog is small (recalls never wait long), up to
-        ``build_chunk`` when it is large (fewer, cheaper add_items calls)."""
-        return max(16, min(self.settings.shard.index.build_chunk, backlog // 4))
+        """Rows for the next add_items call: about ``build_chunk_ms`` of work at the measured
+        rate (a recall waits for the call in progress), at most ``build_chunk``, and small
+        while the backlog is small."""
+        idx = self.settings.shard.index
+        by_time = int(self._build_rate * idx.build_chunk_ms / 1000)
+        return max(8, min(idx.build_chunk, by_time, max(16, backlog // 4)))
+
+    def _writes_arriving(self) -> bool:
+        now = time.monotonic()
+        return any(now - s.last_write < 1.0 for s in list(self.spaces.values()))
 
     def _build_loop(self) -> None:
         nice = self.settings.shard.index.builder_nice
@@ -178,12 +186,20 @@ class ShardNode:
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
+            busy = self._writes_arriving()
+            started = time.perf_counter()
             try:
-                added = space.index_step(self._chunk(space.backlog()))
+                added = space.index_step(self._chunk(space.backlog()), 1 if busy else None)
             except Exception:  # the builder must survive; the rows stay in the fresh tier
                 log.exception("space %s: indexing failed; retrying in 1 s", space.name)
                 time.sleep(1.0)
                 continue
+            took = time.perf_counter() - started
+            if added and took > 0:
+                self._build_rate = 0.8 * self._build_rate + 0.2 * (added / took)
+            if busy:  # leave the CPU to acks and recalls most of the time
+                share = self.settings.shard.index.build_busy_share
+                self._stop.wait(took * (1 - share) / share)
             metrics.shard_indexed_total.labels(space.name).inc(added)
             if space.checkpoint_due():
                 self._checkpoint(space)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
+import numpy as np
 
 from engram.common import metrics, validation
 from engram.common.errors import EngramError, SessionError, grpc_status
@@ -20,7 +22,7 @@ from engram.internal.v1 import shard_pb2 as ipb
 from engram.internal.v1 import shard_pb2_grpc
 from engram.shard import admission
 from engram.shard.node import ShardNode
-from engram.shard.space import AppendResult, Filters
+from engram.shard.space import AppendResult, Filters, Snapshot, Space
 from engram.v1 import streaming_pb2 as pb
 
 log = logging.getLogger("engram.shard.service")
@@ -38,6 +40,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         # recalls scan with numpy and hnswlib outside the GIL; two at a time keep both cores
         # busy without starving acks and indexing
         self._recall_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="recall")
+        self._last_slow_log = 0.0
 
     def _on_level(self, snap: admission.Snapshot) -> None:
         """Admission level changed (any thread): push a status to every Append stream."""
@@ -145,15 +148,44 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             else:
                 deadline = (r.deadline_ms or 5000) / 1000
                 snap = await space.consistent_snapshot(r.consistency, request.session_id, deadline)
+                queued_at = time.perf_counter()
                 out = await self._loop.run_in_executor(
-                    self._recall_pool, space.recall, snap, cue, r.k, Filters.of(r)
+                    self._recall_pool, self._timed_recall, space, snap, cue, r.k, Filters.of(r),
+                    queued_at,
                 )
+                self._note_slow(request.memory_space_id, out, time.perf_counter() - queued_at)
                 chunks = split(out, r.chunk_size)
         except EngramError as exc:
             await context.abort(grpc_status(exc), str(exc))
         for chunk in chunks:
             chunk.request_id = r.request_id
             yield chunk
+
+    @staticmethod
+    def _timed_recall(
+        space: Space, snap: Snapshot, cue: np.ndarray, k: int, filters: Filters, queued_at: float
+    ) -> pb.RecallResponse:
+        queued_us = int((time.perf_counter() - queued_at) * 1e6)
+        out = space.recall(snap, cue, k, filters)
+        out.metadata.queued_us = queued_us
+        return out
+
+    def _note_slow(self, space: str, out: pb.RecallResponse, total_s: float) -> None:
+        """Logs a recall slower than ``ENGRAM_SLOW_RECALL_MS`` (at most one a second)."""
+        limit = self.node.settings.shard.slow_recall_ms
+        now = time.monotonic()
+        if not limit or total_s * 1000 < limit or now - self._last_slow_log < 1.0:
+            return
+        self._last_slow_log = now
+        m = out.metadata
+        log.info(
+            "slow recall in %s: %.0f ms on the shard = queued %.1f ms + HNSW %.1f ms (%d rows, "
+            "including any wait for the builder) + fresh tier %.1f ms (%d rows) + %.1f ms "
+            "merge and hand-back",
+            space, total_s * 1000, m.queued_us / 1000, m.index_us / 1000, m.indexed_count,
+            m.fresh_us / 1000, m.fresh_count,
+            total_s * 1000 - (m.queued_us + m.index_us + m.fresh_us) / 1000,
+        )
 
     async def Scan(  # noqa: N802
         self, request: ipb.ScanRequest, context: grpc.aio.ServicerContext

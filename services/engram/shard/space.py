@@ -185,6 +185,7 @@ class Space:
         self.bounded_staleness_s = 0.1
         self.lane_backlog: dict[int, int] = defaultdict(int)
         self._runs_lock = threading.Lock()  # the loop appends runs, the builder drops them
+        self.last_write = 0.0  # monotonic time rows were last published
 
     # ------------------------------------------------------------------ recovery
 
@@ -416,6 +417,7 @@ class Space:
             self._on_failure()
             return
         assert p.first_row == self.visible, (p.first_row, self.visible)
+        self.last_write = time.monotonic()
         self._make_visible(
             p.vectors, p.ids, p.contents, p.confidences, p.timestamps_us, p.norms
         )
@@ -619,13 +621,16 @@ class Space:
         q = (cue / np.linalg.norm(cue)).astype(np.float32)
         accept = self._row_filter(filters)
         parts_rows, parts_scores = [], []
+        t_index = time.perf_counter()
         if snap.hnsw is not None and snap.indexed:
             rows, scores = snap.hnsw.search(q, k, limit_row=snap.visible, accept=accept)
             parts_rows.append(rows)
             parts_scores.append(scores)
+        t_fresh = time.perf_counter()
         rows, scores = scan(snap.blocks, q, snap.indexed, snap.visible, k, accept)
         parts_rows.append(rows)
         parts_scores.append(scores)
+        t_merge = time.perf_counter()
         rows = np.concatenate(parts_rows)
         scores = np.concatenate(parts_scores)
         keep = rows < snap.visible
@@ -646,7 +651,10 @@ class Space:
                 lsn=row + 1,
             )
             m.when.FromMicroseconds(int(ts[row]))
-        out.metadata.latency_us = int((time.perf_counter() - started) * 1e6)
+        done = time.perf_counter()
+        out.metadata.latency_us = int((done - started) * 1e6)
+        out.metadata.index_us = int((t_fresh - t_index) * 1e6)
+        out.metadata.fresh_us = int((t_merge - t_fresh) * 1e6)
         return out
 
     def scan_ids(self, chunk: int) -> list[tuple[list[str], range]]:
@@ -732,7 +740,7 @@ class Space:
         if self.fresh is not None:
             self.fresh.prepare_spare()
 
-    def index_step(self, max_rows: int) -> int:
+    def index_step(self, max_rows: int, threads: int | None = None) -> int:
         """Moves up to ``max_rows`` rows from the fresh tier into HNSW; builder thread only."""
         if self.fresh is None:
             return 0
@@ -742,7 +750,7 @@ class Space:
         hi = min(self.visible, lo + max_rows)
         if hi <= lo:
             return 0
-        self.hnsw.add(self.fresh.rows(lo, hi), lo)
+        self.hnsw.add(self.fresh.rows(lo, hi), lo, threads)
         self.fresh.drop_below(hi)
         self._drop_runs(hi, lo)
         self.admission.indexed((hi - lo) * self.dim * 4)
