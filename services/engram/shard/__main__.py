@@ -21,6 +21,4 @@ if __name__ == "__main__":
     except SettingsError as exc:
         sys.exit(f"engram shard: invalid setting: {exc}")
     logs.setup(f"shard-{cfg.shard.shard_id}", cfg.log_level)
-    if os.environ.get("ENGRAM_SWITCH_INTERVAL_US"):
-        sys.setswitchinterval(int(os.environ["ENGRAM_SWITCH_INTERVAL_US"]) / 1e6)
     run(cfg)

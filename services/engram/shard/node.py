@@ -3,8 +3,8 @@
 Spaces found in the data directory are recovered at start; a space seen for the first time is
 created when a session opens on it, provided the assignment table says this shard owns it.
 One builder thread serves all spaces: it moves fresh rows into HNSW in small chunks (so recalls
-never wait long for the index lock) and writes checkpoints. It runs at a low priority, so during
-heavy ingest it gets little CPU; a partitioner thread at normal priority keeps large fresh tiers
+never wait long for the index lock) and writes checkpoints. While writes arrive it works only
+part of the time, so acks and recalls keep the CPU; a partitioner thread keeps large fresh tiers
 partitioned (cheap: a fraction of ingest's cost) so recalls stay fast however far HNSW lags.
 """
 
