@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+from typing import Any
+
 import numpy as np
 
+from engram.common.settings import IndexSettings
 from engram.corpus import Corpus
 from engram.shard.fresh import BLOCK_ROWS, FreshTier, Partitioning, partitioned, scan
 
@@ -35,7 +39,7 @@ def _tier(blocks: int) -> tuple[FreshTier, np.ndarray]:
 
 def test_partitioned_scan_finds_what_the_exact_scan_finds() -> None:
     tier, rows = _tier(blocks=4)
-    ivf = _partition(tier, nlist=256, nprobe=16)
+    _partition(tier, nlist=256, nprobe=16)
     queries = _normalised(Corpus(DIM, seed=3).vectors(10 * BLOCK_ROWS, 100))
     hits = 0
     for q in queries:
@@ -49,7 +53,7 @@ def test_partitioned_scan_finds_what_the_exact_scan_finds() -> None:
 
 def test_a_stored_vector_is_always_found_and_ranges_are_respected() -> None:
     tier, rows = _tier(blocks=3)
-    ivf = _partition(tier, nlist=64, nprobe=4)
+    _partition(tier, nlist=64, nprobe=4)
     rng = np.random.default_rng(1)
     for row in rng.integers(0, len(rows), 50):
         # the leaf a cue would be assigned to is always probed: a stored row's own leaf
@@ -62,7 +66,7 @@ def test_a_stored_vector_is_always_found_and_ranges_are_respected() -> None:
 
 def test_filters_apply_inside_partitioned_blocks() -> None:
     tier, rows = _tier(blocks=3)
-    ivf = _partition(tier, nlist=16, nprobe=16)  # every list: must equal the exact scan
+    _partition(tier, nlist=16, nprobe=16)  # every list: must equal the exact scan
     even = lambda r: r % 2 == 0  # noqa: E731
     for q in rows[:20]:
         exact, _ = scan(tier.snapshot(), q, 0, len(rows), 10, even, probe=False)
@@ -132,3 +136,31 @@ def test_rows_like_the_training_rows_fit_as_well_and_drifted_rows_do_not() -> No
     signs = np.where(np.random.default_rng(0).random(DIM) < 0.5, -1.0, 1.0).astype(np.float32)
     _, drifted = ivf.assign(rows[BLOCK_ROWS:] * signs)
     assert float(drifted.mean()) < ivf.fit - 0.2
+
+
+async def test_a_space_partitions_its_backlog_and_learns_again_when_rows_drift(
+    harness: Any, kit: ModuleType
+) -> None:
+    space = harness.space(
+        index=IndexSettings(fresh_partition_rows=1, fresh_lists=64, fresh_nprobe=4)
+    )
+    await space.open_session("s", create=True)
+    corpus = Corpus(DIM, seed=4)
+    first = 15 * 1024 + BLOCK_ROWS  # the small first blocks, then one full block
+    signs = np.where(np.random.default_rng(2).random(DIM) < 0.5, -1.0, 1.0).astype(np.float32)
+    raw = np.concatenate(
+        [corpus.vectors(0, first), corpus.vectors(first, BLOCK_ROWS + 500) * signs]
+    ).astype(np.float32)
+    for seq, lo in enumerate(range(0, len(raw), 5_000), start=1):
+        await space.begin_append("s", seq, kit.make_batch(raw[lo : lo + 5_000]))
+    while space.partition_step():
+        pass
+    blocks = space.snapshot().blocks
+    quantisers = {id(b.partitioning) for b in blocks if b.partitioning is not None}
+    assert len(quantisers) == 2  # the sign-flipped block made the space learn again
+    snap = space.snapshot()
+    stored = _normalised(raw)
+    for row in [20_000, 25_000, first + 100, first + 9_000]:
+        res = space.recall(snap, stored[row], 5)
+        assert res.results[0].lsn == row + 1 and res.results[0].score > 0.999
+        assert res.metadata.fresh_us > 0

@@ -47,9 +47,10 @@ class IndexSettings:
     build_chunk_ms: float = 8.0
     # Threads hnswlib uses for add_items (one while writes are arriving).
     build_threads: int = 2
-    # Share of the time the builder works while writes are arriving (it sleeps in between, so
-    # acks and recalls keep the CPU); once writes stop, it works flat out.
-    build_busy_share: float = 0.3
+    # Least share of the time the builder works while writes are arriving (it sleeps in
+    # between, so acks and recalls keep the CPU); the share rises with memory pressure (the
+    # fuller the budget, the more indexing matters), and once writes stop it works flat out.
+    build_busy_share: float = 0.15
     # Nice value of the builder thread (and hnswlib's threads). 0 by default: a niced builder
     # holding the index lock is preempted for long stretches, and recalls wait behind it.
     builder_nice: int = 0

@@ -89,8 +89,15 @@ class Partitioning:
 
     @classmethod
     def learn(cls, rows: np.ndarray, nlist: int, nprobe: int, seed: int = 0) -> Partitioning:
+        return cls.learn_and_assign(rows, nlist, nprobe, seed)[0]
+
+    @classmethod
+    def learn_and_assign(
+        cls, rows: np.ndarray, nlist: int, nprobe: int, seed: int = 0
+    ) -> tuple[Partitioning, np.ndarray]:
         """Learns from (at most ``LEARN_ROWS`` evenly spaced of) ``rows``; ``fit`` is measured on
-        all of them, so it is not flattered by the rows the leaves were fitted to."""
+        all of them, so it is not flattered by the rows the leaves were fitted to. Also returns
+        the leaf of each row."""
         sample = rows[:: max(1, len(rows) // LEARN_ROWS)]
         k1 = max(1, min(len(sample), round(math.sqrt(nlist))))
         k2 = max(1, nlist // k1)
@@ -104,8 +111,8 @@ class Partitioning:
             starts.append(starts[-1] + len(leaf))
         all_leaves = np.concatenate(leaves).astype(np.float32)
         made = cls(coarse, all_leaves, np.asarray(starts), max(1, min(nprobe, len(all_leaves))))
-        _, sims = made.assign(rows)
-        return dataclasses.replace(made, fit=float(sims.mean()))
+        leaf, sims = made.assign(rows)
+        return dataclasses.replace(made, fit=float(sims.mean())), leaf
 
     @property
     def nlist(self) -> int:
@@ -141,9 +148,7 @@ class Partitioning:
         return nearest if own in nearest else np.append(nearest, own)
 
 
-def partitioned(
-    block: Block, partitioning: Partitioning, leaf: np.ndarray | None = None
-) -> Block:
+def partitioned(block: Block, partitioning: Partitioning, leaf: np.ndarray | None = None) -> Block:
     """The block over the same rows, listed leaf by leaf (``leaf``: each row's leaf, if already
     assigned). No lock is held: the caller swaps it in with :meth:`FreshTier.replace`."""
     if leaf is None:
@@ -238,7 +243,9 @@ class FreshTier:
 
     def unpartitioned_full(self) -> list[Block]:
         return [
-            b for b in list(self.blocks) if b.order is None and b.filled == len(b.data) == BLOCK_ROWS
+            b
+            for b in list(self.blocks)
+            if b.order is None and b.filled == len(b.data) == BLOCK_ROWS
         ]
 
 

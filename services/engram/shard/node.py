@@ -197,9 +197,12 @@ class ShardNode:
             took = time.perf_counter() - started
             if added and took > 0:
                 self._build_rate = 0.8 * self._build_rate + 0.2 * (added / took)
-            if busy:  # leave the CPU to acks and recalls most of the time
-                share = self.settings.shard.index.build_busy_share
-                self._stop.wait(took * (1 - share) / share)
+            if busy:
+                # leave the CPU to acks and recalls most of the time, the more so the more room
+                # the memory budget has: as it fills, indexing is what frees it
+                share = max(self.settings.shard.index.build_busy_share, self.admission.pressure)
+                if share < 1.0:
+                    self._stop.wait(took * (1 - share) / share)
             metrics.shard_indexed_total.labels(space.name).inc(added)
             if space.checkpoint_due():
                 self._checkpoint(space)

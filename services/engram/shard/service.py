@@ -150,7 +150,13 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                 snap = await space.consistent_snapshot(r.consistency, request.session_id, deadline)
                 queued_at = time.perf_counter()
                 out = await self._loop.run_in_executor(
-                    self._recall_pool, self._timed_recall, space, snap, cue, r.k, Filters.of(r),
+                    self._recall_pool,
+                    self._timed_recall,
+                    space,
+                    snap,
+                    cue,
+                    r.k,
+                    Filters.of(r),
                     queued_at,
                 )
                 self._note_slow(request.memory_space_id, out, time.perf_counter() - queued_at)
@@ -182,8 +188,13 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             "slow recall in %s: %.0f ms on the shard = queued %.1f ms + HNSW %.1f ms (%d rows, "
             "including any wait for the builder) + fresh tier %.1f ms (%d rows) + %.1f ms "
             "merge and hand-back",
-            space, total_s * 1000, m.queued_us / 1000, m.index_us / 1000, m.indexed_count,
-            m.fresh_us / 1000, m.fresh_count,
+            space,
+            total_s * 1000,
+            m.queued_us / 1000,
+            m.index_us / 1000,
+            m.indexed_count,
+            m.fresh_us / 1000,
+            m.fresh_count,
             total_s * 1000 - (m.queued_us + m.index_us + m.fresh_us) / 1000,
         )
 

@@ -418,9 +418,7 @@ class Space:
             return
         assert p.first_row == self.visible, (p.first_row, self.visible)
         self.last_write = time.monotonic()
-        self._make_visible(
-            p.vectors, p.ids, p.contents, p.confidences, p.timestamps_us, p.norms
-        )
+        self._make_visible(p.vectors, p.ids, p.contents, p.confidences, p.timestamps_us, p.norms)
         self._add_run(self.visible, p.lane, n)
         self.admission.settle(p.lane, n, p.nbytes, n * self.dim * 4)
         self._durable[p.session_id] = p.seq
@@ -522,9 +520,7 @@ class Space:
         indexed = hnsw.count if hnsw is not None else 0
         behind_since = self.wal.durable_since(visible)
         staleness = int((time.monotonic() - behind_since) * 1e6) if behind_since else 0
-        return Snapshot(
-            visible, indexed, blocks, hnsw, consistency, waited_us, staleness
-        )
+        return Snapshot(visible, indexed, blocks, hnsw, consistency, waited_us, staleness)
 
     async def consistent_snapshot(
         self, consistency: int, session_id: str = "", deadline_s: float = 5.0
@@ -724,14 +720,17 @@ class Space:
                 log.info(
                     "space %s: rows %d.. fit the fresh-tier quantiser worse (%.3f, trained "
                     "%.3f): learning a new one",
-                    self.name, block.first_row, float(sims.mean()), p.fit,
+                    self.name,
+                    block.first_row,
+                    float(sims.mean()),
+                    p.fit,
                 )
                 p = None
         if p is None:
-            p = self.partitioning = Partitioning.learn(
+            p, leaf = Partitioning.learn_and_assign(
                 rows, settings.fresh_lists, settings.fresh_nprobe
             )
-            leaf = None
+            self.partitioning = p
         fresh.replace(block, partitioned(block, p, leaf))
         return True
 
