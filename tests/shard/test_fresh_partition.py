@@ -9,7 +9,7 @@ import numpy as np
 
 from engram.common.settings import IndexSettings
 from engram.corpus import Corpus
-from engram.shard.fresh import BLOCK_ROWS, FreshTier, Partitioning, partitioned, scan
+from engram.shard.fresh import BLOCK_ROWS, FreshTier, Partitioning, list_block, scan
 
 DIM = 32
 
@@ -19,12 +19,11 @@ def _normalised(v: np.ndarray) -> np.ndarray:
 
 
 def _partition(tier: FreshTier, nlist: int, nprobe: int) -> Partitioning:
-    full = tier.unpartitioned_full()
+    full = [b for b in tier.snapshot() if b.full and len(b.data) == BLOCK_ROWS]
     assert len(full) >= 2
     ivf = Partitioning.learn(full[0].data, nlist, nprobe)
     for block in full:
-        assert tier.replace(block, partitioned(block, ivf))
-    assert tier.unpartitioned_full() == []
+        list_block(block, ivf)
     return ivf
 
 
@@ -75,17 +74,38 @@ def test_filters_apply_inside_partitioned_blocks() -> None:
         assert all(r % 2 == 0 for r in approx)
 
 
-def test_blocks_keep_the_quantiser_they_were_partitioned_with() -> None:
+def test_blocks_keep_the_quantiser_they_were_listed_with() -> None:
     tier, rows = _tier(blocks=3)
-    full = tier.unpartitioned_full()
+    full = [b for b in tier.snapshot() if b.full and len(b.data) == BLOCK_ROWS]
     first = Partitioning.learn(full[0].data, 64, 64)
     flipped = Partitioning.learn(-full[0].data, 64, 64)  # a different quantiser per block
-    tier.replace(full[0], partitioned(full[0], first))
-    tier.replace(full[1], partitioned(full[1], flipped))
+    list_block(full[0], first)
+    list_block(full[1], flipped)
     for q in rows[:: len(rows) // 15][:15]:  # every leaf is probed: exact
         exact, _ = scan(tier.snapshot(), q, 0, len(rows), 10, probe=False)
         probed, _ = scan(tier.snapshot(), q, 0, len(rows), 10)
         assert list(probed) == list(exact)
+
+
+def test_a_partly_listed_block_scans_its_newer_rows_exactly() -> None:
+    corpus = Corpus(DIM, seed=6)
+    rows = _normalised(corpus.vectors(0, 15 * 1024 + BLOCK_ROWS))
+    tier = FreshTier(DIM)
+    tier.append(rows[: 15 * 1024 + 5000])  # the last block holds 5,000 of its 16,384 rows
+    block = tier.snapshot()[-1]
+    ivf = Partitioning.learn(rows[:4096], 32, 32)  # every leaf: must equal the exact scan
+    list_block(block, ivf)
+    assert block.listing is not None and block.listing.covered == 5000
+    tier.append(rows[15 * 1024 + 5000 :])  # rows appended after the listing
+    n = len(rows)
+    for q in rows[-20:]:
+        exact, _ = scan(tier.snapshot(), q, 0, n, 10, probe=False)
+        listed, _ = scan(tier.snapshot(), q, 0, n, 10)
+        assert list(listed) == list(exact)
+        assert listed[0] == int(np.flatnonzero((rows == q).all(axis=1))[0])
+    lo = 15 * 1024 + 4000  # a range that starts inside the listed part
+    found, _ = scan(tier.snapshot(), rows[lo + 10], lo, lo + 3000, 50)
+    assert len(found) and all(lo <= r < lo + 3000 for r in found)
 
 
 def test_partitioned_blocks_keep_every_row_in_row_order_for_the_index() -> None:
@@ -107,16 +127,6 @@ def test_two_level_assignment_picks_the_best_leaf_of_the_nearest_coarse_centroid
         lo, hi = ivf.leaf_start[c], ivf.leaf_start[c + 1]
         assert lo <= got < hi
         assert got == lo + int(np.argmax(ivf.leaves[lo:hi] @ r))
-
-
-def test_a_block_indexed_while_it_was_partitioned_is_not_put_back() -> None:
-    tier, _rows = _tier(blocks=3)
-    full = tier.unpartitioned_full()
-    ivf = Partitioning.learn(full[0].data, 16, 4)
-    new = partitioned(full[0], ivf)
-    tier.drop_below(full[0].first_row + full[0].filled)
-    assert not tier.replace(full[0], new)
-    assert all(b.first_row != full[0].first_row for b in tier.snapshot())
 
 
 def test_normalising_on_the_way_in_matches_normalised_rows() -> None:
@@ -149,18 +159,21 @@ async def test_a_space_partitions_its_backlog_and_learns_again_when_rows_drift(
     first = 15 * 1024 + BLOCK_ROWS  # the small first blocks, then one full block
     signs = np.where(np.random.default_rng(2).random(DIM) < 0.5, -1.0, 1.0).astype(np.float32)
     raw = np.concatenate(
-        [corpus.vectors(0, first), corpus.vectors(first, BLOCK_ROWS + 500) * signs]
+        [corpus.vectors(0, first), corpus.vectors(first, BLOCK_ROWS + 5_000) * signs]
     ).astype(np.float32)
     for seq, lo in enumerate(range(0, len(raw), 5_000), start=1):
         await space.begin_append("s", seq, kit.make_batch(raw[lo : lo + 5_000]))
     while space.partition_step():
         pass
     blocks = space.snapshot().blocks
-    quantisers = {id(b.partitioning) for b in blocks if b.partitioning is not None}
+    quantisers = {id(b.listing.partitioning) for b in blocks if b.listing is not None}
     assert len(quantisers) == 2  # the sign-flipped block made the space learn again
+    filling = blocks[-1]  # listed as it grows, with the newer quantiser
+    assert not filling.full and filling.listing is not None
+    assert filling.listing.covered == 5_000 and filling.listing.partitioning is space.partitioning
     snap = space.snapshot()
     stored = _normalised(raw)
-    for row in [20_000, 25_000, first + 100, first + 9_000]:
+    for row in [20_000, 25_000, first + 100, first + 9_000, first + BLOCK_ROWS + 4_000]:
         res = space.recall(snap, stored[row], 5)
         assert res.results[0].lsn == row + 1 and res.results[0].score > 0.999
         assert res.metadata.fresh_us > 0

@@ -6,18 +6,18 @@ dropped once every row in it is indexed. Readers take a snapshot (the list of bl
 the builder drops or replaces stays alive for a recall that still scans it.
 
 When the un-indexed backlog grows large (HNSW insertion is far slower than ingest), the shard's
-partitioner thread *partitions* full blocks, IVF-style, as Milvus does with the interim index of
-growing segments. A two-level quantiser is trained once per space (``sqrt(nlist)`` coarse
-centroids, each with ``sqrt(nlist)`` leaves), so assigning a row costs about ``2 sqrt(nlist)``
-dot products instead of ``nlist``. A partitioned block is a new block over the same rows that
-also lists them leaf by leaf (it replaces the old one in the tier); a recall scores only the rows
-of the ``nprobe`` leaves nearest the cue. The rest (small backlogs, the block being filled) is
-scanned exactly.
+partitioner thread *lists* blocks, IVF-style, as Milvus does with the interim index of growing
+segments. A two-level quantiser is trained once per space (``sqrt(nlist)`` coarse centroids,
+each with ``sqrt(nlist)`` leaves), so assigning a row costs about ``2 sqrt(nlist)`` dot products
+instead of ``nlist``. A block's :class:`Listing` names its first ``covered`` rows leaf by leaf;
+a recall scores only the rows of the ``nprobe`` leaves nearest the cue there, and scans the rest
+exactly. Full blocks are listed whole, and the block being filled is listed as it grows (every
+``LIST_STEP`` rows), so the exact part stays small however fast rows arrive.
 
 Embeddings drift (a new topic, a new source), and a quantiser trained on old rows sends new ones
 to a few ill-fitting leaves, where probing the nearest leaves misses their neighbours. So each
-block keeps the quantiser it was partitioned with, and when a block fits the current quantiser
-clearly worse than its training sample did, the space learns a new one from that block.
+listing keeps the quantiser it was made with, and when a full block fits the current quantiser
+clearly worse than the rows it was learnt from, the space learns a new one from that block.
 """
 
 from __future__ import annotations
@@ -35,25 +35,42 @@ BLOCK_ROWS = 16_384  # largest block; the first blocks of a space are smaller (f
 _FIRST_BLOCK_ROWS = 1_024
 LEARN_ROWS = 4_096  # rows a quantiser learns from (with 4 k-means rounds: ~0.1 s of a core)
 _LEARN_ROUNDS = 4
+LIST_STEP = 2_048  # the block being filled is listed again each time it grew by this much
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The block positions (row - first_row) of leaf ``c`` of ``partitioning`` are
+    ``order[offsets[c]:offsets[c + 1]]``; covers positions ``[0, covered)``."""
+
+    covered: int
+    leaf: np.ndarray  # (covered,) int32: each row's leaf
+    order: np.ndarray  # (covered,) int32
+    offsets: np.ndarray  # (nlist + 1,) int32
+    partitioning: Partitioning
+
+    @classmethod
+    def of(cls, leaf: np.ndarray, partitioning: Partitioning) -> Listing:
+        order = np.argsort(leaf, kind="stable").astype(np.int32)
+        offsets = np.searchsorted(leaf[order], np.arange(partitioning.nlist + 1)).astype(np.int32)
+        return cls(len(leaf), leaf, order, offsets, partitioning)
 
 
 @dataclass
 class Block:
-    """Rows ``[first_row, first_row + filled)``. Only ``filled`` ever changes (the last block
-    grows); partitioning makes a new block rather than change this one."""
+    """Rows ``[first_row, first_row + filled)``. ``filled`` grows (the last block only, on the
+    event loop); ``listing`` is replaced whole by the partitioner thread, so a reader that reads
+    it once sees a consistent one."""
 
     first_row: int
     data: np.ndarray  # (capacity, dim) float32; rows past ``filled`` are unused
     filled: int = 0
-    # partitioned blocks: the block positions (row - first_row) of leaf ``c`` are
-    # ``order[offsets[c]:offsets[c + 1]]``, leaves of ``partitioning``
-    order: np.ndarray | None = None
-    offsets: np.ndarray | None = None
-    partitioning: Partitioning | None = None
+    listing: Listing | None = None
+    drifted_at: int = 0  # ``filled`` when its new rows last fitted the quantiser badly
 
     @property
-    def partitioned(self) -> bool:
-        return self.order is not None
+    def full(self) -> bool:
+        return self.filled == len(self.data)
 
 
 def train(sample: np.ndarray, nlist: int, iterations: int = 8, seed: int = 0) -> np.ndarray:
@@ -148,14 +165,11 @@ class Partitioning:
         return nearest if own in nearest else np.append(nearest, own)
 
 
-def partitioned(block: Block, partitioning: Partitioning, leaf: np.ndarray | None = None) -> Block:
-    """The block over the same rows, listed leaf by leaf (``leaf``: each row's leaf, if already
-    assigned). No lock is held: the caller swaps it in with :meth:`FreshTier.replace`."""
+def list_block(block: Block, partitioning: Partitioning, leaf: np.ndarray | None = None) -> None:
+    """Lists all of ``block``'s rows now (``leaf``: their leaves, if already assigned)."""
     if leaf is None:
         leaf, _ = partitioning.assign(block.data[: block.filled])
-    order = np.argsort(leaf, kind="stable").astype(np.int32)
-    offsets = np.searchsorted(leaf[order], np.arange(partitioning.nlist + 1)).astype(np.int32)
-    return Block(block.first_row, block.data, block.filled, order, offsets, partitioning)
+    block.listing = Listing.of(leaf, partitioning)
 
 
 class FreshTier:
@@ -229,24 +243,8 @@ class FreshTier:
         if keep:
             _trim()
 
-    def replace(self, old: Block, new: Block) -> bool:
-        """Swaps ``new`` in for ``old`` (gone already if indexed meanwhile: then False)."""
-        with self._lock:
-            for i, block in enumerate(self.blocks):
-                if block is old:
-                    self.blocks[i] = new
-                    return True
-        return False
-
     def snapshot(self) -> list[Block]:
         return list(self.blocks)
-
-    def unpartitioned_full(self) -> list[Block]:
-        return [
-            b
-            for b in list(self.blocks)
-            if b.order is None and b.filled == len(b.data) == BLOCK_ROWS
-        ]
 
 
 def scan(
@@ -259,8 +257,8 @@ def scan(
     probe: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` of rows ``[lo, hi)`` in ``blocks`` that ``accept`` keeps (given row numbers, it
-    returns a boolean mask): (rows, scores), best first. Exact, except in partitioned blocks
-    (unless not ``probe``), where only the leaves nearest the cue are scored."""
+    returns a boolean mask): (rows, scores), best first. Exact, except in the listed rows of
+    blocks (unless not ``probe``), where only the leaves nearest the cue are scored."""
     rows_out: list[np.ndarray] = []
     scores_out: list[np.ndarray] = []
     probed: dict[int, np.ndarray] = {}  # quantiser -> its leaves nearest the cue
@@ -269,20 +267,24 @@ def scan(
         s_lo, s_hi = max(lo, b_lo), min(hi, b_hi)
         if s_lo >= s_hi:
             continue
-        p = block.partitioning
-        if probe and p is not None and block.order is not None and block.offsets is not None:
+        listing = block.listing if probe else None
+        if listing is not None and s_lo - b_lo < listing.covered:
+            p = listing.partitioning
             lists = probed.get(id(p))
             if lists is None:
                 lists = probed[id(p)] = p.lists_for(cue)
-            starts = block.offsets[lists]
-            lens = block.offsets[lists + 1] - starts
+            starts = listing.offsets[lists]
+            lens = listing.offsets[lists + 1] - starts
             at = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(lens.sum())
-            local = block.order[at]
-            if s_lo > b_lo or s_hi < b_hi:  # part of the block is indexed or past the snapshot
-                inside = (local >= s_lo - b_lo) & (local < s_hi - b_lo)
-                at, local = at[inside], local[inside]
+            local = listing.order[at]
+            if s_lo > b_lo or s_hi - b_lo < listing.covered:  # part indexed or past the snapshot
+                local = local[(local >= s_lo - b_lo) & (local < s_hi - b_lo)]
             rows = local.astype(np.int64) + b_lo
             scores = block.data[local] @ cue
+            rest = b_lo + listing.covered  # rows appended since the listing: scanned exactly
+            if rest < s_hi:
+                rows = np.concatenate([rows, np.arange(rest, s_hi)])
+                scores = np.concatenate([scores, block.data[rest - b_lo : s_hi - b_lo] @ cue])
         else:
             rows = np.arange(s_lo, s_hi)
             scores = block.data[s_lo - b_lo : s_hi - b_lo] @ cue

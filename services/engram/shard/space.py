@@ -35,7 +35,15 @@ from engram.common.settings import AdmissionSettings, IndexSettings, LimitSettin
 from engram.internal.v1 import shard_pb2 as ipb
 from engram.shard import checkpoint as ckpt
 from engram.shard.admission import AdmissionController, lane_of
-from engram.shard.fresh import Block, FreshTier, Partitioning, partitioned, scan
+from engram.shard.fresh import (
+    BLOCK_ROWS,
+    LIST_STEP,
+    Block,
+    FreshTier,
+    Partitioning,
+    list_block,
+    scan,
+)
 from engram.shard.index import HnswTier
 from engram.shard.wal import Wal, WalFaults
 from engram.v1 import streaming_pb2 as pb
@@ -702,37 +710,61 @@ class Space:
         return None
 
     def partition_step(self) -> bool:
-        """Partitions one full fresh block if the backlog is large (partitioner thread); learns
-        the space's quantiser the first time. True if it did something."""
+        """Lists one fresh block's unlisted rows if the backlog is large (partitioner thread):
+        full blocks first, then the block being filled once it grew by ``LIST_STEP`` rows.
+        Learns the space's quantiser from the first full block, and again from a full block
+        whose rows fit it clearly worse than the rows it was learnt from. True if it worked."""
         settings = self._index_settings
         fresh = self.fresh
         if fresh is None or self.backlog() < settings.fresh_partition_rows:
             return False
-        pending = fresh.unpartitioned_full()
-        if not pending:
-            return False
-        block = pending[0]
-        rows = block.data[: block.filled]
-        p, leaf = self.partitioning, None
-        if p is not None:
-            leaf, sims = p.assign(rows)
+        blocks = fresh.snapshot()
+        todo = [b for b in blocks if b.full and _unlisted(b) and b.drifted_at != b.filled]
+        todo += [
+            b
+            for b in blocks
+            if not b.full and b.filled - max(_listed(b), b.drifted_at) >= LIST_STEP
+        ]
+        for block in todo:
+            p = self.partitioning
+            learnable = block.full and len(block.data) == BLOCK_ROWS
+            if p is None and not learnable:
+                continue  # no quantiser yet: it is learnt from a full block
+            filled = block.filled
+            rows = block.data[:filled]
+            if p is None:
+                p, leaf = self._learn(rows)
+                list_block(block, p, leaf)
+                return True
+            listing = block.listing
+            start = listing.covered if listing is not None and listing.partitioning is p else 0
+            leaf, sims = p.assign(rows[start:filled])
             if float(sims.mean()) < p.fit - settings.fresh_refit_drop:
+                if not learnable:  # scanned exactly until it is full, then learnt from
+                    block.drifted_at = filled
+                    continue
                 log.info(
-                    "space %s: rows %d.. fit the fresh-tier quantiser worse (%.3f, trained "
+                    "space %s: rows %d.. fit the fresh-tier quantiser worse (%.3f, learnt "
                     "%.3f): learning a new one",
                     self.name,
                     block.first_row,
                     float(sims.mean()),
                     p.fit,
                 )
-                p = None
-        if p is None:
-            p, leaf = Partitioning.learn_and_assign(
-                rows, settings.fresh_lists, settings.fresh_nprobe
-            )
-            self.partitioning = p
-        fresh.replace(block, partitioned(block, p, leaf))
-        return True
+                p, leaf = self._learn(rows)
+                start = 0
+            if start:
+                assert listing is not None
+                leaf = np.concatenate([listing.leaf, leaf])
+            list_block(block, p, leaf)
+            return True
+        return False
+
+    def _learn(self, rows: np.ndarray) -> tuple[Partitioning, np.ndarray]:
+        s = self._index_settings
+        p, leaf = Partitioning.learn_and_assign(rows, s.fresh_lists, s.fresh_nprobe)
+        self.partitioning = p
+        return p, leaf
 
     def prepare_spare(self) -> None:
         """Readies the fresh tier's next block off the event loop (partitioner thread)."""
@@ -821,6 +853,14 @@ class Space:
             "space %s: checkpoint at %d rows; %d WAL segments deleted", self.name, rows, deleted
         )
         return rows
+
+
+def _listed(block: Block) -> int:
+    return block.listing.covered if block.listing is not None else 0
+
+
+def _unlisted(block: Block) -> bool:
+    return _listed(block) < block.filled
 
 
 def _normalise(vectors: np.ndarray) -> np.ndarray:
