@@ -45,7 +45,7 @@ class IndexSettings:
     # about ``build_chunk_ms`` at its measured rate, and never above this.
     build_chunk: int = 1024
     build_chunk_ms: float = 8.0
-    # Threads hnswlib uses for add_items (one while writes are arriving).
+    # Threads hnswlib uses for add_items (one while writes or recalls are arriving).
     build_threads: int = 2
     # Least share of the time the builder works while writes are arriving (it sleeps in
     # between, so acks and recalls keep the CPU); the share rises with memory pressure (the

@@ -162,9 +162,12 @@ class ShardNode:
         by_time = int(self._build_rate * idx.build_chunk_ms / 1000)
         return max(8, min(idx.build_chunk, by_time, max(16, backlog // 4)))
 
-    def _writes_arriving(self) -> bool:
+    def _arriving(self) -> tuple[bool, bool]:
+        """Whether writes, and whether recalls, arrived in the last second."""
         now = time.monotonic()
-        return any(now - s.last_write < 1.0 for s in list(self.spaces.values()))
+        spaces = list(self.spaces.values())
+        writes = any(now - s.last_write < 1.0 for s in spaces)
+        return writes, writes or any(now - s.last_recall < 1.0 for s in spaces)
 
     def _build_loop(self) -> None:
         nice = self.settings.shard.index.builder_nice
@@ -186,10 +189,11 @@ class ShardNode:
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
-            busy = self._writes_arriving()
+            busy, serving = self._arriving()
             started = time.perf_counter()
             try:
-                added = space.index_step(self._chunk(space.backlog()), 1 if busy else None)
+                # one hnswlib thread while writes or recalls arrive: a core stays free for them
+                added = space.index_step(self._chunk(space.backlog()), 1 if serving else None)
             except Exception:  # the builder must survive; the rows stay in the fresh tier
                 log.exception("space %s: indexing failed; retrying in 1 s", space.name)
                 time.sleep(1.0)

@@ -194,6 +194,7 @@ class Space:
         self.lane_backlog: dict[int, int] = defaultdict(int)
         self._runs_lock = threading.Lock()  # the loop appends runs, the builder drops them
         self.last_write = 0.0  # monotonic time rows were last published
+        self.last_recall = 0.0  # monotonic time a recall last started
 
     # ------------------------------------------------------------------ recovery
 
@@ -605,6 +606,7 @@ class Space:
     ) -> pb.RecallResponse:
         """Top-``k`` of the snapshot by cosine similarity; runs in a worker thread."""
         started = time.perf_counter()
+        self.last_recall = time.monotonic()
         if not isinstance(filters, Filters):
             filters = Filters(min_score=filters)
         min_score = filters.min_score
