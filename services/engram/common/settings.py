@@ -132,6 +132,8 @@ class ShardSettings:
     fault_file: str = ""
     # Recalls slower than this on the shard are logged with where the time went (0: never).
     slow_recall_ms: float = 200.0
+    # Threads that compute recalls (numpy releases the GIL in the heavy parts).
+    recall_workers: int = 2
     wal: WalSettings = field(default_factory=WalSettings)
     index: IndexSettings = field(default_factory=IndexSettings)
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
@@ -296,6 +298,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         advertise=e.str("ENGRAM_SHARD_ADVERTISE", "") or listen,
         data_dir=e.str("ENGRAM_SHARD_DATA_DIR", f"./data/shard-{shard_id}"),
         slow_recall_ms=e.float("ENGRAM_SLOW_RECALL_MS", ShardSettings.slow_recall_ms, 0.0, 1e6),
+        recall_workers=e.int("ENGRAM_RECALL_WORKERS", ShardSettings.recall_workers, 1, 256),
         http_port=e.int("ENGRAM_SHARD_HTTP_PORT", 0, 0, 65_535),
         fault_file=e.str("ENGRAM_FAULT_FILE", ""),
         wal=WalSettings(

@@ -37,9 +37,11 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         self._loop = asyncio.get_running_loop()
         self._level = admission.NORMAL
         node.admission.listeners.append(self._on_level)
-        # recalls scan with numpy and hnswlib outside the GIL; two at a time keep both cores
-        # busy without starving acks and indexing
-        self._recall_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="recall")
+        # recalls scan with numpy and hnswlib outside the GIL; two at a time (the default) keep
+        # both cores busy without starving acks and indexing (four measured no better)
+        self._recall_pool = concurrent.futures.ThreadPoolExecutor(
+            node.settings.shard.recall_workers, thread_name_prefix="recall"
+        )
         self._last_slow_log = 0.0
 
     def _on_level(self, snap: admission.Snapshot) -> None:
