@@ -3,7 +3,7 @@
 Rows live in fixed-size numpy blocks, appended in LSN order the moment a batch is durable, and
 are scanned exactly by recalls. The builder copies rows from here into the index; a block is
 dropped once every row in it is indexed. Readers take a snapshot (the list of blocks) so a block
-the builder drops or replaces stays alive for a recall that still scans it.
+the builder drops stays alive for a recall that still scans it.
 
 When the un-indexed backlog grows large (HNSW insertion is far slower than ingest), the shard's
 partitioner thread *lists* blocks, IVF-style, as Milvus does with the interim index of growing
@@ -25,7 +25,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import math
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -173,15 +172,14 @@ def list_block(block: Block, partitioning: Partitioning, leaf: np.ndarray | None
 
 
 class FreshTier:
-    """Appended to by the event loop; blocks are replaced and dropped by the shard's worker
-    threads (under ``_lock``, which the loop never takes: appending only adds at the end)."""
+    """Appended to by the event loop (only ever at the end); blocks are dropped from the front
+    by the builder thread, and listed (``Block.listing``) by the partitioner thread."""
 
     def __init__(self, dim: int, first_row: int = 0) -> None:
         self.dim = dim
         self.blocks: list[Block] = []
         self.end_row = first_row  # one past the last appended row
         self._last_capacity = 0
-        self._lock = threading.Lock()
         self._spare: np.ndarray | None = None  # a full-size block, its pages already touched
 
     def append(self, vectors: np.ndarray, norms: np.ndarray | None = None) -> None:
@@ -231,16 +229,13 @@ class FreshTier:
 
     def drop_below(self, row: int) -> None:
         """Forgets blocks whose every row is below ``row`` (indexed)."""
-        with self._lock:
-            keep = 0
-            for block in self.blocks:
-                full = block.filled == len(block.data)
-                if not full or block.first_row + block.filled > row:
-                    break
-                keep += 1
-            if keep:
-                del self.blocks[:keep]  # in place: the loop may be appending
+        keep = 0
+        for block in self.blocks:
+            if not block.full or block.first_row + block.filled > row:
+                break
+            keep += 1
         if keep:
+            del self.blocks[:keep]  # in place: the loop may be appending
             _trim()
 
     def snapshot(self) -> list[Block]:
