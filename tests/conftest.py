@@ -16,6 +16,7 @@ logs are printed with its report.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
@@ -43,11 +44,14 @@ def _failed(node: pytest.Item) -> bool:
     return any(r.failed for r in node.stash.get(_REPORTS, {}).values())
 
 
-def _print_logs(cluster: LocalCluster) -> None:
-    for name in cluster.names:
-        tail = cluster.log_tail(name, 30)
-        if tail:
-            print(f"\n----- {cluster.log_path(name)} (last 30 lines) -----\n{tail}")
+@pytest.fixture
+def no_leaked_committers() -> Iterator[None]:
+    """Every WAL committer thread a test started is gone when it ends (the suites that run
+    spaces in-process use it on every test)."""
+    before = {t for t in threading.enumerate() if t.name.startswith("wal-committer")}
+    yield
+    leaked = {t for t in threading.enumerate() if t.name.startswith("wal-committer")} - before
+    assert not leaked, f"WAL committer threads left running: {sorted(t.name for t in leaked)}"
 
 
 @pytest.fixture
@@ -87,7 +91,7 @@ def make_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Clu
         errors: list[BaseException] = []
         for cluster in reversed(clusters):
             if failed:
-                _print_logs(cluster)
+                cluster.print_logs()
             try:
                 cluster.stop()
             except BaseException as e:  # stop the others regardless

@@ -14,11 +14,8 @@ QUERY = "dim=32&batch=40&rate=25&k=5&autostart=1"
 
 
 async def list_ids(cluster: LocalCluster, space: str) -> list[str]:
-    ids: list[str] = []
     async with EngramClient(cluster.gateway_address) as client:
-        async for chunk, _ in client.list_observations(space):
-            ids.extend(chunk)
-    return ids
+        return await client.list_ids(space)
 
 
 async def open_demo(browser, cluster: LocalCluster, space: str):

@@ -615,9 +615,7 @@ async def test_client_fails_only_the_refused_batch_and_renumbers_the_rest(
         late = await stream.send(vectors(3, seed=4), ids=["d0", "d1", "d2"])
         assert (await asyncio.wait_for(late, READ_TIMEOUT_S)).sequence_number == 4
         await stream.close()
-        ids: list[str] = []
-        async for chunk, _ in client.list_observations(space_id):
-            ids.extend(chunk)
+        ids = await client.list_ids(space_id)
     assert ids == ["a0", "a1", "a2", "b0", "b1", "b2", "c0", "c1", "c2", "d0", "d1", "d2"]
 
 

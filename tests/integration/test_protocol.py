@@ -373,9 +373,7 @@ async def test_python_client_end_to_end(shared_cluster: ClusterProcess, space_id
         standalone = await client.recall(space_id, vecs[5], k=3)
         assert standalone.hits[0].id == "e5"
         assert standalone.hits[0].score == pytest.approx(1.0, abs=1e-4)
-        ids: list[str] = []
-        async for chunk_ids, _ in client.list_observations(space_id):
-            ids.extend(chunk_ids)
+        ids = await client.list_ids(space_id)
         assert ids == [f"e{i}" for i in range(1200)]
 
 

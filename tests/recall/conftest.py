@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
@@ -170,12 +169,8 @@ class Harness:
 
 
 @pytest.fixture(autouse=True)
-def no_leaked_committers() -> Iterator[None]:
-    """Every WAL committer thread a test started is gone when it ends."""
-    before = {t for t in threading.enumerate() if t.name.startswith("wal-committer")}
-    yield
-    leaked = {t for t in threading.enumerate() if t.name.startswith("wal-committer")} - before
-    assert not leaked, f"WAL committer threads left running: {sorted(t.name for t in leaked)}"
+def _guard_committers(no_leaked_committers: None) -> None:
+    """Every test here: no WAL committer thread outlives it (tests/conftest.py)."""
 
 
 @pytest.fixture
@@ -205,10 +200,7 @@ def recall_cluster(
         yield cluster
     finally:
         if request.session.testsfailed > failed_before:
-            for name in cluster.names:
-                tail = cluster.log_tail(name, 30)
-                if tail:
-                    print(f"\n----- {cluster.log_path(name)} (last 30 lines) -----\n{tail}")
+            cluster.print_logs()
         cluster.stop()
 
 

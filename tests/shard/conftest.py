@@ -23,7 +23,7 @@ import asyncio
 import errno
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -302,12 +302,8 @@ async def retry_append(
 
 
 @pytest.fixture(autouse=True)
-def no_leaked_committers() -> Iterator[None]:
-    """Every WAL committer thread a test started is gone when it ends."""
-    before = {t for t in threading.enumerate() if t.name.startswith("wal-committer")}
-    yield
-    leaked = {t for t in threading.enumerate() if t.name.startswith("wal-committer")} - before
-    assert not leaked, f"WAL committer threads left running: {sorted(t.name for t in leaked)}"
+def _guard_committers(no_leaked_committers: None) -> None:
+    """Every test here: no WAL committer thread outlives it (tests/conftest.py)."""
 
 
 @pytest.fixture

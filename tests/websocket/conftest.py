@@ -108,10 +108,7 @@ def ws_cluster(
         yield cluster
     finally:
         if request.session.testsfailed > failed_before:
-            for name in cluster.names:
-                tail = cluster.log_tail(name, 30)
-                if tail:
-                    print(f"\n----- {cluster.log_path(name)} (last 30 lines) -----\n{tail}")
+            cluster.print_logs()
         cluster.stop()
 
 

@@ -17,11 +17,8 @@ def vecs(n: int, seed: int = 0) -> np.ndarray:
 
 
 async def list_ids(cluster: LocalCluster, space: str) -> list[str]:
-    ids: list[str] = []
     async with EngramClient(cluster.gateway_address) as client:
-        async for chunk, _ in client.list_observations(space):
-            ids.extend(chunk)
-    return ids
+        return await client.list_ids(space)
 
 
 async def test_grpc_session_resumes_over_websocket(ws_cluster, ws_connect, space_id):

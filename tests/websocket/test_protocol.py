@@ -25,11 +25,8 @@ def vecs(n: int, seed: int = 0, dim: int = DIM) -> np.ndarray:
 
 
 async def list_ids(cluster: LocalCluster, space: str) -> list[str]:
-    ids: list[str] = []
     async with EngramClient(cluster.gateway_address) as client:
-        async for chunk, _ in client.list_observations(space):
-            ids.extend(chunk)
-    return ids
+        return await client.list_ids(space)
 
 
 async def test_init_ack_describes_the_session_and_the_connection(ws_cluster, ws_connect, space_id):

@@ -254,6 +254,10 @@ class EngramClient:
         async for chunk in self.stub.ListObservations(req, timeout=300):
             yield list(chunk.ids), list(chunk.lsns)
 
+    async def list_ids(self, space: str) -> list[str]:
+        """Every observation id in ``space``, in LSN order."""
+        return [i async for ids, _ in self.list_observations(space) for i in ids]
+
 
 class ObservationStream:
     def __init__(

@@ -214,6 +214,13 @@ class LocalCluster:
     def log_tail(self, name: str, lines: int = 40) -> str:
         return procs.log_tail(self.log_path(name), lines)
 
+    def print_logs(self, lines: int = 30) -> None:
+        """Prints the last ``lines`` of every process's log (tests do, when they fail)."""
+        for name in self.names:
+            tail = self.log_tail(name, lines)
+            if tail:
+                print(f"\n----- {self.log_path(name)} (last {lines} lines) -----\n{tail}")
+
     # ------------------------------------------------------------------ processes
 
     def pid(self, name: str) -> int:
