@@ -7,7 +7,7 @@ measured is ``null`` with the reason in ``notes``.
 
 Telemetry tuples (see :mod:`.workers`): acks
 ``(space, k, t_send, t_written, t_ack, n, ok, in_flight)``,
-recalls ``(t_issue, latency_s, server_us, fresh, indexed, space, ok)``, visibility samples
+recalls ``(t_issue, latency_s, server_us, fresh, indexed, space, ok, stages)``, visibility samples
 ``(space, t_send, t_ack, t_received, t_found | None, polls, t_last_poll_issued)``.
 """
 
@@ -131,6 +131,22 @@ def _throughput(cfg: BenchConfig, load: LoadRun, n_sec: int) -> dict[str, Any]:
     return out
 
 
+def _stages(recalls: list[tuple[Any, ...]]) -> dict[str, Any]:
+    """Where recalls' time went: the wait for their consistency level, the queue for a shard
+    recall thread, the HNSW search (with any wait for the builder's lock), the fresh-tier scan,
+    and the rest (gateway, both hops, merging and building the answer)."""
+    timed = [r for r in recalls if r[7] is not None]
+    waited, queued, index, fresh = ([s[i] / 1e6 for s in (r[7] for r in timed)] for i in range(4))
+    rest = [r[1] - r[7][0] / 1e6 - r[7][1] / 1e6 - r[2] / 1e6 for r in timed]
+    return {
+        "consistency_wait": stats.summary_ms(waited),
+        "queued": stats.summary_ms(queued),
+        "hnsw": stats.summary_ms(index),
+        "fresh": stats.summary_ms(fresh),
+        "outside_recall_thread": stats.summary_ms(rest),
+    }
+
+
 def _latency(load: LoadRun, samples: list[Sample]) -> dict[str, Any]:
     tel, t0, t_stop = load.telemetry, load.t0, load.t_stop
     span = t_stop - t0
@@ -166,6 +182,7 @@ def _latency(load: LoadRun, samples: list[Sample]) -> dict[str, Any]:
         "recall_server_ms_during_ingest": stats.summary_ms(
             [r[2] / 1e6 for r in rec_ok if t0 <= r[0] < t_stop]
         ),
+        "recall_stages_ms_during_ingest": _stages([r for r in rec_ok if t0 <= r[0] < t_stop]),
         "recall_failed": len(tel.recalls) - len(rec_ok),
         "recalls_per_s_during_ingest": round(issued / span, 2) if span > 0 else 0.0,
         "_peak": peak,

@@ -5,7 +5,8 @@ reports to the parent through one telemetry queue, in chunks every half second:
 
 * ``("acks", wid, [(space, k, t_send, t_written, t_ack, n, ok, in_flight), ...])`` per batch
   (``t_written``: ``send_batch`` returned, i.e. the client's window let the batch go);
-* ``("recalls", "recall", [(t_issue, latency_s, server_us, fresh, indexed, space, ok), ...])``;
+* ``("recalls", "recall", [(t_issue, latency_s, server_us, fresh, indexed, space, ok,
+  stages), ...])``, ``stages``: the shard's (waited, queued, HNSW, fresh) microseconds;
 * ``("vis", [(space, t_send, t_ack, t_received, t_found | None, polls, t_last_poll), ...])``;
 * ``("event", who, space, kind, detail, t)``, ``("ready", who)``, ``("done", who, summary)``,
   ``("failed", who, message)``.
@@ -301,12 +302,15 @@ async def _recaller(spec: WorkerSpec, ch: Channels, cues: dict[int, np.ndarray])
         try:
             _, meta = await recall_once(stub, spec.plans[si].name, cue, pb.BOUNDED)
         except Exception:
-            rep.items.append((t, time.monotonic() - t, 0, 0, 0, si, False))
+            rep.items.append((t, time.monotonic() - t, 0, 0, 0, si, False, None))
             return
         server_us = meta.latency_us if meta is not None else 0
         fresh = meta.fresh_count if meta is not None else 0
         indexed = meta.indexed_count if meta is not None else 0
-        rep.items.append((t, time.monotonic() - t, server_us, fresh, indexed, si, True))
+        stages = None
+        if meta is not None:
+            stages = (meta.waited_us, meta.queued_us, meta.index_us, meta.fresh_us)
+        rep.items.append((t, time.monotonic() - t, server_us, fresh, indexed, si, True, stages))
 
     async with EngramClient(spec.target) as client:
         ch.telemetry.put(("ready", spec.who))
