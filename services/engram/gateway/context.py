@@ -27,7 +27,7 @@ class GatewayContext:
         self, space: str, req: pb.RecallRequest, session_id: str = ""
     ) -> AsyncIterator[pb.RecallResponse]:
         """The owning shard's answer, chunk by chunk; transport failures become Engram errors."""
-        _, stub = await self.router.stub(space)
+        _, stub = await self.router.stub(space, reads=True)
         timeout = (req.deadline_ms or 5000) / 1000 + _RECALL_TIMEOUT_S
         call = stub.Recall(
             ipb.ShardRecallRequest(memory_space_id=space, recall=req, session_id=session_id),

@@ -30,7 +30,7 @@ class Router:
         self._store = store
         self.assignment = Assignment(settings.cluster.shard_count)
         self._addresses: dict[int, str] = {}
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[tuple[str, bool], grpc.aio.Channel] = {}
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -62,8 +62,13 @@ class Router:
     def owner(self, space: str) -> int:
         return self.assignment.owner(space)
 
-    async def stub(self, space: str) -> tuple[int, shard_pb2_grpc.ShardStub]:
-        """The owning shard's id and a stub for it; raises UnavailableError if unknown."""
+    async def stub(self, space: str, reads: bool = False) -> tuple[int, shard_pb2_grpc.ShardStub]:
+        """The owning shard's id and a stub for it; raises UnavailableError if unknown.
+
+        Reads (recalls, listings) travel on a connection of their own: on the connection that
+        carries the write streams, a recall's few bytes queue behind megabytes of batches
+        whenever the shard reads more slowly than the gateway writes (HTTP/2 shares one flow
+        control window and one TCP stream among all the calls of a connection)."""
         shard_id = self.owner(space)
         address = self._addresses.get(shard_id)
         if address is None:
@@ -74,10 +79,12 @@ class Router:
                 f"shard {shard_id} (owner of memory space {space!r}) has not registered; "
                 "retry shortly"
             )
-        channel = self._channels.get(address)
+        channel = self._channels.get((address, reads))
         if channel is None:
-            channel = grpc.aio.insecure_channel(
-                address, options=grpcutil.options(self._settings.limits)
-            )
-            self._channels[address] = channel
+            opts = grpcutil.options(self._settings.limits)
+            # a channel of its own subchannels, so the two channels to a shard do not share
+            # one connection
+            opts.append(("grpc.use_local_subchannel_pool", 1))
+            channel = grpc.aio.insecure_channel(address, options=opts)
+            self._channels[(address, reads)] = channel
         return shard_id, shard_pb2_grpc.ShardStub(channel)

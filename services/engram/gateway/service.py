@@ -72,7 +72,7 @@ class EngramStreamService:
 
         try:
             space = validation.space_id(request.memory_space_id)
-            _, stub = await self.gw.router.stub(space)
+            _, stub = await self.gw.router.stub(space, reads=True)
         except EngramError as exc:
             await context.abort(grpc_status(exc), str(exc))
         call = stub.Scan(ipb.ScanRequest(memory_space_id=space, chunk_size=request.chunk_size))
