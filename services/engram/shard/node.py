@@ -20,6 +20,7 @@ from pathlib import Path
 from engram.common import metrics, validation
 from engram.common.errors import NotOwnerError, UnavailableError
 from engram.common.settings import Settings
+from engram.common.threads import name_os_thread
 from engram.control.assignment import Assignment
 from engram.control.store import ControlStore
 from engram.shard import faults as fault_file
@@ -170,6 +171,7 @@ class ShardNode:
         return writes, writes or any(now - s.last_recall < 1.0 for s in spaces)
 
     def _build_loop(self) -> None:
+        name_os_thread()
         nice = self.settings.shard.index.builder_nice
         if nice:
             # Linux nice values are per thread, and the threads hnswlib starts inherit it:
@@ -212,6 +214,7 @@ class ShardNode:
                 self._checkpoint(space)
 
     def _partition_loop(self) -> None:
+        name_os_thread()
         while not self._stop.is_set():
             worked = False
             for space in list(self.spaces.values()):

@@ -18,6 +18,7 @@ import numpy as np
 
 from engram.common import metrics, validation
 from engram.common.errors import EngramError, SessionError, grpc_status
+from engram.common.threads import name_os_thread
 from engram.internal.v1 import shard_pb2 as ipb
 from engram.internal.v1 import shard_pb2_grpc
 from engram.shard import admission
@@ -40,7 +41,9 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         # recalls scan with numpy and hnswlib outside the GIL; two at a time (the default) keep
         # both cores busy without starving acks and indexing (four measured no better)
         self._recall_pool = concurrent.futures.ThreadPoolExecutor(
-            node.settings.shard.recall_workers, thread_name_prefix="recall"
+            node.settings.shard.recall_workers,
+            thread_name_prefix="recall",
+            initializer=name_os_thread,
         )
         self._last_slow_log = 0.0
 

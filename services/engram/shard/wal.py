@@ -45,6 +45,7 @@ from typing import Final
 import google_crc32c
 
 from engram.common.errors import StorageError
+from engram.common.threads import name_os_thread
 
 log = logging.getLogger("engram.shard.wal")
 
@@ -562,6 +563,7 @@ class Wal:
     # ------------------------------------------------------------------ committer thread
 
     def _run(self) -> None:
+        name_os_thread()
         try:
             while True:
                 with self._lock:

@@ -1,0 +1,30 @@
+"""Thread names the operating system sees too (``top -H``, ``ps -L``, ``/proc/<pid>/task``)."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import threading
+
+_PR_SET_NAME = 15
+
+
+def name_os_thread(name: str | None = None) -> None:
+    """Names the calling thread at the OS level (Linux keeps 15 bytes); by default, with its
+    Python name. Does nothing where prctl is missing."""
+    if _LIBC is None:
+        return
+    raw = (name or threading.current_thread().name).encode("utf-8", "replace")[:15]
+    _LIBC.prctl(_PR_SET_NAME, ctypes.c_char_p(raw), 0, 0, 0)
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl  # noqa: B018 (raises AttributeError where there is none)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _libc()
