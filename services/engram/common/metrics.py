@@ -109,3 +109,10 @@ queue_depth = Gauge(
 queue_memory_bytes = Gauge(
     "engram_streaming_queue_memory_bytes", "Bytes of admitted, not yet durable batches"
 )
+
+# ------------------------------------------------------------------------------ every process
+event_loop_lag = Histogram(
+    "engram_event_loop_lag_seconds",
+    "How late the process's event loop ran a timer: time other work (or the GIL) kept it busy",
+    buckets=_LATENCY_BUCKETS,
+)

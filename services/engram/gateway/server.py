@@ -8,7 +8,7 @@ import signal
 
 import grpc
 
-from engram.common import grpcutil
+from engram.common import grpcutil, looplag
 from engram.common.http import start_http
 from engram.common.settings import Settings
 from engram.control.store import ControlStore
@@ -51,6 +51,7 @@ async def serve(settings: Settings) -> None:
         max_size=settings.limits.grpc_max_message_bytes,
         routes=ws_static.route,
     )
+    lag_task = asyncio.create_task(looplag.watch())
     canary_task = None
     if settings.gateway.canary_interval_s > 0:
         canary_task = asyncio.create_task(Canary(gw, settings.gateway.canary_interval_s).run())
@@ -69,6 +70,7 @@ async def serve(settings: Settings) -> None:
     await stop.wait()
     log.info("gateway stopping")
     await grpcutil.set_serving(health, False)
+    lag_task.cancel()
     if canary_task is not None:
         canary_task.cancel()
         await asyncio.gather(canary_task, return_exceptions=True)

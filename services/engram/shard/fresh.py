@@ -22,9 +22,9 @@ clearly worse than the rows it was learnt from, the space learns a new one from 
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import math
+import mmap
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -75,15 +75,16 @@ class Block:
 def train(sample: np.ndarray, nlist: int, iterations: int = 8, seed: int = 0) -> np.ndarray:
     """Spherical k-means on normalised rows: ``nlist`` unit centroids."""
     rng = np.random.default_rng(seed)
+    sample = np.ascontiguousarray(sample)  # a strided view would keep matmul off BLAS
     nlist = min(nlist, len(sample))
     centroids = sample[rng.choice(len(sample), nlist, replace=False)]
     for _ in range(iterations):
         nearest = np.argmax(sample @ centroids.T, axis=1)
-        counts = np.bincount(nearest, minlength=nlist)
-        used = np.flatnonzero(counts)
-        starts = (np.cumsum(counts) - counts)[used]
-        sums = np.zeros((nlist, sample.shape[1]), np.float32)
-        sums[used] = np.add.reduceat(sample[np.argsort(nearest, kind="stable")], starts, axis=0)
+        # the sums of each centroid's members as one matrix product (BLAS runs without the
+        # GIL; np.add.reduceat would hold it, stalling the shard's event loop)
+        members = np.zeros((nlist, len(sample)), np.float32)
+        members[nearest, np.arange(len(sample))] = 1.0
+        sums = members @ sample
         norms = np.linalg.norm(sums, axis=1)
         empty = norms == 0
         sums[empty] = sample[rng.choice(len(sample), int(empty.sum()))]
@@ -171,6 +172,20 @@ def list_block(block: Block, partitioning: Partitioning, leaf: np.ndarray | None
     block.listing = Listing.of(leaf, partitioning)
 
 
+def block_memory(rows: int, dim: int) -> np.ndarray:
+    """A ``(rows, dim)`` float32 array in memory of its own, its pages already mapped.
+
+    Its own mapping goes back to the system the moment the last reference to the block goes
+    (the allocator would keep freed blocks otherwise). The pages are touched here, by numpy's
+    ``fill``, which runs without the GIL: mapping 25 MB is about 10 ms of kernel time, which
+    ``mmap.MAP_POPULATE`` would spend holding the GIL and so stall the event loop.
+    """
+    memory = mmap.mmap(-1, rows * dim * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    block = np.frombuffer(memory, np.float32).reshape(rows, dim)
+    block.fill(0.0)
+    return block
+
+
 class FreshTier:
     """Appended to by the event loop (only ever at the end); blocks are dropped from the front
     by the builder thread, and listed (``Block.listing``) by the partitioner thread."""
@@ -207,15 +222,13 @@ class FreshTier:
         spare, self._spare = self._spare, None
         if rows == BLOCK_ROWS and spare is not None:
             return spare
-        return np.empty((rows, self.dim), np.float32)
+        return block_memory(rows, self.dim)
 
     def prepare_spare(self) -> None:
-        """Allocates the next full-size block and touches its pages (worker thread), so the
-        event loop does not take the page faults of a fresh 25 MB block."""
+        """Maps the next full-size block (worker thread), so the event loop does not wait for
+        the kernel to map a fresh 25 MB block."""
         if self._spare is None and self._last_capacity == BLOCK_ROWS:
-            spare = np.empty((BLOCK_ROWS, self.dim), np.float32)
-            spare.fill(0.0)
-            self._spare = spare
+            self._spare = block_memory(BLOCK_ROWS, self.dim)
 
     def rows(self, lo: int, hi: int) -> np.ndarray:
         """A copy of rows ``[lo, hi)`` (all in this tier), in row order."""
@@ -236,7 +249,6 @@ class FreshTier:
             keep += 1
         if keep:
             del self.blocks[:keep]  # in place: the loop may be appending
-            _trim()
 
     def snapshot(self) -> list[Block]:
         return list(self.blocks)
@@ -299,16 +311,3 @@ def scan(
     rows, scores = rows[found], scores[found]
     order = np.argsort(-scores, kind="stable")[:k]
     return rows[order].astype(np.int64), scores[order].astype(np.float32)
-
-
-def _trim() -> None:
-    """Hands freed block memory back to the OS (glibc keeps large freed chunks otherwise)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-try:
-    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6")
-    _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-except (OSError, AttributeError):
-    _LIBC = None

@@ -8,7 +8,7 @@ import signal
 
 import grpc
 
-from engram.common import grpcutil
+from engram.common import grpcutil, looplag
 from engram.common.http import start_http
 from engram.common.settings import Settings
 from engram.internal.v1 import shard_pb2, shard_pb2_grpc
@@ -38,6 +38,7 @@ async def serve(settings: Settings) -> None:
     http = None
     if settings.shard.http_port:
         http = await start_http("127.0.0.1", settings.shard.http_port, healthy)
+    lag_task = asyncio.create_task(looplag.watch())
     await grpcutil.set_serving(health, True)
     log.info(
         "shard %d serving on %s (data %s)",
@@ -53,6 +54,7 @@ async def serve(settings: Settings) -> None:
     await stop.wait()
     log.info("shard %d stopping", node.shard_id)
     await grpcutil.set_serving(health, False)
+    lag_task.cancel()
     await server.stop(grace=5)
     if http is not None:
         http.close()
@@ -61,4 +63,14 @@ async def serve(settings: Settings) -> None:
 
 
 def run(settings: Settings) -> None:
+    _huge_pages(settings.shard.huge_pages)
     asyncio.run(serve(settings))
+
+
+def _huge_pages(on: bool) -> None:
+    """Whether numpy madvises its large arrays for transparent huge pages (ENGRAM_HUGE_PAGES)."""
+    try:
+        from numpy._core.multiarray import _set_madvise_hugepage
+    except ImportError:  # a numpy without the switch
+        return
+    _set_madvise_hugepage(on)
