@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from types import ModuleType
 from typing import Any
 
@@ -9,7 +10,15 @@ import numpy as np
 
 from engram.common.settings import IndexSettings
 from engram.corpus import Corpus
-from engram.shard.fresh import BLOCK_ROWS, FreshTier, Partitioning, list_block, scan
+from engram.shard.fresh import (
+    BLOCK_ROWS,
+    FreshTier,
+    Partitioning,
+    block_memory,
+    list_block,
+    scan,
+    train,
+)
 
 DIM = 32
 
@@ -177,3 +186,45 @@ async def test_a_space_partitions_its_backlog_and_learns_again_when_rows_drift(
         res = space.recall(snap, stored[row], 5)
         assert res.results[0].lsn == row + 1 and res.results[0].score > 0.999
         assert res.metadata.fresh_us > 0
+
+
+def test_training_on_a_strided_view_matches_training_on_a_copy() -> None:
+    rows = _normalised(Corpus(DIM, seed=5).vectors(0, 4_096))
+    strided = rows[::2]
+    assert not strided.flags.c_contiguous
+    np.testing.assert_allclose(train(strided, 16, 4), train(strided.copy(), 16, 4), atol=1e-5)
+
+
+def test_k_means_centroids_are_the_normalised_means_of_their_members() -> None:
+    rows = _normalised(Corpus(DIM, seed=6).vectors(0, 2_000))
+    centroids = train(rows, 8, iterations=3)
+    # one more round by hand: each centroid of a further round is its members' mean direction
+    nearest = np.argmax(rows @ centroids.T, axis=1)
+    again = train_round_by_hand(rows, centroids, nearest)
+    assert np.allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-5)
+    # a fixed point is close: three rounds on clustered rows have nearly converged
+    assert float(np.mean(np.sum(again * centroids, axis=1))) > 0.99
+
+
+def train_round_by_hand(rows: np.ndarray, centroids: np.ndarray, nearest: np.ndarray) -> np.ndarray:
+    out = centroids.copy()
+    for c in range(len(centroids)):
+        members = rows[nearest == c]
+        if len(members):
+            mean = members.sum(axis=0)
+            out[c] = mean / np.linalg.norm(mean)
+    return out
+
+
+def test_fresh_blocks_are_zeroed_writable_and_of_their_own_memory() -> None:
+    block = block_memory(1_024, DIM)
+    assert block.shape == (1_024, DIM) and block.dtype == np.float32
+    assert block.flags.writeable and block.flags.c_contiguous
+    assert not block.any()
+    block[7] = 1.0
+    other = block_memory(1_024, DIM)
+    assert not other.any()  # not a view of the first
+    owner = block
+    while isinstance(owner, np.ndarray):
+        owner = owner.base
+    assert isinstance(owner, memoryview) and isinstance(owner.obj, mmap.mmap)  # unmapped when the block goes, not kept by malloc
