@@ -227,4 +227,5 @@ def test_fresh_blocks_are_zeroed_writable_and_of_their_own_memory() -> None:
     owner = block
     while isinstance(owner, np.ndarray):
         owner = owner.base
-    assert isinstance(owner, memoryview) and isinstance(owner.obj, mmap.mmap)  # unmapped when the block goes, not kept by malloc
+    # unmapped when the block goes, not kept by the allocator
+    assert isinstance(owner, memoryview) and isinstance(owner.obj, mmap.mmap)

@@ -237,7 +237,7 @@ async def test_metadata_survives_wal_and_checkpoint(harness: Any, kit: ModuleTyp
             await asyncio.to_thread(space.checkpoint)
 
     def check(space: Any) -> None:
-        assert space.contents == contents
+        assert space.contents[:] == contents
         assert space.confidences.view().tolist() == confidences
         assert space.timestamps_us.view().tolist() == timestamps
         stored = kit.normalise(np.concatenate(vectors))

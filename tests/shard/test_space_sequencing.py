@@ -62,7 +62,7 @@ async def test_server_made_ids_and_defaults(harness: Any, ledger: Any) -> None:
     assert result.first_id == "s/1/0"
     ledger.check(space)
     assert space.confidences.view().tolist() == pytest.approx([0.7] * 4)
-    assert space.contents == [""] * 4
+    assert space.contents[:] == [""] * 4
 
 
 async def test_duplicate_of_durable_batch_is_acked_and_not_stored(

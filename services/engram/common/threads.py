@@ -1,4 +1,5 @@
-"""Thread names the operating system sees too (``top -H``, ``ps -L``, ``/proc/<pid>/task``)."""
+"""Thread names the operating system sees too (``top -H``, ``ps -L``, ``/proc/<pid>/task``), and
+handing freed heap memory back to it."""
 
 from __future__ import annotations
 
@@ -16,6 +17,13 @@ def name_os_thread(name: str | None = None) -> None:
         return
     raw = (name or threading.current_thread().name).encode("utf-8", "replace")[:15]
     _LIBC.prctl(_PR_SET_NAME, ctypes.c_char_p(raw), 0, 0, 0)
+
+
+def trim_heap() -> None:
+    """Returns the free memory at the top of every malloc arena to the system (glibc keeps it
+    for reuse otherwise). Does nothing on a C library without ``malloc_trim``."""
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
 
 
 def _libc() -> ctypes.CDLL | None:

@@ -35,6 +35,7 @@ from engram.common.settings import AdmissionSettings, IndexSettings, LimitSettin
 from engram.internal.v1 import shard_pb2 as ipb
 from engram.shard import checkpoint as ckpt
 from engram.shard.admission import AdmissionController, lane_of
+from engram.shard.columns import StringColumn
 from engram.shard.fresh import (
     BLOCK_ROWS,
     LIST_STEP,
@@ -168,8 +169,8 @@ class Space:
         self._next_row = 0  # next row to assign
         self.fresh: FreshTier | None = None
         self.hnsw: HnswTier | None = None
-        self.ids: list[str] = []
-        self.contents: list[str] = []
+        self.ids = StringColumn()
+        self.contents = StringColumn()
         self.confidences = _Grow("float32")
         self.timestamps_us = _Grow("int64")
         self._assigned: dict[str, int] = {}
