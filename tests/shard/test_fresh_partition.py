@@ -229,3 +229,17 @@ def test_fresh_blocks_are_zeroed_writable_and_of_their_own_memory() -> None:
         owner = owner.base
     # unmapped when the block goes, not kept by the allocator
     assert isinstance(owner, memoryview) and isinstance(owner.obj, mmap.mmap)
+
+
+def test_probe_lists_hold_the_cues_own_leaf_and_mostly_its_nearest_leaves() -> None:
+    rows = _normalised(Corpus(DIM, seed=8).vectors(0, 8_192))
+    p = Partitioning.learn(rows, 256, 16)
+    cues = rows[::97]
+    own, _ = p.assign(cues)
+    overlap = []
+    for cue, leaf in zip(cues, own, strict=True):
+        lists = p.lists_for(cue)
+        assert leaf in lists and len(set(lists.tolist())) == len(lists) <= p.nprobe + 1
+        best = set(np.argsort(-(p.leaves @ cue))[: p.nprobe].tolist())
+        overlap.append(len(best & set(lists.tolist())) / p.nprobe)
+    assert float(np.mean(overlap)) > 0.9  # the nearest coarse cells hold the nearest leaves
