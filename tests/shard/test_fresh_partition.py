@@ -243,3 +243,17 @@ def test_probe_lists_hold_the_cues_own_leaf_and_mostly_its_nearest_leaves() -> N
         best = set(np.argsort(-(p.leaves @ cue))[: p.nprobe].tolist())
         overlap.append(len(best & set(lists.tolist())) / p.nprobe)
     assert float(np.mean(overlap)) > 0.9  # the nearest coarse cells hold the nearest leaves
+
+
+def test_the_last_block_is_retired_only_when_every_row_in_it_is_indexed() -> None:
+    tier = FreshTier(DIM)
+    rows = _normalised(Corpus(DIM, seed=9).vectors(0, 1_500))
+    tier.append(rows)  # blocks of 1,024 (full) and 2,048 (476 rows)
+    assert not tier.retire_tail(1_499)
+    assert tier.retire_tail(1_500)
+    assert [b.first_row for b in tier.snapshot()] == [0]  # full blocks wait for drop_below
+    tier.drop_below(1_500)
+    tier.append(rows[:10])
+    assert [(b.first_row, len(b.data)) for b in tier.snapshot()] == [(1_500, 1_024)]
+    np.testing.assert_array_equal(tier.rows(1_500, 1_510), rows[:10])
+    assert not tier.retire_tail(1_500)  # rows 1,500.. are not indexed

@@ -213,3 +213,29 @@ async def test_snapshot_racing_the_first_index_step(harness: Any, kit: ModuleTyp
     snap = space.snapshot()
     res = space.recall(snap, ledger.vectors()[10], 5, None)
     assert res.results[0].id == ledger.ids()[10]
+
+
+async def test_a_drained_space_lets_its_last_fresh_block_go_and_keeps_recalling(
+    harness: Any, kit: ModuleType
+) -> None:
+    space, ledger = await _load(harness, kit)
+    probes = np.array([0, 1500, 2047, 2048, ROWS - 1])
+    last = space.fresh.snapshot()[-1]
+    assert not last.full  # 3,000 rows: blocks of 1,024 and 2,048 (partly filled)
+    space.retire_indexed_tail()
+    assert space.fresh.snapshot()[-1] is last  # nothing indexed yet: kept
+
+    while space.index_step(256):
+        pass
+    space.release_idle_memory()
+    await asyncio.sleep(0)  # the retirement runs on the event loop
+    assert space.fresh.snapshot() == []
+    _check(space, ledger, kit, probes)
+
+    # rows arriving afterwards go to a new, small block and are found at once
+    await ledger.append(space, "a", ledger.next_seq("a"), 100)
+    assert [len(b.data) for b in space.fresh.snapshot()] == [1024]
+    _check(space, ledger, kit, np.concatenate([probes, [ROWS, ROWS + 99]]))
+    while space.index_step(256):
+        pass
+    _check(space, ledger, kit, np.concatenate([probes, [ROWS, ROWS + 99]]))

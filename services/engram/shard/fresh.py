@@ -245,6 +245,22 @@ class FreshTier:
         if self._spare is None and self._last_capacity == BLOCK_ROWS:
             self._spare = block_memory(BLOCK_ROWS, self.dim)
 
+    def release_spare(self) -> None:
+        """Lets the prepared block go (the builder, once the backlog is gone)."""
+        self._spare = None
+
+    def retire_tail(self, indexed: int) -> bool:
+        """Drops the last block if it is not full and every row in it is indexed, and has the
+        next blocks start small again (event loop only: nothing is appended meanwhile). A
+        drained space would otherwise keep a block of up to 25 MB whose rows are all in HNSW.
+        Full blocks are left to :meth:`drop_below`, so the builder's view of the front of the
+        list never changes under it."""
+        if not self.blocks or self.blocks[-1].full or self.end_row > indexed:
+            return False
+        del self.blocks[-1]
+        self._last_capacity = 0
+        return True
+
     def rows(self, lo: int, hi: int) -> np.ndarray:
         """A copy of rows ``[lo, hi)`` (all in this tier), in row order."""
         parts = []

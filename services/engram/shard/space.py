@@ -770,9 +770,25 @@ class Space:
         return p, leaf
 
     def prepare_spare(self) -> None:
-        """Readies the fresh tier's next block off the event loop (partitioner thread)."""
-        if self.fresh is not None:
+        """Readies the fresh tier's next block off the event loop (partitioner thread), while
+        writes are arriving."""
+        if self.fresh is not None and time.monotonic() - self.last_write < 1.0:
             self.fresh.prepare_spare()
+
+    def release_idle_memory(self) -> None:
+        """Once the backlog is gone (builder thread): frees the spare block, and has the event
+        loop retire the fresh tier's last block if every row in it is indexed."""
+        if self.fresh is None:
+            return
+        self.fresh.release_spare()
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.retire_indexed_tail)
+
+    def retire_indexed_tail(self) -> None:
+        """Event loop: see :meth:`FreshTier.retire_tail`."""
+        if self.fresh is not None and self.hnsw is not None:
+            self.fresh.retire_tail(self.hnsw.count)
 
     def index_step(self, max_rows: int, threads: int | None = None) -> int:
         """Moves up to ``max_rows`` rows from the fresh tier into HNSW; builder thread only."""
