@@ -84,6 +84,10 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert r["latency"]["visibility_missed"] == 0
     assert _positive(r["latency"]["ack_ms"]["p50"])
     assert r["latency"]["recall_ms_during_ingest"]["count"] > 0
+    stages = r["latency"]["recall_stages_ms_during_ingest"]
+    assert set(stages) == {"consistency_wait", "queued", "hnsw", "fresh", "outside_recall_thread"}
+    assert stages["fresh"]["count"] == r["latency"]["recall_ms_during_ingest"]["count"]
+    assert _positive(stages["outside_recall_thread"]["p50"])
 
     # quality and indexing: whatever the speed, the backlog drained and recall is exact-ish
     assert r["backlog"]["drained"] is True
@@ -109,6 +113,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     runs = list((tmp_path / "results").iterdir())
     assert len(runs) == 1
     assert (runs[0] / "results.json").exists() and (runs[0] / "summary.md").exists()
+    assert "recall during ingest, fresh tier" in (runs[0] / "summary.md").read_text()
     try:
         import matplotlib  # noqa: F401
     except ImportError:  # the bench extra is not installed: the report says so

@@ -111,6 +111,19 @@ def summary(r: dict[str, Any], images: list[str]) -> str:
         _lat_row("recall during the drain", lat["recall_ms_during_drain"]),
         _lat_row("recall, server side, during ingest", lat["recall_server_ms_during_ingest"]),
     ]
+    stages = lat.get("recall_stages_ms_during_ingest") or {}
+    names = {
+        "consistency_wait": "waiting for its consistency level",
+        "queued": "queued for a shard recall thread",
+        "hnsw": "HNSW tier (with any wait for the builder)",
+        "fresh": "fresh tier",
+        "outside_recall_thread": "outside the recall thread (gateway, hops, event loops)",
+    }
+    out += [
+        _lat_row(f"recall during ingest, {what}", stages[k])
+        for k, what in names.items()
+        if k in stages
+    ]
     depth = lat["in_flight_batches_per_stream"]
     out += [
         "",
