@@ -66,3 +66,18 @@ def test_a_column_is_much_smaller_than_a_list_of_str() -> None:
         return out
 
     assert _traced(as_column) * 3 < _traced(as_list)  # 12 + 4 bytes a row against 61 + 8
+
+
+def test_rows_appended_one_at_a_time_stay_compact_and_readable() -> None:
+    def one_by_one() -> StringColumn:
+        out = StringColumn()
+        for i in range(5_000):
+            out.extend([f"obs-{i:08d}"])
+        return out
+
+    def as_list() -> list[str]:
+        return [f"obs-{i:08d}" for i in range(5_000)]
+
+    column = one_by_one()
+    assert column[:] == as_list() and column[4_321] == "obs-00004321"
+    assert _traced(one_by_one) * 2 < _traced(as_list)

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+SMALL_CHUNK_ROWS = 1_024  # appends join the last chunk while it stays this small
+
 
 class StringColumn:
     """Strings by row number. Appended by one thread, read by any: a reader asks only for rows
@@ -39,9 +41,18 @@ class StringColumn:
             encoded = [v.encode("utf-8", "surrogatepass") for v in values]
             lengths = np.fromiter(map(len, encoded), np.int64, n)
         ends = np.cumsum(lengths)
-        self._data.append(data)
-        self._ends.append(ends.astype(np.int32) if ends[-1] < 2**31 else ends)
-        self._firsts.append(self._rows)
+        if self._ends and len(self._ends[-1]) + n <= SMALL_CHUNK_ROWS:
+            # rows arriving a few at a time (the single-observation path) join the last chunk
+            # rather than each paying a chunk's ~150 bytes of objects. Readers stay safe: the
+            # new chunk starts with the old one, byte for byte and offset for offset.
+            last = self._ends[-1]
+            base = int(last[-1]) if len(last) else 0
+            self._data[-1] = self._data[-1] + data
+            self._ends[-1] = np.concatenate([last, ends + base]).astype(last.dtype)
+        else:
+            self._data.append(data)
+            self._ends.append(ends.astype(np.int32) if ends[-1] < 2**31 else ends)
+            self._firsts.append(self._rows)
         self._rows += n
 
     def __getitem__(self, key: int | slice) -> str | list[str]:
