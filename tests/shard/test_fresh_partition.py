@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+import threading
 from types import ModuleType
 from typing import Any
 
@@ -257,3 +258,26 @@ def test_the_last_block_is_retired_only_when_every_row_in_it_is_indexed() -> Non
     assert [(b.first_row, len(b.data)) for b in tier.snapshot()] == [(1_500, 1_024)]
     np.testing.assert_array_equal(tier.rows(1_500, 1_510), rows[:10])
     assert not tier.retire_tail(1_500)  # rows 1,500.. are not indexed
+
+
+def test_gathered_scores_match_fancy_indexing_in_every_thread_and_size() -> None:
+    from engram.shard.fresh import SCRATCH_ROWS, _score_rows
+
+    rng = np.random.default_rng(4)
+    results: list[bool] = []
+
+    def check() -> None:
+        for dim in (DIM, 8):
+            data = rng.standard_normal((SCRATCH_ROWS * 2, dim)).astype(np.float32)
+            cue = rng.standard_normal(dim).astype(np.float32)
+            for n in (0, 1, 100, SCRATCH_ROWS, SCRATCH_ROWS + 1):
+                local = rng.choice(len(data), n, replace=False).astype(np.int32)
+                got = _score_rows(data, local, cue)
+                results.append(bool(np.allclose(got, data[local] @ cue, atol=1e-5)))
+
+    threads = [threading.Thread(target=check) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 20 and all(results)
