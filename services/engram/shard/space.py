@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -782,8 +783,9 @@ class Space:
             return
         self.fresh.release_spare()
         loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self.retire_indexed_tail)
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: the process is stopping
+                loop.call_soon_threadsafe(self.retire_indexed_tail)
 
     def retire_indexed_tail(self) -> None:
         """Event loop: see :meth:`FreshTier.retire_tail`."""
