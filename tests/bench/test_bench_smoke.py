@@ -105,6 +105,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert {k for k in TOP_LEVEL[:6]} <= keys
     for t in r["targets"]:
         assert t["met"] in (True, False, None)
+    memory = next(t for t in r["targets"] if t["key"] == "shard_rss_gb_per_million")
+    assert memory["met"] in (True, False)  # drained: a verdict (none when rows are un-indexed)
     # peers were skipped on purpose; ours is still measured the peer way
     assert "engram-stream" in r["peers"]["results"]
     assert "skipped" not in r["peers"]["results"]["engram-stream"]

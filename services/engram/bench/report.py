@@ -347,6 +347,10 @@ def _targets(
             "after the backlog drained" if ix["drained"] else "backlog NOT drained",
         ),
     ]
+    if not ix["drained"]:
+        # the target is per million observations once indexed: with rows still in the fresh
+        # tier (held once, without HNSW links) the figure says nothing about it either way
+        out[-1]["met"] = None
     for name, c in r["peers"]["comparisons"].items():
         ratio = c["ingest_until_searchable_ratio"]
         out.append(
