@@ -1,5 +1,5 @@
-"""Thread names the operating system sees too (``top -H``, ``ps -L``, ``/proc/<pid>/task``), and
-handing freed heap memory back to it."""
+"""The C library, for what Python does not offer: thread names the operating system sees too
+(``top -H``, ``ps -L``, ``/proc/<pid>/task``), and handing freed heap memory back to it."""
 
 from __future__ import annotations
 
@@ -10,10 +10,15 @@ import threading
 _PR_SET_NAME = 15
 
 
+def libc() -> ctypes.CDLL | None:
+    """The C library, loaded once; None where it cannot be loaded."""
+    return _LIBC
+
+
 def name_os_thread(name: str | None = None) -> None:
     """Names the calling thread at the OS level (Linux keeps 15 bytes); by default, with its
     Python name. Does nothing where prctl is missing."""
-    if _LIBC is None:
+    if _LIBC is None or not hasattr(_LIBC, "prctl"):
         return
     raw = (name or threading.current_thread().name).encode("utf-8", "replace")[:15]
     _LIBC.prctl(_PR_SET_NAME, ctypes.c_char_p(raw), 0, 0, 0)
@@ -26,13 +31,11 @@ def trim_heap() -> None:
         _LIBC.malloc_trim(0)
 
 
-def _libc() -> ctypes.CDLL | None:
+def _load_libc() -> ctypes.CDLL | None:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl  # noqa: B018 (raises AttributeError where there is none)
-    except (OSError, AttributeError):
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
         return None
-    return libc
 
 
-_LIBC = _libc()
+_LIBC = _load_libc()

@@ -7,44 +7,34 @@ dies, so a launcher killed with SIGKILL does not leave them running.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from engram.common.threads import libc
 
 _PR_SET_PDEATHSIG = 1
 
 
-def _parent_death_hook() -> Callable[[], None] | None:
-    """A preexec function asking Linux to SIGTERM the child when its parent dies."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
-        return None
-
-    def hook() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-    return hook
+def _can_die_with_parent() -> bool:
+    """Whether Linux can SIGTERM a child when its parent dies (prctl PR_SET_PDEATHSIG)."""
+    lib = libc()
+    return sys.platform.startswith("linux") and lib is not None and hasattr(lib, "prctl")
 
 
-_DEATH_HOOK = _parent_death_hook()
+_DIE_WITH_PARENT = _can_die_with_parent()
 
 # Sets PR_SET_PDEATHSIG in the child itself, then execs the real command (the PID stays).
 # Unlike a preexec_fn this keeps subprocess on its vfork/exec path: no atfork handlers run
 # in this process (gRPC's and OpenBLAS' are unsafe while other threads use them).
 _PDEATHSIG_SHIM = (
     "import ctypes,os,signal,sys;"
-    "ctypes.CDLL(None,use_errno=True).prctl(1,signal.SIGTERM);"
+    f"ctypes.CDLL(None,use_errno=True).prctl({_PR_SET_PDEATHSIG},signal.SIGTERM);"
     "os.getppid()==int(sys.argv[1]) or os._exit(1);"
     "os.execvp(sys.argv[2],sys.argv[2:])"
 )
@@ -83,7 +73,7 @@ def spawn(
         log.write(f"\n===== {stamp} starting: {' '.join(argv)}\n".encode())
         log.flush()
         args = list(argv)
-        if die_with_parent and _DEATH_HOOK is not None:
+        if die_with_parent and _DIE_WITH_PARENT:
             args = [sys.executable, "-I", "-S", "-c", _PDEATHSIG_SHIM, str(os.getpid()), *args]
         return subprocess.Popen(
             args,
