@@ -12,12 +12,13 @@ from engram.common import metrics
 log = logging.getLogger("engram.looplag")
 
 INTERVAL_S = 0.025
-_LOG_ABOVE_S = 0.1  # lags above this are logged, at most one line a minute
+_LOG_ABOVE_S = 0.1  # a minute whose worst lag is above this is logged
+_WINDOW_S = 60.0
 
 
 async def watch() -> None:
     loop = asyncio.get_running_loop()
-    last_log = 0.0
+    window_start = time.monotonic()
     worst = 0.0
     while True:
         t = loop.time()
@@ -26,6 +27,7 @@ async def watch() -> None:
         metrics.event_loop_lag.observe(lag)
         worst = max(worst, lag)
         now = time.monotonic()
-        if worst > _LOG_ABOVE_S and now - last_log >= 60.0:
-            log.info("event loop ran up to %.0f ms late in the last minute", worst * 1000)
-            last_log, worst = now, 0.0
+        if now - window_start >= _WINDOW_S:
+            if worst > _LOG_ABOVE_S:
+                log.info("event loop ran up to %.0f ms late in the last minute", worst * 1000)
+            window_start, worst = now, 0.0
