@@ -134,7 +134,8 @@ def _throughput(cfg: BenchConfig, load: LoadRun, n_sec: int) -> dict[str, Any]:
 def _stages(recalls: list[tuple[Any, ...]]) -> dict[str, Any]:
     """Where recalls' time went: the wait for their consistency level, the queue for a shard
     recall thread, the HNSW search (with any wait for the builder's lock), the fresh-tier scan,
-    and the rest (gateway, both hops, merging and building the answer)."""
+    and the rest: the client's latency outside the shard's recall thread (gateway, both hops,
+    both event loops)."""
     timed = [r for r in recalls if r[7] is not None]
     waited, queued, index, fresh = ([s[i] / 1e6 for s in (r[7] for r in timed)] for i in range(4))
     rest = [r[1] - r[7][0] / 1e6 - r[7][1] / 1e6 - r[2] / 1e6 for r in timed]
