@@ -13,8 +13,10 @@ from engram.common.settings import IndexSettings
 from engram.corpus import Corpus
 from engram.shard.fresh import (
     BLOCK_ROWS,
+    SCRATCH_ROWS,
     FreshTier,
     Partitioning,
+    _score_rows,
     block_memory,
     list_block,
     scan,
@@ -201,13 +203,13 @@ def test_k_means_centroids_are_the_normalised_means_of_their_members() -> None:
     centroids = train(rows, 8, iterations=3)
     # one more round by hand: each centroid of a further round is its members' mean direction
     nearest = np.argmax(rows @ centroids.T, axis=1)
-    again = train_round_by_hand(rows, centroids, nearest)
+    again = _mean_directions(rows, centroids, nearest)
     assert np.allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-5)
     # a fixed point is close: three rounds on clustered rows have nearly converged
     assert float(np.mean(np.sum(again * centroids, axis=1))) > 0.99
 
 
-def train_round_by_hand(rows: np.ndarray, centroids: np.ndarray, nearest: np.ndarray) -> np.ndarray:
+def _mean_directions(rows: np.ndarray, centroids: np.ndarray, nearest: np.ndarray) -> np.ndarray:
     out = centroids.copy()
     for c in range(len(centroids)):
         members = rows[nearest == c]
@@ -261,8 +263,6 @@ def test_the_last_block_is_retired_only_when_every_row_in_it_is_indexed() -> Non
 
 
 def test_gathered_scores_match_fancy_indexing_in_every_thread_and_size() -> None:
-    from engram.shard.fresh import SCRATCH_ROWS, _score_rows
-
     rng = np.random.default_rng(4)
     results: list[bool] = []
 
