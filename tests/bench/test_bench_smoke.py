@@ -88,6 +88,10 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert set(stages) == {"consistency_wait", "queued", "hnsw", "fresh", "outside_recall_thread"}
     assert stages["fresh"]["count"] == r["latency"]["recall_ms_during_ingest"]["count"]
     assert _positive(stages["outside_recall_thread"]["p50"])
+    # where the CPU went: the shards' named threads, by name
+    shard_threads = r["processes"]["shard-0"]["threads_cpu_pct_timed"]
+    assert "index-builder" in shard_threads, shard_threads
+    assert all(0 < pct < 100 * r["machine"]["cores"] + 1 for pct in shard_threads.values())
 
     # quality and indexing: whatever the speed, the backlog drained and recall is exact-ish
     assert r["backlog"]["drained"] is True
@@ -116,6 +120,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert len(runs) == 1
     assert (runs[0] / "results.json").exists() and (runs[0] / "summary.md").exists()
     assert "recall during ingest, fresh tier" in (runs[0] / "summary.md").read_text()
+    assert "CPU by thread" in (runs[0] / "summary.md").read_text()
     try:
         import matplotlib  # noqa: F401
     except ImportError:  # the bench extra is not installed: the report says so

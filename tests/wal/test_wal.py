@@ -6,7 +6,10 @@ Every test works on real files in tmp_path with real fdatasync.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
+import mmap
 import os
 from pathlib import Path
 
@@ -97,6 +100,36 @@ async def test_group_commit_batches_fsyncs(tmp_path: Path) -> None:
     assert 1 <= wal.fsync_count < len(records)
     await wal.close()
     assert replay(tmp_path) == records
+
+
+def resident_pages(path: Path) -> tuple[int, int]:
+    """(pages of ``path`` in the page cache, pages in all), by mincore(2) on a mapping."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    page = mmap.PAGESIZE
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as m:
+        pages = (len(m) + page - 1) // page
+        vec = (ctypes.c_ubyte * pages)()
+        address = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        try:
+            if libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(len(m)), vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore failed")
+            return sum(v & 1 for v in vec), pages
+        finally:
+            del address  # the buffer export must end before the mapping closes
+
+
+async def test_synced_pages_leave_the_page_cache(tmp_path: Path) -> None:
+    """The WAL is only read when a space is opened: synced pages are not kept in memory (the
+    last, partly written page may stay)."""
+    records = [(i, payload(i, 100_000)) for i in range(40)]
+    wal, _ = await open_wal(tmp_path)
+    for lsn, data in records:
+        await wal.append(data, lsn)
+    resident, pages = resident_pages(segments(tmp_path)[0])
+    assert pages >= 900
+    assert resident <= 2, f"{resident} of {pages} pages still cached"
+    await wal.close()
+    assert replay(tmp_path) == records  # the data is on disk all the same
 
 
 # ---------------------------------------------------------------------------- repair

@@ -161,6 +161,16 @@ def summary(r: dict[str, Any], images: list[str]) -> str:
         )
     out += [
         "",
+        "CPU by thread over the timed phase (100 = one core; threads under 0.5 % left out):",
+        "",
+        "| process | thread | mean CPU % |",
+        "|---|---|---|",
+    ]
+    for name, p in r["processes"].items():
+        for thread, pct in p.get("threads_cpu_pct_timed", {}).items():
+            out.append(f"| {name} | {thread} | {_f(pct)} |")
+    out += [
+        "",
         "## Side by side (same vectors and batch size)",
         "",
         "| system | ingest until searchable obs/s | freshness p50 ms | p99 ms | max ms | notes |",

@@ -2,6 +2,8 @@
 
 * RSS and CPU of every process by PID (psutil): the cluster's (from :class:`LocalCluster` or a
   ``cluster.json``) and the benchmark's own;
+* CPU seconds of every thread of those processes, summed by thread name (the shard and gateway
+  name their threads), so a report can say where the CPU went;
 * every shard's ``engram.internal.v1.Shard/Stats``: per space, visible and indexed rows, from
   which the un-indexed backlog follows.
 
@@ -11,6 +13,8 @@ is gone or a shard that does not answer (the sample records it).
 
 from __future__ import annotations
 
+import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,6 +32,7 @@ class Sample:
     procs: dict[str, dict[str, float]]  # name -> {"rss_mb", "cpu_pct"}
     shards: dict[int, dict[str, Any]]  # shard id -> {"spaces": {name: {count, indexed}}}
     system_cpu_pct: float = 0.0  # whole machine, 100 = one core busy
+    threads: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> CPU s by thread
 
     def other_cpu_pct(self) -> float:
         """CPU used by processes that are not part of the benchmark or the cluster."""
@@ -44,6 +49,31 @@ class Sample:
         if not self.shards or any("spaces" not in s for s in self.shards.values()):
             return None
         return sum(sp["count"] for s in self.shards.values() for sp in s["spaces"].values())
+
+
+_NUMBERED = re.compile(r"[_-]?\d+$")
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of each thread of ``pid`` so far, summed by thread name, with
+    a trailing number folded (``recall_0`` and ``recall_1`` count as ``recall``). Threads that
+    ended are not counted; empty if the process is gone."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue  # the thread ended
+        name = _NUMBERED.sub("", stat[stat.index("(") + 1 : stat.rindex(")")]) or "?"
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 def shard_stats(channel: grpc.Channel, timeout: float = 2.0) -> dict[str, Any]:
@@ -111,9 +141,10 @@ class Monitor:
                 procs[name] = {"rss_mb": round(rss / 1e6, 1), "cpu_pct": round(pct, 1)}
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 procs[name] = {"rss_mb": 0.0, "cpu_pct": 0.0, "gone": 1.0}
+        threads = {name: thread_cpu_seconds(pid) for name, pid in self.pids.items()}
         shards = {i: shard_stats(ch) for i, ch in self._channels.items()}
         system = psutil.cpu_percent(interval=None) * (psutil.cpu_count() or 1)
-        return Sample(t, procs, shards, round(system, 1))
+        return Sample(t, procs, shards, round(system, 1), threads)
 
     def _run(self) -> None:
         next_t = time.monotonic()
