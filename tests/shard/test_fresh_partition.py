@@ -8,6 +8,8 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engram.common.settings import IndexSettings
 from engram.corpus import Corpus
@@ -15,6 +17,7 @@ from engram.shard.fresh import (
     BLOCK_ROWS,
     SCRATCH_ROWS,
     FreshTier,
+    Listing,
     Partitioning,
     _score_rows,
     block_memory,
@@ -281,3 +284,21 @@ def test_gathered_scores_match_fancy_indexing_in_every_thread_and_size() -> None
     for t in threads:
         t.join()
     assert len(results) == 20 and all(results)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 70_000), st.lists(st.integers(0, 69_999), max_size=300), st.data())
+def test_a_listing_names_each_leafs_positions_in_order(
+    nlist: int, raw: list[int], data: st.DataObject
+) -> None:
+    """Leaf ``c``'s positions are ``order[offsets[c]:offsets[c + 1]]``, ascending, for any
+    number of leaves (16-bit ones are sorted by radix, more by comparison)."""
+    leaf = np.asarray([x % nlist for x in raw], np.int32)
+    centroids = np.zeros((nlist, 1), np.float32)
+    starts = np.asarray([0, nlist])
+    listing = Listing.of(leaf, Partitioning(centroids[:1], centroids, starts, nprobe=1))
+    assert listing.covered == len(leaf) and len(listing.offsets) == nlist + 1
+    for c in set(leaf.tolist()) | {0, nlist - 1, data.draw(st.integers(0, nlist - 1))}:
+        members = listing.order[listing.offsets[c] : listing.offsets[c + 1]]
+        assert members.tolist() == np.flatnonzero(leaf == c).tolist()
+    assert listing.offsets[-1] == len(leaf)

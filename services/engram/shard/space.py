@@ -381,11 +381,7 @@ class Space:
             conf = np.clip(np.frombuffer(batch.confidences, "<f4"), 0.0, 1.0)
             batch.confidences = conf.astype("<f4").tobytes()
         first_row = self._next_row
-        record = ipb.WalRecord(
-            batch=ipb.WalBatch(
-                session_id=session_id, sequence_number=seq, first_lsn=first_row + 1, batch=batch
-            )
-        )
+        record = batch_record(session_id, seq, first_row + 1, batch)
         result: asyncio.Future[AppendResult] = loop.create_future()
         pending = _Pending(
             session_id=session_id,
@@ -401,7 +397,7 @@ class Space:
             lane=lane,
             nbytes=nbytes,
         )
-        wal_fut = self.wal.append(record.SerializeToString(), first_row + n)
+        wal_fut = self.wal.append(record, first_row + n)
         self._next_row += n
         self._assigned[session_id] = seq
         self._inflight += 1
@@ -874,6 +870,30 @@ class Space:
             "space %s: checkpoint at %d rows; %d WAL segments deleted", self.name, rows, deleted
         )
         return rows
+
+
+def batch_record(session_id: str, seq: int, first_lsn: int, batch: pb.ObservationBatch) -> bytes:
+    """``WalRecord(batch=WalBatch(session_id, seq, first_lsn, batch)).SerializeToString()``,
+    the same bytes, composed without copying ``batch`` into a new message first (that copy of
+    a 1.5 MB batch was three quarters of the 0.45 ms it took, on the event loop)."""
+    head = ipb.WalBatch(session_id=session_id, sequence_number=seq, first_lsn=first_lsn)
+    body = batch.SerializeToString()
+    wal_batch = b"".join((head.SerializeToString(), _BATCH_FIELD, _varint(len(body)), body))
+    return b"".join((_RECORD_BATCH_FIELD, _varint(len(wal_batch)), wal_batch))
+
+
+# field tags (number << 3 | wire type 2, length-delimited) of WalBatch.batch and WalRecord.batch
+_BATCH_FIELD = bytes([ipb.WalBatch.BATCH_FIELD_NUMBER << 3 | 2])
+_RECORD_BATCH_FIELD = bytes([ipb.WalRecord.BATCH_FIELD_NUMBER << 3 | 2])
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def _listed(block: Block) -> int:
