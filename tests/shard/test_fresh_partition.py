@@ -15,6 +15,7 @@ from engram.common.settings import IndexSettings
 from engram.corpus import Corpus
 from engram.shard.fresh import (
     BLOCK_ROWS,
+    LIST_STEP,
     SCRATCH_ROWS,
     FreshTier,
     Listing,
@@ -192,6 +193,48 @@ async def test_a_space_partitions_its_backlog_and_learns_again_when_rows_drift(
         res = space.recall(snap, stored[row], 5)
         assert res.results[0].lsn == row + 1 and res.results[0].score > 0.999
         assert res.metadata.fresh_us > 0
+
+
+async def test_a_block_drifting_as_it_fills_is_assigned_once_then_learnt_from(
+    harness: Any, kit: ModuleType, monkeypatch: Any
+) -> None:
+    """Rows arriving while the partitioner runs: once the filling block's rows fit the quantiser
+    badly, they are not assigned to it again step after step, nor once more when the block is
+    full; the full block is learnt from at once."""
+    space = harness.space(
+        index=IndexSettings(fresh_partition_rows=1, fresh_lists=64, fresh_nprobe=4)
+    )
+    await space.open_session("s", create=True)
+    corpus = Corpus(DIM, seed=4)
+    first = 15 * 1024 + BLOCK_ROWS  # the small first blocks, then one full block
+    signs = np.where(np.random.default_rng(2).random(DIM) < 0.5, -1.0, 1.0).astype(np.float32)
+    raw = np.concatenate(
+        [corpus.vectors(0, first), corpus.vectors(first, BLOCK_ROWS) * signs]
+    ).astype(np.float32)
+    assigned: list[int] = []
+    assign = Partitioning.assign
+
+    def counting(self: Partitioning, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        assigned.append(len(rows))
+        return assign(self, rows)
+
+    monkeypatch.setattr(Partitioning, "assign", counting)
+    seq = 0
+    for lo in range(0, len(raw), 1_024):
+        seq += 1
+        await space.begin_append("s", seq, kit.make_batch(raw[lo : lo + 1_024]))
+        while space.partition_step():
+            pass
+        if lo + 1_024 == first:
+            learnt_from_first = space.partitioning
+            assigned.clear()  # from here on, only the drifting block's rows arrive
+    drifting = space.snapshot().blocks[-1]
+    assert drifting.full and drifting.first_row == first
+    assert drifting.listing is not None
+    assert drifting.listing.partitioning is space.partitioning is not learnt_from_first
+    # LIST_STEP rows assigned to the old quantiser to find the drift, then the new one's
+    # assignment of the whole block it learnt from
+    assert assigned == [LIST_STEP, BLOCK_ROWS], assigned
 
 
 def test_training_on_a_strided_view_matches_training_on_a_copy() -> None:

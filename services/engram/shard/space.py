@@ -720,10 +720,11 @@ class Space:
             return False
         blocks = fresh.snapshot()
         todo = [b for b in blocks if b.full and _unlisted(b) and b.drifted_at != b.filled]
+        # a block whose rows fitted badly as it filled waits until it is full to be learnt from
         todo += [
             b
             for b in blocks
-            if not b.full and b.filled - max(_listed(b), b.drifted_at) >= LIST_STEP
+            if not b.full and not b.drifted_at and b.filled - _listed(b) >= LIST_STEP
         ]
         for block in todo:
             p = self.partitioning
@@ -732,8 +733,15 @@ class Space:
                 continue  # no quantiser yet: it is learnt from a full block
             filled = block.filled
             rows = block.data[:filled]
-            if p is None:
-                p, leaf = self._learn(rows)
+            if p is None or (learnable and block.drifted_at):
+                if p is not None:
+                    log.info(
+                        "space %s: rows %d.. fitted the fresh-tier quantiser worse as they "
+                        "arrived: learning a new one",
+                        self.name,
+                        block.first_row,
+                    )
+                p, leaf = self._learn(rows)  # no assigning it to the old one first, in vain
                 list_block(block, p, leaf)
                 return True
             listing = block.listing
