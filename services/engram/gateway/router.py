@@ -63,7 +63,13 @@ class Router:
         return self.assignment.owner(space)
 
     async def stub(self, space: str, reads: bool = False) -> tuple[int, shard_pb2_grpc.ShardStub]:
-        """The owning shard's id and a stub for it; raises UnavailableError if unknown.
+        """The owning shard's id and a stub for it; raises UnavailableError if unknown (see
+        :meth:`channel`)."""
+        shard_id, channel = await self.channel(space, reads)
+        return shard_id, shard_pb2_grpc.ShardStub(channel)
+
+    async def channel(self, space: str, reads: bool = False) -> tuple[int, grpc.aio.Channel]:
+        """The owning shard's id and a channel to it; raises UnavailableError if unknown.
 
         Reads (recalls, listings) travel on a connection of their own: on the connection that
         carries the write streams, a recall's few bytes queue behind megabytes of batches
@@ -87,4 +93,4 @@ class Router:
             opts.append(("grpc.use_local_subchannel_pool", 1))
             channel = grpc.aio.insecure_channel(address, options=opts)
             self._channels[(address, reads)] = channel
-        return shard_id, shard_pb2_grpc.ShardStub(channel)
+        return shard_id, channel

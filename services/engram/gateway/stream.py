@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from engram.common import metrics, validation
+from engram.common import metrics, validation, wire
 from engram.common.errors import (
     EngramError,
     SequenceError,
@@ -41,6 +41,7 @@ from engram.v1 import streaming_pb2 as pb
 log = logging.getLogger("engram.gateway.stream")
 
 _SESSION_UPDATE_S = 0.5
+APPEND_METHOD = f"/{ipb.DESCRIPTOR.services_by_name['Shard'].full_name}/Append"
 _LANE_NAMES = {pb.PRIORITY_HIGH: "high", pb.PRIORITY_NORMAL: "normal", pb.PRIORITY_LOW: "low"}
 
 
@@ -387,13 +388,15 @@ class ClientStream:
             self.next_expected += 1
         metrics.batch_size.observe(checked.n)
         try:
+            # AppendRequest(..., batch=batch, epoch=...) as bytes, without copying the batch
             await call.write(
-                ipb.AppendRequest(
-                    memory_space_id=self.space,
-                    session_id=self.session_id,
-                    sequence_number=seq,
-                    batch=batch,
-                    epoch=self.gw.router.assignment.epoch,
+                wire.with_message(
+                    ipb.AppendRequest(
+                        memory_space_id=self.space, session_id=self.session_id, sequence_number=seq
+                    ),
+                    ipb.AppendRequest.BATCH_FIELD_NUMBER,
+                    batch,
+                    ipb.AppendRequest(epoch=self.gw.router.assignment.epoch),
                 )
             )
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
@@ -401,8 +404,11 @@ class ClientStream:
 
     async def _shard_stream(self) -> grpc.aio.StreamStreamCall:
         if self._shard_call is None:
-            _, stub = await self.gw.router.stub(self.space)
-            self._shard_call = stub.Append()
+            _, channel = await self.gw.router.channel(self.space)
+            # requests go as bytes (composed in _batch), answers are parsed as usual
+            self._shard_call = channel.stream_stream(
+                APPEND_METHOD, response_deserializer=ipb.AppendResponse.FromString
+            )()
             self._shard_reader = asyncio.create_task(self._read_shard(self._shard_call))
         return self._shard_call
 

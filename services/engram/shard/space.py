@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engram.common import validation
+from engram.common import validation, wire
 from engram.common.errors import SequenceError, ServerError, SessionError, StorageError
 from engram.common.settings import AdmissionSettings, IndexSettings, LimitSettings, WalSettings
 from engram.internal.v1 import shard_pb2 as ipb
@@ -882,26 +882,11 @@ class Space:
 
 def batch_record(session_id: str, seq: int, first_lsn: int, batch: pb.ObservationBatch) -> bytes:
     """``WalRecord(batch=WalBatch(session_id, seq, first_lsn, batch)).SerializeToString()``,
-    the same bytes, composed without copying ``batch`` into a new message first (that copy of
-    a 1.5 MB batch was three quarters of the 0.45 ms it took, on the event loop)."""
+    the same bytes, without copying ``batch`` into a new message first (that copy of a 1.5 MB
+    batch was two thirds of the 0.53 ms it took, on the event loop)."""
     head = ipb.WalBatch(session_id=session_id, sequence_number=seq, first_lsn=first_lsn)
-    body = batch.SerializeToString()
-    wal_batch = b"".join((head.SerializeToString(), _BATCH_FIELD, _varint(len(body)), body))
-    return b"".join((_RECORD_BATCH_FIELD, _varint(len(wal_batch)), wal_batch))
-
-
-# field tags (number << 3 | wire type 2, length-delimited) of WalBatch.batch and WalRecord.batch
-_BATCH_FIELD = bytes([ipb.WalBatch.BATCH_FIELD_NUMBER << 3 | 2])
-_RECORD_BATCH_FIELD = bytes([ipb.WalRecord.BATCH_FIELD_NUMBER << 3 | 2])
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+    wal_batch = wire.with_message(head, ipb.WalBatch.BATCH_FIELD_NUMBER, batch)
+    return wire.field(ipb.WalRecord.BATCH_FIELD_NUMBER, wal_batch)
 
 
 def _listed(block: Block) -> int:
