@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -78,6 +80,46 @@ def test_event_loop_lag_is_measured_and_a_blocked_loop_shows_up() -> None:
     ]
     total = _lag_count()
     assert slow and slow[0] < total  # at least one lag fell above 100 ms
+
+
+def _slow_synchronous_step() -> None:
+    time.sleep(0.3)  # holds the loop, as a long synchronous step would
+
+
+def test_a_stalled_loop_is_caught_while_stalled_and_the_blocking_step_named(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        task = asyncio.create_task(watch(stall_ms=50))
+        await asyncio.sleep(0.1)
+        _slow_synchronous_step()
+        await asyncio.sleep(0.05)
+        task.cancel()
+
+    with caplog.at_level(logging.WARNING, logger="engram.looplag"):
+        asyncio.run(main())
+    stalls = [r.getMessage() for r in caplog.records if "late" in r.getMessage()]
+    assert len(stalls) == 1, stalls
+    assert "--- event loop" in stalls[0]
+    assert "_slow_synchronous_step" in stalls[0]
+
+
+def test_a_loop_that_keeps_up_logs_no_stall(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        task = asyncio.create_task(watch(stall_ms=1000))
+        await asyncio.sleep(0.3)
+        task.cancel()
+
+    with caplog.at_level(logging.WARNING, logger="engram.looplag"):
+        asyncio.run(main())
+    assert not [r for r in caplog.records if "late" in r.getMessage()]
+
+
+def test_stall_traces_are_on_by_default_and_can_be_turned_off() -> None:
+    assert load({}).loop_stall_trace_ms == 250.0
+    assert load({"ENGRAM_LOOP_STALL_TRACE_MS": "0"}).loop_stall_trace_ms == 0.0
+    with pytest.raises(SettingsError, match="ENGRAM_LOOP_STALL_TRACE_MS"):
+        load({"ENGRAM_LOOP_STALL_TRACE_MS": "-1"})
 
 
 def test_huge_pages_are_off_unless_asked_for() -> None:

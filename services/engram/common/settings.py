@@ -169,6 +169,9 @@ class Settings:
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     # Log level name.
     log_level: str = "INFO"
+    # An event loop this many ms late has the stacks of its threads logged while it is late
+    # (at most one trace every 10 s; 0: never), to name what blocked it.
+    loop_stall_trace_ms: float = 250.0
 
 
 class _Env:
@@ -375,4 +378,13 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     level = e.str("ENGRAM_LOG_LEVEL", "INFO").upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise SettingsError(f"ENGRAM_LOG_LEVEL={level!r} is not one of DEBUG, INFO, WARNING, ERROR")
-    return Settings(cluster=cluster, limits=limits, shard=shard, gateway=gateway, log_level=level)
+    return Settings(
+        cluster=cluster,
+        limits=limits,
+        shard=shard,
+        gateway=gateway,
+        log_level=level,
+        loop_stall_trace_ms=e.float(
+            "ENGRAM_LOOP_STALL_TRACE_MS", Settings.loop_stall_trace_ms, 0.0, 60_000.0
+        ),
+    )

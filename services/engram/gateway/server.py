@@ -51,7 +51,7 @@ async def serve(settings: Settings) -> None:
         max_size=settings.limits.grpc_max_message_bytes,
         routes=ws_static.route,
     )
-    lag_task = asyncio.create_task(looplag.watch())
+    lag_task = asyncio.create_task(looplag.watch(settings.loop_stall_trace_ms))
     canary_task = None
     if settings.gateway.canary_interval_s > 0:
         canary_task = asyncio.create_task(Canary(gw, settings.gateway.canary_interval_s).run())
