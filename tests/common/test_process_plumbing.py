@@ -115,6 +115,19 @@ def test_a_loop_that_keeps_up_logs_no_stall(caplog: pytest.LogCaptureFixture) ->
     assert not [r for r in caplog.records if "late" in r.getMessage()]
 
 
+def test_the_watchdog_thread_is_named_at_the_os_level() -> None:
+    names: list[str] = []
+
+    async def main() -> None:
+        task = asyncio.create_task(watch(stall_ms=1000))
+        await asyncio.sleep(0.1)
+        names.extend(_os_name(t.native_id) for t in threading.enumerate() if t.native_id)
+        task.cancel()
+
+    asyncio.run(main())
+    assert "loop-watchdog" in names
+
+
 def test_stall_traces_are_on_by_default_and_can_be_turned_off() -> None:
     assert load({}).loop_stall_trace_ms == 250.0
     assert load({"ENGRAM_LOOP_STALL_TRACE_MS": "0"}).loop_stall_trace_ms == 0.0
