@@ -40,7 +40,7 @@ help:
 	@echo "make bench   benchmark vs the machine's limits and peers (BENCH_ARGS='--dim 768')"
 	@echo "make chaos   10 min of faults against a local cluster; verifies nothing is lost"
 	@echo "make setup   venv + generated protocol code + redis-server"
-	@echo "make lint    ruff over services, clients and tests"
+	@echo "make lint    ruff (check, format) and the import layering (import-linter)"
 	@echo "make test-ts the TypeScript client's tests (vitest, against a real cluster)"
 	@echo "make bench-ws  WebSocket throughput and connection benchmark (bench/results/ws-*.json)"
 	@echo "make clean   remove .venv, generated code and .engram/ data"
@@ -127,6 +127,8 @@ test: setup browser-deps
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check services clients tests
+	$(VENV)/bin/ruff format --check services clients tests
+	$(VENV)/bin/lint-imports
 
 demo: proto
 	$(VENV)/bin/engram demo --spaces 3 --count 100000 --dim 384 --verify $(DEMO_ARGS)

@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from engram.common.errors import EngramError
+from engram.contract.errors import EngramError
 from engram.corpus import Corpus
 from engram_client import EngramClient
 

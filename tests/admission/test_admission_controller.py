@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from engram.common.settings import AdmissionSettings, LaneLimits
+from engram.contract.errors import OverloadedError
 from engram.shard import admission as adm
-from engram.shard.admission import AdmissionController, RejectedError
+from engram.shard.admission import AdmissionController
 from engram.v1 import streaming_pb2 as pb
 
 MB = 1 << 20
@@ -90,17 +91,17 @@ def test_steps_down_only_below_each_threshold_times_hysteresis() -> None:
 def test_low_is_shed_before_normal_before_high() -> None:
     c, _ = controller()
     fill(c, 85 * MB)  # CRITICAL
-    with pytest.raises(RejectedError) as low:
+    with pytest.raises(OverloadedError) as low:
         c.admit(LOW, 10, MB)
     assert low.value.reason == "shed_low"
     c.admit(NORMAL, 10, MB)  # NORMAL still taken at CRITICAL
     c.settle(NORMAL, 10, MB, 0)
     fill(c, 11 * MB)  # OVERLOADED
-    with pytest.raises(RejectedError) as normal:
+    with pytest.raises(OverloadedError) as normal:
         c.admit(NORMAL, 10, MB)
     assert normal.value.reason == "shed_normal"
     c.admit(HIGH, 10, MB)  # HIGH is taken until the budget itself is full
-    with pytest.raises(RejectedError) as high:
+    with pytest.raises(OverloadedError) as high:
         c.admit(HIGH, 10, 10 * MB)
     assert high.value.reason == "memory_budget"
     assert c.memory_bytes() <= c.budget
@@ -115,7 +116,7 @@ def test_lane_hard_and_soft_limits() -> None:
     )
     c = AdmissionController(settings, clock)
     c.admit(NORMAL, 150, 0)  # above soft: fine while calm
-    with pytest.raises(RejectedError) as hard:
+    with pytest.raises(OverloadedError) as hard:
         c.admit(NORMAL, 60, 0)  # would pass 200
     assert hard.value.reason == "lane_full"
     assert c.pressure == pytest.approx(0.75)  # the lane is the tightest limit
@@ -128,7 +129,7 @@ def test_retry_after_comes_from_the_measured_drain_rate() -> None:
         clock.now += 0.1
         c.indexed(MB)
         fill(c, MB)
-    with pytest.raises(RejectedError) as exc:
+    with pytest.raises(OverloadedError) as exc:
         c.admit(NORMAL, 1, MB)
     # NORMAL is taken again below 0.95 * 0.9 of the budget: the excess is about 11.5 MB,
     # ~1.15 s at 10 MB/s

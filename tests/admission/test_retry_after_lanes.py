@@ -12,8 +12,9 @@ from __future__ import annotations
 import pytest
 
 from engram.common.settings import AdmissionSettings, LaneLimits
+from engram.contract.errors import OverloadedError
 from engram.shard import admission as adm
-from engram.shard.admission import AdmissionController, RejectedError
+from engram.shard.admission import AdmissionController
 from engram.v1 import streaming_pb2 as pb
 
 MB = 1 << 20
@@ -47,7 +48,7 @@ def overloaded_with_known_drain() -> AdmissionController:
 
 def test_low_waits_until_the_shard_leaves_critical() -> None:
     c = overloaded_with_known_drain()
-    with pytest.raises(RejectedError) as exc:
+    with pytest.raises(OverloadedError) as exc:
         c.admit(pb.PRIORITY_LOW, 1, MB)
     assert exc.value.reason == "shed_low"
     # (97 + 1 - 72) MB at 10 MB/s
@@ -56,7 +57,7 @@ def test_low_waits_until_the_shard_leaves_critical() -> None:
 
 def test_high_waits_only_until_it_fits() -> None:
     c = overloaded_with_known_drain()
-    with pytest.raises(RejectedError) as exc:
+    with pytest.raises(OverloadedError) as exc:
         c.admit(pb.PRIORITY_HIGH, 1, 4 * MB)
     assert exc.value.reason == "memory_budget"
     # 97 + 4 - 100 = 1 MB must be freed: ~100 ms at 10 MB/s (not ~2.9 s)

@@ -12,9 +12,8 @@ import grpc
 import pytest
 
 from engram.common import metrics
-from engram.common.errors import SettingsError
 from engram.common.looplag import watch
-from engram.common.settings import load
+from engram.common.settings import SettingsError, load
 from engram.common.threads import name_os_thread
 from engram.control.store import ControlStore
 from engram.gateway.router import Router

@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 
-from engram.common.errors import EngramError
+from engram.contract.errors import EngramError
 from engram.v1 import streaming_pb2 as pb
 from engram_client import EngramClient, StreamEvent
 

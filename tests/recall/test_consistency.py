@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engram.common.errors import SessionError
+from engram.contract.errors import ConsistencyTimeout, SessionError
 from engram.launcher.cluster import LocalCluster
-from engram.shard.space import ConsistencyTimeout, Snapshot, Space
+from engram.shard.space import Snapshot, Space
 from engram.v1 import streaming_pb2 as pb
 from engram_client import EngramClient
 

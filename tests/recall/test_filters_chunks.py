@@ -24,8 +24,8 @@ import grpc
 import numpy as np
 import pytest
 
-from engram.common.errors import ValidationError
 from engram.common.settings import IndexSettings
+from engram.contract.errors import ValidationError
 from engram.launcher.cluster import LocalCluster
 from engram.shard.space import Filters, Space
 from engram.v1 import streaming_pb2 as pb

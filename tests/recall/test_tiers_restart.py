@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from engram.common.errors import ServerError
 from engram.common.settings import IndexSettings
+from engram.contract.errors import ServerError
 from engram.launcher.cluster import LocalCluster
 from engram.shard.space import Snapshot, Space
 from engram_client import EngramClient, RecallResult

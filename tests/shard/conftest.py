@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engram.common.errors import StorageError
 from engram.common.settings import IndexSettings, LimitSettings, WalSettings
+from engram.contract.errors import StorageError
 from engram.corpus import Corpus
 from engram.shard.space import AppendResult, Space
 from engram.shard.wal import WalFaults

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engram.common.errors import SequenceError, SessionError, StorageError
 from engram.common.settings import IndexSettings
+from engram.contract.errors import SequenceError, SessionError, StorageError
 from engram.shard.wal import WalFaults
 from engram.v1 import streaming_pb2 as pb
 

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engram.common.errors import SequenceError
 from engram.common.settings import IndexSettings, WalSettings
+from engram.contract.errors import SequenceError
 
 SESSIONS = ("s0", "s1", "s2")
 WAL = WalSettings(segment_bytes=4096)  # many segments, so checkpoints delete some

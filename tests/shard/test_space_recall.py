@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engram.common.errors import ValidationError
 from engram.common.settings import IndexSettings
+from engram.contract.errors import ValidationError
 from engram.corpus import Corpus
 from engram.v1 import streaming_pb2 as pb
 

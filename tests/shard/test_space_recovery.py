@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engram.common.errors import SequenceError
 from engram.common.settings import IndexSettings, WalSettings
+from engram.contract.errors import SequenceError
 
 SMALL_SEGMENTS = WalSettings(segment_bytes=8 * 1024)
 FAST_INDEX = IndexSettings(m=8, ef_construction=40, build_threads=1)

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engram.common.errors import SequenceError, SessionError, StorageError, ValidationError
 from engram.common.settings import LimitSettings
+from engram.contract.errors import SequenceError, SessionError, StorageError, ValidationError
 from engram.v1 import streaming_pb2 as pb
 
 DIM = 16

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from engram.common.errors import StorageError
+from engram.contract.errors import StorageError
 from engram.shard.wal import HEADER_SIZE, Wal, WalFaults, encode_record, segment_name
 
 Record = tuple[int, bytes]

@@ -9,7 +9,8 @@
         await stream.close()
 
 A stream resumes its session by itself after a dropped connection, resending exactly the
-batches that were not acknowledged.
+batches that were not acknowledged. Errors are in :mod:`engram_client.errors`. To connect
+over TLS or with credentials, build a ``grpc.aio`` channel and pass ``channel=``.
 """
 
 from engram_client.client import (
@@ -20,5 +21,14 @@ from engram_client.client import (
     RecallResult,
     StreamEvent,
 )
+from engram_client.errors import EngramError
 
-__all__ = ["Ack", "EngramClient", "Hit", "ObservationStream", "RecallResult", "StreamEvent"]
+__all__ = [
+    "Ack",
+    "EngramClient",
+    "EngramError",
+    "Hit",
+    "ObservationStream",
+    "RecallResult",
+    "StreamEvent",
+]

@@ -23,15 +23,16 @@ from typing import Any
 import grpc
 import numpy as np
 
-from engram.common.errors import (
-    EngramError,
-    SessionError,
-    UnavailableError,
-    ValidationError,
-    from_proto,
-)
+from engram.contract.errors import from_proto, from_rpc_error
 from engram.v1 import streaming_pb2 as pb
 from engram.v1 import streaming_pb2_grpc
+from engram_client.errors import (
+    EngramError,
+    SessionError,
+    StreamFailedError,
+    UnavailableError,
+    ValidationError,
+)
 
 log = logging.getLogger("engram_client")
 
@@ -168,16 +169,28 @@ def make_batch(
     return b
 
 
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_receive_message_length", _MAX_MESSAGE),
+    ("grpc.max_send_message_length", _MAX_MESSAGE),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+]
+
+
 class EngramClient:
-    def __init__(self, target: str = "127.0.0.1:50051") -> None:
+    """A connection to a gateway.
+
+    ``target`` is its ``host:port`` (a plaintext channel is made with :data:`CHANNEL_OPTIONS`);
+    or pass a ``channel`` of your own (TLS, credentials, interceptors), which the client uses
+    as it is and leaves open on :meth:`close`.
+    """
+
+    def __init__(
+        self, target: str = "127.0.0.1:50051", *, channel: grpc.aio.Channel | None = None
+    ) -> None:
         self.target = target
-        opts = [
-            ("grpc.max_receive_message_length", _MAX_MESSAGE),
-            ("grpc.max_send_message_length", _MAX_MESSAGE),
-            ("grpc.keepalive_time_ms", 10_000),
-            ("grpc.keepalive_timeout_ms", 5_000),
-        ]
-        self._channel = grpc.aio.insecure_channel(target, options=opts)
+        self._owns_channel = channel is None
+        self._channel = channel or grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub = streaming_pb2_grpc.EngramStreamStub(self._channel)
 
     async def __aenter__(self) -> EngramClient:
@@ -187,7 +200,8 @@ class EngramClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        if self._owns_channel:
+            await self._channel.close()
 
     async def open_stream(
         self,
@@ -245,7 +259,7 @@ class EngramClient:
                 hits.extend(_hits(chunk.results))
                 last, chunks = chunk, chunks + 1
         except grpc.aio.AioRpcError as exc:
-            raise _error_of(exc) from None
+            raise from_rpc_error(exc, "the gateway") from None
         return _result(hits, last, chunks)
 
     async def list_observations(self, space: str) -> AsyncIterator[tuple[list[str], list[int]]]:
@@ -446,7 +460,7 @@ class ObservationStream:
             raise
         except Exception as exc:  # a bug must not leave callers waiting forever
             log.exception("stream runner failed")
-            self._fail_all(EngramError(f"client stream failed: {exc!r}"))
+            self._fail_all(StreamFailedError(f"client stream failed: {exc!r}"))
 
     async def _connect(self) -> grpc.aio.StreamStreamCall:
         call = self._client.stub.ObserveStream()
@@ -677,15 +691,6 @@ class ObservationStream:
         self._drain_below = seq
         self._maybe_resync()
         self._wake_senders()
-
-
-def _error_of(exc: grpc.aio.AioRpcError) -> EngramError:
-    """The server's error (details "CODE_NAME: message") or a transport failure."""
-    details = exc.details() or ""
-    name, _, message = details.partition(": ")
-    if name in pb.ErrorCode.keys():
-        return from_proto(pb.StreamError(code=pb.ErrorCode.Value(name), message=message))
-    return UnavailableError(f"{exc.code().name}: {details}")
 
 
 def _describe(exc: BaseException) -> str:

@@ -25,7 +25,7 @@ import grpc
 import numpy as np
 
 from engram.chaos.ledger import BatchRecord, Ledger
-from engram.common.errors import EngramError
+from engram.contract.errors import EngramError
 from engram.v1 import streaming_pb2 as pb
 from engram_client import Ack, EngramClient, ObservationStream, StreamEvent
 

@@ -11,9 +11,11 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from engram.common.errors import SettingsError
-
 _MIB = 1024 * 1024
+
+
+class SettingsError(ValueError):
+    """A setting is missing or out of range; the message names the variable."""
 
 
 @dataclass(frozen=True)

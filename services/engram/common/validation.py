@@ -2,7 +2,7 @@
 
 Called by the gateway before it routes a message (so most bad input never reaches a shard)
 and by the shard before it writes (so a shard never trusts its caller). Every failure raises
-:class:`~engram.common.errors.ValidationError` with a precise code and message. Checks are
+:class:`~engram.contract.errors.ValidationError` with a precise code and message. Checks are
 vectorised: no per-float Python work.
 """
 
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engram.common.errors import ValidationError
 from engram.common.settings import LimitSettings
+from engram.contract.errors import ValidationError
 from engram.v1 import streaming_pb2 as pb
 
 _SPACE_ID = re.compile(r"[a-z0-9_-]{3,64}")

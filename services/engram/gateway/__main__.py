@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from engram.common import logs, settings
-from engram.common.errors import SettingsError
+from engram.common.settings import SettingsError
 from engram.gateway.server import run
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from engram.common.errors import EngramError, UnavailableError, from_proto
 from engram.common.settings import Settings
+from engram.contract.errors import from_rpc_error
 from engram.control.store import ControlStore
 from engram.gateway.router import Router
 from engram.internal.v1 import shard_pb2 as ipb
@@ -37,15 +37,4 @@ class GatewayContext:
             async for chunk in call:
                 yield chunk
         except grpc.aio.AioRpcError as exc:
-            raise _from_status(exc, space) from None
-
-
-def _from_status(exc: grpc.aio.AioRpcError, space: str) -> EngramError:
-    """An error the shard raised (details "CODE_NAME: message"), or the transport's."""
-    details = exc.details() or ""
-    name, _, message = details.partition(": ")
-    if name in pb.ErrorCode.keys():
-        return from_proto(pb.StreamError(code=pb.ErrorCode.Value(name), message=message))
-    return UnavailableError(
-        f"the shard of memory space {space!r} did not answer: {exc.code().name} {details}"
-    )
+            raise from_rpc_error(exc, f"the shard of memory space {space!r}") from None

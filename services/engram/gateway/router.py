@@ -13,8 +13,8 @@ import logging
 import grpc
 
 from engram.common import grpcutil
-from engram.common.errors import UnavailableError
 from engram.common.settings import Settings
+from engram.contract.errors import UnavailableError
 from engram.control.assignment import Assignment
 from engram.control.store import ControlStore
 from engram.internal.v1 import shard_pb2_grpc

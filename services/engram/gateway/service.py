@@ -12,7 +12,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from engram.common import validation
-from engram.common.errors import EngramError, grpc_status
+from engram.contract.errors import EngramError, abort_details, grpc_status
 from engram.gateway.context import GatewayContext
 from engram.gateway.stream import ClientStream, Incoming, StreamAbort
 from engram.v1 import streaming_pb2 as pb
@@ -36,7 +36,7 @@ class EngramStreamService:
     ) -> AsyncIterator[pb.ObservationResponse]:
         async for item in ClientStream(self.gw).run(requests):
             if isinstance(item, StreamAbort):
-                await context.abort(item.code, item.details)
+                await context.abort(grpc_status(item.error), abort_details(item.error))
             yield item
 
     async def RecallStream(  # noqa: N802
@@ -63,7 +63,7 @@ class EngramStreamService:
                     snapshot_sequence=chunk.snapshot_sequence,
                 )
         except EngramError as exc:
-            await context.abort(grpc_status(exc), str(exc))
+            await context.abort(grpc_status(exc), abort_details(exc))
 
     async def ListObservations(  # noqa: N802
         self, request: pb.ListObservationsRequest, context: grpc.aio.ServicerContext
@@ -74,7 +74,7 @@ class EngramStreamService:
             space = validation.space_id(request.memory_space_id)
             _, stub = await self.gw.router.stub(space, reads=True)
         except EngramError as exc:
-            await context.abort(grpc_status(exc), str(exc))
+            await context.abort(grpc_status(exc), abort_details(exc))
         call = stub.Scan(ipb.ScanRequest(memory_space_id=space, chunk_size=request.chunk_size))
         try:
             async for chunk in call:

@@ -25,8 +25,9 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from engram.common import metrics, validation, wire
-from engram.common.errors import (
+from engram.contract.errors import (
     EngramError,
+    FlowControlError,
     SequenceError,
     SessionError,
     UnavailableError,
@@ -79,10 +80,9 @@ class Incoming:
 
 @dataclass(frozen=True)
 class StreamAbort:
-    """The stream must end with this status (the client then resumes on a new stream)."""
+    """The stream must end with this error (the client then resumes on a new stream)."""
 
-    code: grpc.StatusCode
-    details: str
+    error: EngramError
 
 
 _DONE = object()
@@ -360,13 +360,13 @@ class ClientStream:
                 expected=self.next_expected,
             )
         if self._paused:
-            raise ValidationError(
+            raise FlowControlError(
                 f"batch {seq} arrived while the stream is paused (send RESUME first)",
                 code=pb.STREAM_PAUSED,
             )
         credits = self.gw.settings.limits.max_in_flight_batches
         if len(self._sent_at) >= credits and seq not in self._sent_at:
-            raise ValidationError(
+            raise FlowControlError(
                 f"{len(self._sent_at)} batches are already in flight, the limit is {credits}: "
                 "wait for acks before sending more",
                 code=pb.CREDITS_EXCEEDED,
@@ -377,7 +377,7 @@ class ClientStream:
         while self._bucket is not None and not await self._bucket.take(checked.n):
             pass  # the limit changed while this batch waited: take from the new one
         if self._paused:
-            raise ValidationError(
+            raise FlowControlError(
                 f"batch {seq} was waiting when the stream was paused (send RESUME first)",
                 code=pb.STREAM_PAUSED,
             )
@@ -428,7 +428,7 @@ class ClientStream:
     def _shard_lost(self, why: str) -> None:
         metrics.shard_stream_failures_total.inc()
         log.warning("session %s: %s; ending the client stream so it resumes", self.session_id, why)
-        self.out.put_nowait(StreamAbort(grpc.StatusCode.UNAVAILABLE, f"{why}; resume the session"))
+        self.out.put_nowait(StreamAbort(UnavailableError(f"{why}; resume the session")))
 
     def _on_shard_response(self, resp: ipb.AppendResponse) -> None:
         if resp.HasField("status"):

@@ -26,10 +26,10 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from engram.contract import errors
 from engram.gateway import ws_frames
 from engram.gateway.context import GatewayContext
 from engram.gateway.service import parse
@@ -47,13 +47,6 @@ POLICY = 1008
 TOO_BIG = 1009
 SERVER_ERROR = 1011
 TRY_AGAIN_LATER = 1013
-
-_ABORT_CLOSE = {
-    grpc.StatusCode.UNAVAILABLE: (TRY_AGAIN_LATER, pb.SHARD_UNAVAILABLE),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (TRY_AGAIN_LATER, pb.OVERLOADED),
-    grpc.StatusCode.INVALID_ARGUMENT: (POLICY, pb.INVALID_ARGUMENT),
-    grpc.StatusCode.FAILED_PRECONDITION: (POLICY, pb.INVALID_ARGUMENT),
-}
 
 
 def close_reason(text: str) -> str:
@@ -188,15 +181,17 @@ class _Connection:
         await self._send(ws_frames.encode_response(resp))
 
     async def _abort(self, abort: StreamAbort) -> tuple[int, str]:
-        code, err = _ABORT_CLOSE.get(abort.code, (SERVER_ERROR, pb.INTERNAL))
-        retryable = code != POLICY
+        err = abort.error
         with contextlib.suppress(ConnectionClosed):
             await self._send(
                 ws_frames.error_frame(
-                    err, abort.details, session_id=self.stream.session_id, retryable=retryable
+                    err.code,
+                    err.message,
+                    session_id=self.stream.session_id,
+                    retryable=err.retryable,
                 )
             )
-        return code, abort.details
+        return errors.info(err.code).ws_close, err.message
 
     async def _keepalive(self) -> None:
         """Heartbeat frames every heartbeat_s; closes with 1008 after idle_timeout_s of silence."""

@@ -12,7 +12,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from engram.common import logs, settings
-from engram.common.errors import SettingsError
+from engram.common.settings import SettingsError
 from engram.shard.server import run
 
 if __name__ == "__main__":

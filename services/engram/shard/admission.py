@@ -25,8 +25,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engram.common.errors import ServerError
 from engram.common.settings import AdmissionSettings, LaneLimits
+from engram.contract.errors import OverloadedError
 from engram.v1 import streaming_pb2 as pb
 
 NORMAL, WARNING, CRITICAL, OVERLOADED = 0, 1, 2, 3
@@ -42,17 +42,6 @@ LANE_NAMES = {pb.PRIORITY_HIGH: "high", pb.PRIORITY_NORMAL: "normal", pb.PRIORIT
 
 def lane_of(priority: int) -> int:
     return priority if priority in LANES else pb.PRIORITY_NORMAL
-
-
-class RejectedError(ServerError):
-    """Refused by admission control: nothing stored, the sequence number is not consumed."""
-
-    code = pb.OVERLOADED
-
-    def __init__(self, message: str, *, reason: str, retry_after_ms: int) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.retry_after_ms = retry_after_ms
 
 
 @dataclass
@@ -102,14 +91,14 @@ class AdmissionController:
         return self.unindexed_bytes + sum(lane.bytes for lane in self._lanes.values())
 
     def admit(self, priority: int, observations: int, nbytes: int) -> None:
-        """Takes a batch into intake or raises :class:`RejectedError`."""
+        """Takes a batch into intake or raises :class:`OverloadedError`."""
         lane_id = lane_of(priority)
         with self._lock:
             lane = self._lanes[lane_id]
             reason = self._refusal(lane_id, lane, observations, nbytes)
             if reason is not None:
                 retry = self._retry_after_ms(nbytes, lane_id)
-                raise RejectedError(
+                raise OverloadedError(
                     f"{LANE_NAMES[lane_id]} priority batch refused: {reason}; retry in {retry} ms",
                     reason=reason.split(":")[0],
                     retry_after_ms=retry,

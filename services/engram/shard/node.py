@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 from engram.common import metrics, validation
-from engram.common.errors import NotOwnerError, UnavailableError
 from engram.common.settings import Settings
 from engram.common.threads import name_os_thread, trim_heap
+from engram.contract.errors import NotOwnerError, UnavailableError
 from engram.control.assignment import Assignment
 from engram.control.store import ControlStore
 from engram.shard import faults as fault_file

@@ -17,8 +17,14 @@ import grpc
 import numpy as np
 
 from engram.common import metrics, validation
-from engram.common.errors import EngramError, SessionError, grpc_status
 from engram.common.threads import name_os_thread
+from engram.contract.errors import (
+    EngramError,
+    OverloadedError,
+    SessionError,
+    abort_details,
+    grpc_status,
+)
 from engram.internal.v1 import shard_pb2 as ipb
 from engram.internal.v1 import shard_pb2_grpc
 from engram.shard import admission
@@ -167,7 +173,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                 self._note_slow(request.memory_space_id, out, time.perf_counter() - queued_at)
                 chunks = split(out, r.chunk_size)
         except EngramError as exc:
-            await context.abort(grpc_status(exc), str(exc))
+            await context.abort(grpc_status(exc), abort_details(exc))
         for chunk in chunks:
             chunk.request_id = r.request_id
             yield chunk
@@ -209,7 +215,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         try:
             space = self.node.space(request.memory_space_id, create=False)
         except EngramError as exc:
-            await context.abort(grpc_status(exc), str(exc))
+            await context.abort(grpc_status(exc), abort_details(exc))
         if space is None:
             return
         for ids, lsns in space.scan_ids(request.chunk_size or 10_000):
@@ -253,7 +259,7 @@ def status_message(snap: admission.Snapshot) -> pb.StreamStatus:
     )
 
 
-def _rejected(seq: int, exc: admission.RejectedError) -> ipb.AppendResponse:
+def _rejected(seq: int, exc: OverloadedError) -> ipb.AppendResponse:
     return ipb.AppendResponse(
         sequence_number=seq,
         rejected=True,
@@ -264,7 +270,7 @@ def _rejected(seq: int, exc: admission.RejectedError) -> ipb.AppendResponse:
 
 
 async def _answer(seq: int, fut: asyncio.Future[AppendResult] | EngramError) -> ipb.AppendResponse:
-    if isinstance(fut, admission.RejectedError):
+    if isinstance(fut, OverloadedError):
         return _rejected(seq, fut)
     if isinstance(fut, EngramError):
         return ipb.AppendResponse(sequence_number=seq, error=fut.to_proto())

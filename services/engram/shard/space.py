@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from engram.common import validation, wire
-from engram.common.errors import SequenceError, ServerError, SessionError, StorageError
 from engram.common.settings import AdmissionSettings, IndexSettings, LimitSettings, WalSettings
+from engram.contract.errors import ConsistencyTimeout, SequenceError, SessionError, StorageError
 from engram.internal.v1 import shard_pb2 as ipb
 from engram.shard import checkpoint as ckpt
 from engram.shard.admission import AdmissionController, lane_of
@@ -97,10 +97,6 @@ class Filters:
     @property
     def on_rows(self) -> bool:
         return (self.since_us, self.until_us, self.min_confidence) != (None, None, None)
-
-
-class ConsistencyTimeout(ServerError):
-    code = pb.CONSISTENCY_TIMEOUT
 
 
 class _Grow:
@@ -367,7 +363,7 @@ class Space:
         n = checked.n
         lane = lane_of(batch.priority)
         nbytes = batch.ByteSize()
-        self.admission.admit(lane, n, nbytes)  # raises RejectedError: nothing is consumed
+        self.admission.admit(lane, n, nbytes)  # raises OverloadedError: nothing is consumed
         if self.dim == 0:
             self._fix_dim(checked.dim)
         if not batch.ids:

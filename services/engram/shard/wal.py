@@ -50,8 +50,8 @@ from typing import Final
 
 import google_crc32c
 
-from engram.common.errors import StorageError
 from engram.common.threads import name_os_thread
+from engram.contract.errors import StorageError
 
 log = logging.getLogger("engram.shard.wal")
 
