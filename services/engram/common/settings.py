@@ -1,15 +1,28 @@
-"""Settings of every service, one frozen dataclass per concern.
+"""Settings of every service: declared once, loaded from ``ENGRAM_*`` variables in one place.
 
-Values come from the environment in exactly one place, :func:`load`, and are validated there;
-an invalid value raises :class:`SettingsError` naming the variable and the allowed range. The
-local launcher and the Kubernetes manifests configure services only through these variables.
+Each setting is a field of a frozen dataclass (one per concern) declared with :func:`setting`:
+its variable name, its default, its range (or choices) and one line of doc live together in
+that declaration, and nowhere else. From the declarations come
+
+* :func:`load`, the only reader of the environment: it parses and range-checks every variable
+  and raises :class:`SettingsError` naming the variable and what it allows;
+* :func:`catalog`, the list the settings table in ``docs/settings.md`` is generated from (a test
+  fails when the two differ: ``python -m engram.common.settings --write-docs`` rewrites it),
+  and from which the Helm chart's values are checked.
+
+A default that depends on another setting (the memory budget on the shard count, the data
+directory on the shard id) is computed by :func:`load` and described in words in the table.
+The local launcher and the Kubernetes manifests configure services only through these variables.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Mapping
+import typing
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 _MIB = 1024 * 1024
 
@@ -19,128 +32,348 @@ class SettingsError(ValueError):
 
 
 @dataclass(frozen=True)
+class Setting:
+    """How one field is read: ``ENGRAM_*`` name, kind, range or choices, and its doc."""
+
+    # Variable name (for a field of a group with an env prefix: the name after the prefix).
+    env: str
+    # "int", "float", "size" (bytes, with an optional KB/MB/GB unit), "bool", "str", "choice".
+    kind: str
+    doc: str
+    lo: float | None = None
+    hi: float | None = None
+    choices: tuple[str, ...] = ()
+    # A default computed from other settings, in words (the field's default is then a fallback).
+    derived: str = ""
+
+
+def setting(
+    env: str,
+    default: Any,
+    doc: str,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    kind: str = "",
+    choices: tuple[str, ...] = (),
+    derived: str = "",
+) -> Any:
+    """A dataclass field read from ``env``; ``kind`` defaults to the default's type."""
+    if not kind:
+        kind = {bool: "bool", int: "int", float: "float", str: "str"}[type(default)]
+    if choices:
+        kind = "choice"
+    meta = Setting(env, kind, doc, lo, hi, choices, derived)
+    if default is dataclasses.MISSING:
+        return field(metadata={"setting": meta})
+    return field(default=default, metadata={"setting": meta})
+
+
+def group(prefix: str, default: Any) -> Any:
+    """A field holding settings of its own, read from ``prefix`` + each of their names."""
+    return field(default=default, metadata={"prefix": prefix})
+
+
+def _required(env: str, doc: str, *, kind: str = "", lo: float = 1, hi: float = 1 << 50) -> Any:
+    """A field whose default comes from the group that holds it (see :func:`group`)."""
+    meta = Setting(env, kind or "int", doc, lo, hi)
+    return field(metadata={"setting": meta})
+
+
+# --------------------------------------------------------------------------- the settings
+
+
+@dataclass(frozen=True)
 class ClusterSettings:
-    # Redis URL of the control-plane store (sessions, assignment, heartbeats).
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    # Number of shards; spaces are spread over shard ids 0..shard_count-1.
-    shard_count: int = 2
-    # Prefix of every Redis key, so several clusters can share one Redis.
-    key_prefix: str = "engram"
+    redis_url: str = setting(
+        "ENGRAM_REDIS_URL",
+        "redis://127.0.0.1:6379/0",
+        "Redis URL of the control-plane store (sessions, assignment, heartbeats).",
+    )
+    shard_count: int = setting(
+        "ENGRAM_SHARD_COUNT",
+        2,
+        "Number of shards; spaces are spread over shard ids 0..count-1.",
+        lo=1,
+        hi=1024,
+    )
+    key_prefix: str = setting(
+        "ENGRAM_KEY_PREFIX",
+        "engram",
+        "Prefix of every Redis key, so several clusters can share one Redis.",
+    )
 
 
 @dataclass(frozen=True)
 class WalSettings:
-    # Bytes after which a WAL segment is closed and a new one started.
-    segment_bytes: int = 64 * _MIB
+    segment_bytes: int = setting(
+        "ENGRAM_WAL_SEGMENT_BYTES",
+        64 * _MIB,
+        "Bytes after which a WAL segment is closed and a new one started.",
+        lo=4096,
+        hi=1 << 34,
+    )
+    directory: str = setting(
+        "ENGRAM_WAL_DIR",
+        "",
+        "Directory of the WALs, one subdirectory per space (put it on its own SSD volume); "
+        "empty: in each space's directory under the data directory.",
+    )
 
 
 @dataclass(frozen=True)
 class IndexSettings:
-    # HNSW graph degree.
-    m: int = 16
-    # HNSW construction beam width.
-    ef_construction: int = 100
-    # Minimum HNSW search beam width; the beam used is max(ef_search, 2 * k). At 600 K clustered
-    # rows, recall@10 was 0.948 / 0.973 / 0.983 at 64 / 256 / 512 (0.14 / 0.27 / 0.63 ms a
-    # query), and it falls as the index grows: a recall's fresh-tier scan costs far more.
-    ef_search: int = 512
-    # Most vectors handed to hnswlib in one add_items call. A recall waits for the call in
-    # progress (hnswlib cannot search while it inserts), so the builder sizes its calls to
-    # about ``build_chunk_ms`` at its measured rate, and never above this.
-    build_chunk: int = 1024
-    build_chunk_ms: float = 8.0
-    # Threads hnswlib uses for add_items (one while writes or recalls are arriving).
-    build_threads: int = 2
-    # Least share of the time the builder works while writes are arriving (it sleeps in
-    # between, so acks and recalls keep the CPU); the share rises with memory pressure (the
-    # fuller the budget, the more indexing matters), and once writes stop it works flat out.
-    build_busy_share: float = 0.15
-    # Nice value of the builder thread (and hnswlib's threads). 0 by default: a niced builder
-    # holding the index lock is preempted for long stretches, and recalls wait behind it.
-    builder_nice: int = 0
-    # Un-indexed rows of a space above which full fresh-tier blocks are partitioned (IVF) and
-    # recalls scan only the lists nearest the cue there; below it the scan is exact.
-    fresh_partition_rows: int = 32_768
-    # Lists (leaves of the two-level quantiser) of a partitioned fresh tier, and how many of
-    # them a recall scans.
-    fresh_lists: int = 1024
-    fresh_nprobe: int = 24
-    # A block whose rows fit the quantiser this much worse (mean cosine to their leaf) than its
-    # training rows did makes the space learn a new quantiser: embeddings drift.
-    fresh_refit_drop: float = 0.05
-    # Checkpoint after this many newly indexed observations...
-    checkpoint_every: int = 200_000
-    # ...or after this many seconds with un-checkpointed indexed data.
-    checkpoint_interval_s: float = 60.0
+    m: int = setting("ENGRAM_HNSW_M", 16, "HNSW graph degree.", lo=2, hi=256)
+    ef_construction: int = setting(
+        "ENGRAM_HNSW_EF_CONSTRUCTION", 100, "HNSW construction beam width.", lo=8, hi=4096
+    )
+    # At 600 K clustered rows, recall@10 was 0.948 / 0.973 / 0.983 at 64 / 256 / 512 (0.14 /
+    # 0.27 / 0.63 ms a query), and it falls as the index grows: the fresh-tier scan costs more.
+    ef_search: int = setting(
+        "ENGRAM_HNSW_EF_SEARCH",
+        512,
+        "Least HNSW search beam; a recall uses max(this, 2k).",
+        lo=8,
+        hi=8192,
+    )
+    # A recall waits for the add_items call in progress (hnswlib cannot search while it
+    # inserts), so the builder sizes its calls to about build_chunk_ms at its measured rate.
+    build_chunk: int = setting(
+        "ENGRAM_INDEX_BUILD_CHUNK",
+        1024,
+        "Most vectors handed to hnswlib in one add_items call.",
+        lo=1,
+        hi=1_000_000,
+    )
+    build_chunk_ms: float = setting(
+        "ENGRAM_INDEX_BUILD_CHUNK_MS",
+        8.0,
+        "Milliseconds of work the builder aims for per add_items call.",
+        lo=0.1,
+        hi=10_000.0,
+    )
+    build_threads: int = setting(
+        "ENGRAM_INDEX_BUILD_THREADS",
+        2,
+        "Threads hnswlib uses for add_items once writes and recalls stop (one while they arrive).",
+        lo=1,
+        hi=256,
+    )
+    # The builder sleeps in between, so acks and recalls keep the CPU; the share rises with
+    # memory pressure (the fuller the budget, the more indexing matters).
+    build_busy_share: float = setting(
+        "ENGRAM_INDEX_BUSY_SHARE",
+        0.15,
+        "Least share of the time the builder works while writes arrive.",
+        lo=0.01,
+        hi=1.0,
+    )
+    # 0 by default: a niced builder holding the index lock is preempted for long stretches,
+    # and recalls wait behind it.
+    builder_nice: int = setting(
+        "ENGRAM_INDEX_BUILDER_NICE",
+        0,
+        "Nice value of the builder thread (and hnswlib's threads).",
+        lo=0,
+        hi=19,
+    )
+    fresh_partition_rows: int = setting(
+        "ENGRAM_FRESH_PARTITION_ROWS",
+        32_768,
+        "Un-indexed rows of a space above which fresh blocks are partitioned (IVF) and "
+        "recalls scan only the lists nearest the cue.",
+        lo=1,
+        hi=1 << 40,
+    )
+    fresh_lists: int = setting(
+        "ENGRAM_FRESH_LISTS",
+        1024,
+        "Lists (leaves of the two-level quantiser) of a partitioned fresh tier.",
+        lo=1,
+        hi=65_536,
+    )
+    fresh_nprobe: int = setting(
+        "ENGRAM_FRESH_NPROBE",
+        24,
+        "Lists of a partitioned fresh tier a recall scans.",
+        lo=1,
+        hi=65_536,
+    )
+    fresh_refit_drop: float = setting(
+        "ENGRAM_FRESH_REFIT_DROP",
+        0.05,
+        "Drop in a full block's fit (mean cosine to its leaf) that makes the space learn a "
+        "new quantiser: embeddings drift.",
+        lo=0.0,
+        hi=2.0,
+    )
+    checkpoint_every: int = setting(
+        "ENGRAM_CHECKPOINT_EVERY",
+        200_000,
+        "Checkpoint after this many newly indexed observations...",
+        lo=1,
+        hi=1 << 40,
+    )
+    checkpoint_interval_s: float = setting(
+        "ENGRAM_CHECKPOINT_INTERVAL_S",
+        60.0,
+        "...or after this many seconds with un-checkpointed indexed data.",
+        lo=0.01,
+        hi=86_400,
+    )
 
 
 @dataclass(frozen=True)
 class LimitSettings:
-    # Most observations in one batch.
-    max_batch_observations: int = 10_000
-    # Most bytes of one ObservationRequest the services take in-band; beyond the gRPC limit
-    # (grpc_max_message_bytes) the transport ends the stream.
-    max_batch_bytes: int = 32 * _MIB
-    # gRPC's own message size limit.
-    grpc_max_message_bytes: int = 64 * _MIB
-    # Largest accepted vector dimension.
-    max_dim: int = 4096
-    # Most results of one recall.
-    max_k: int = 1000
-    # Unacked batches a client may have in flight on one stream.
-    max_in_flight_batches: int = 8
+    max_batch_observations: int = setting(
+        "ENGRAM_MAX_BATCH_OBSERVATIONS",
+        10_000,
+        "Most observations in one batch.",
+        lo=1,
+        hi=1_000_000,
+    )
+    max_batch_bytes: int = setting(
+        "ENGRAM_MAX_BATCH_BYTES",
+        32 * _MIB,
+        "Most bytes of one request taken in-band (beyond the gRPC limit the transport ends "
+        "the stream).",
+        lo=1024,
+        hi=1 << 30,
+    )
+    grpc_max_message_bytes: int = setting(
+        "ENGRAM_GRPC_MAX_MESSAGE_BYTES",
+        64 * _MIB,
+        "gRPC's own message size limit (and the WebSocket frame limit).",
+        lo=1024,
+        hi=(1 << 31) - 1,
+    )
+    max_dim: int = setting(
+        "ENGRAM_MAX_DIM", 4096, "Largest accepted vector dimension.", lo=1, hi=65_536
+    )
+    max_k: int = setting("ENGRAM_MAX_K", 1000, "Most results of one recall.", lo=1, hi=100_000)
+    max_in_flight_batches: int = setting(
+        "ENGRAM_MAX_IN_FLIGHT_BATCHES",
+        8,
+        "Unacked batches a client may have in flight on one stream (its credits).",
+        lo=1,
+        hi=1024,
+    )
 
 
 @dataclass(frozen=True)
 class LaneLimits:
-    # Admitted, not yet durable observations of this priority above which the lane is shed
-    # while the shard is CRITICAL or worse...
-    soft_observations: int
-    # ...and above which it is always shed.
-    hard_observations: int
-    # The same two limits in bytes of batch payload.
-    soft_bytes: int
-    hard_bytes: int
+    soft_observations: int = _required(
+        "SOFT_OBSERVATIONS",
+        "Admitted, not yet durable observations of the lane above which it is shed while the "
+        "shard is CRITICAL or worse...",
+    )
+    hard_observations: int = _required("HARD_OBSERVATIONS", "...and above which it is always shed.")
+    soft_bytes: int = _required(
+        "SOFT_BYTES", "The soft limit in bytes of batch payload.", kind="size"
+    )
+    hard_bytes: int = _required(
+        "HARD_BYTES", "The hard limit in bytes of batch payload.", kind="size"
+    )
 
 
 @dataclass(frozen=True)
 class AdmissionSettings:
-    # Bytes a shard may hold that are not yet in HNSW: intake plus fresh tier (vectors and
-    # metadata). Default: 40 % of the machine's memory divided by the shard count.
-    memory_budget_bytes: int = 1 << 30
-    high: LaneLimits = LaneLimits(10_000, 20_000, 64 * _MIB, 128 * _MIB)
-    normal: LaneLimits = LaneLimits(100_000, 200_000, 256 * _MIB, 512 * _MIB)
-    low: LaneLimits = LaneLimits(50_000, 100_000, 128 * _MIB, 256 * _MIB)
-    # A level is left only when pressure falls below this fraction of its threshold...
-    hysteresis: float = 0.9
-    # ...and no sooner than this many seconds after it was entered.
-    min_dwell_s: float = 0.5
-    # Every this-many builder picks go to the space whose LOW rows waited longest.
-    low_every: int = 4
+    memory_budget_bytes: int = setting(
+        "ENGRAM_MEMORY_BUDGET",
+        1 << 30,
+        "Bytes a shard may hold that are not yet in HNSW: intake plus fresh tier.",
+        lo=1 << 20,
+        hi=1 << 50,
+        kind="size",
+        derived="40 % of the machine's memory / shard count (at least 64 MiB)",
+    )
+    high: LaneLimits = group("ENGRAM_LANE_HIGH_", LaneLimits(10_000, 20_000, 64 * _MIB, 128 * _MIB))
+    normal: LaneLimits = group(
+        "ENGRAM_LANE_NORMAL_", LaneLimits(100_000, 200_000, 256 * _MIB, 512 * _MIB)
+    )
+    low: LaneLimits = group("ENGRAM_LANE_LOW_", LaneLimits(50_000, 100_000, 128 * _MIB, 256 * _MIB))
+    hysteresis: float = setting(
+        "ENGRAM_PRESSURE_HYSTERESIS",
+        0.9,
+        "A pressure level is left only below this fraction of its threshold...",
+        lo=0.5,
+        hi=1.0,
+    )
+    min_dwell_s: float = setting(
+        "ENGRAM_PRESSURE_MIN_DWELL_S",
+        0.5,
+        "...and no sooner than this many seconds after it was entered.",
+        lo=0.0,
+        hi=60.0,
+    )
+    low_every: int = setting(
+        "ENGRAM_INDEX_LOW_EVERY",
+        4,
+        "Every this-many builder picks go to the space whose LOW rows waited longest.",
+        lo=1,
+        hi=1000,
+    )
 
 
 @dataclass(frozen=True)
 class ShardSettings:
-    shard_id: int = 0
-    # gRPC listen address of the shard.
-    listen: str = "127.0.0.1:50061"
-    # Address the gateways use to reach this shard (defaults to ``listen``).
-    advertise: str = ""
-    # Directory holding this shard's WALs and checkpoints.
-    data_dir: str = "./data/shard-0"
-    # HTTP port for /metrics and /healthz (0: none).
-    http_port: int = 0
-    # Fault-injection file polled by chaos runs (empty: fault injection off).
-    fault_file: str = ""
-    # Recalls slower than this on the shard are logged with where the time went (0: never).
-    slow_recall_ms: float = 200.0
-    # Threads that compute recalls (numpy releases the GIL in the heavy parts).
-    recall_workers: int = 2
-    # Let numpy ask for transparent huge pages (madvise) for its large arrays. Off by default:
-    # where the kernel rarely has a free huge page (memory full of page cache, as under a WAL),
-    # each failed attempt compacts memory first, and a 25 MB block took 4-67 ms of kernel time
-    # instead of a steady 12 (measured on the 2-core development machines).
-    huge_pages: bool = False
+    shard_id: int = setting(
+        "ENGRAM_SHARD_ID", 0, "This shard's id, 0..ENGRAM_SHARD_COUNT-1.", lo=0, hi=1023
+    )
+    listen: str = setting("ENGRAM_SHARD_LISTEN", "127.0.0.1:50061", "gRPC listen address.")
+    advertise: str = setting(
+        "ENGRAM_SHARD_ADVERTISE",
+        "",
+        "Address the gateways reach this shard at.",
+        derived="ENGRAM_SHARD_LISTEN",
+    )
+    data_dir: str = setting(
+        "ENGRAM_SHARD_DATA_DIR",
+        "./data/shard-0",
+        "Directory of this shard's spaces: checkpoints, index and (by default) WALs.",
+        derived="./data/shard-<ENGRAM_SHARD_ID>",
+    )
+    http_host: str = setting(
+        "ENGRAM_SHARD_HTTP_HOST",
+        "127.0.0.1",
+        "Host /metrics and /healthz listen on (0.0.0.0 for Prometheus in a cluster).",
+    )
+    http_port: int = setting(
+        "ENGRAM_SHARD_HTTP_PORT", 0, "Port of /metrics and /healthz (0: none).", lo=0, hi=65_535
+    )
+    fault_file: str = setting(
+        "ENGRAM_FAULT_FILE",
+        "",
+        "Fault-injection file polled by chaos runs (empty: fault injection off).",
+    )
+    slow_recall_ms: float = setting(
+        "ENGRAM_SLOW_RECALL_MS",
+        200.0,
+        "Recalls slower than this on the shard are logged with where the time went (0: never).",
+        lo=0.0,
+        hi=1e6,
+    )
+    recall_workers: int = setting(
+        "ENGRAM_RECALL_WORKERS",
+        2,
+        "Threads that compute recalls (numpy and hnswlib release the GIL in the heavy parts).",
+        lo=1,
+        hi=256,
+    )
+    bounded_staleness_ms: float = setting(
+        "ENGRAM_BOUNDED_STALENESS_MS",
+        100.0,
+        "Staleness bound of BOUNDED recalls: older durable writes must be visible.",
+        lo=0.0,
+        hi=60_000.0,
+    )
+    # Where the kernel rarely has a free huge page (memory full of page cache), each failed
+    # attempt compacts memory first: a 25 MB block took 4-67 ms of kernel time instead of 12.
+    huge_pages: bool = setting(
+        "ENGRAM_HUGE_PAGES",
+        False,
+        "Let numpy ask for transparent huge pages for its large arrays (0 or 1).",
+    )
     wal: WalSettings = field(default_factory=WalSettings)
     index: IndexSettings = field(default_factory=IndexSettings)
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
@@ -148,19 +381,52 @@ class ShardSettings:
 
 @dataclass(frozen=True)
 class GatewaySettings:
-    # gRPC listen address for clients.
-    listen: str = "127.0.0.1:50051"
-    # HTTP listen host and port for /metrics and /healthz.
-    http_host: str = "127.0.0.1"
-    http_port: int = 7432
-    # Idle sessions expire from Redis after this many seconds (they resume from the shard).
-    session_ttl_s: int = 86_400
-    # Seconds between visibility canary probes per shard (0: canary off).
-    canary_interval_s: float = 0.0
-    # WebSocket (/v1/stream on the HTTP port): seconds between the server's heartbeat frames...
-    ws_heartbeat_s: float = 30.0
-    # ...and seconds without any frame from the client after which the server closes (1008).
-    ws_idle_timeout_s: float = 120.0
+    listen: str = setting(
+        "ENGRAM_GATEWAY_LISTEN", "127.0.0.1:50051", "gRPC listen address for clients."
+    )
+    http_host: str = setting(
+        "ENGRAM_GATEWAY_HTTP_HOST",
+        "127.0.0.1",
+        "Host of the HTTP port (/metrics, /healthz, WebSocket /v1/stream, /demo).",
+    )
+    http_port: int = setting(
+        "ENGRAM_GATEWAY_HTTP_PORT", 7432, "Port of the HTTP listener.", lo=0, hi=65_535
+    )
+    session_ttl_s: int = setting(
+        "ENGRAM_SESSION_TTL_S",
+        86_400,
+        "Idle sessions expire from Redis after this many seconds (they resume from the shard).",
+        lo=1,
+        hi=1 << 31,
+    )
+    canary_interval_s: float = setting(
+        "ENGRAM_CANARY_INTERVAL_S",
+        0.0,
+        "Seconds between visibility canary probes per shard (0: canary off).",
+        lo=0.0,
+        hi=3600.0,
+    )
+    recall_timeout_s: float = setting(
+        "ENGRAM_RECALL_TIMEOUT_S",
+        10.0,
+        "Seconds the gateway waits for a shard's recall beyond the recall's own deadline.",
+        lo=0.1,
+        hi=3600.0,
+    )
+    ws_heartbeat_s: float = setting(
+        "ENGRAM_WS_HEARTBEAT_S",
+        30.0,
+        "WebSocket: seconds between the server's heartbeat frames...",
+        lo=0.05,
+        hi=3600,
+    )
+    ws_idle_timeout_s: float = setting(
+        "ENGRAM_WS_IDLE_TIMEOUT_S",
+        120.0,
+        "...and seconds without a frame from the client after which the server closes (1008).",
+        lo=0.1,
+        hi=86_400,
+    )
 
 
 @dataclass(frozen=True)
@@ -169,58 +435,173 @@ class Settings:
     limits: LimitSettings = field(default_factory=LimitSettings)
     shard: ShardSettings = field(default_factory=ShardSettings)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
-    # Log level name.
-    log_level: str = "INFO"
-    # An event loop this many ms late has the stacks of its threads logged while it is late
-    # (at most one trace every 10 s; 0: never), to name what blocked it.
-    loop_stall_trace_ms: float = 250.0
+    log_level: str = setting(
+        "ENGRAM_LOG_LEVEL", "INFO", "Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+    )
+    loop_stall_trace_ms: float = setting(
+        "ENGRAM_LOOP_STALL_TRACE_MS",
+        250.0,
+        "An event loop this late has its threads' stacks logged while it is late (at most "
+        "every 10 s; 0: never).",
+        lo=0.0,
+        hi=60_000.0,
+    )
 
 
-class _Env:
-    """Typed, range-checked reads of ENGRAM_* variables."""
+# ------------------------------------------------------------------------------- catalog
 
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self._env = env
 
-    def str(self, name: str, default: str) -> str:
-        return self._env.get(name, default)
+@dataclass(frozen=True)
+class Entry:
+    """One setting as the docs and the chart see it."""
 
-    def int(self, name: str, default: int, lo: int, hi: int) -> int:
-        raw = self._env.get(name)
+    path: str  # e.g. "shard.index.ef_search"
+    env: str
+    setting: Setting
+    default: Any
+
+
+def catalog() -> list[Entry]:
+    """Every setting, in declaration order."""
+    return list(_walk(Settings, "", "", Settings()))
+
+
+def _walk(cls: type, path: str, prefix: str, defaults: Any) -> Iterator[Entry]:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        value = getattr(defaults, f.name)
+        here = f"{path}{f.name}"
+        if "setting" in f.metadata:
+            meta: Setting = f.metadata["setting"]
+            yield Entry(here, prefix + meta.env, meta, value)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            sub_prefix = prefix + f.metadata.get("prefix", "")
+            yield from _walk(hints[f.name], here + ".", sub_prefix, value)
+
+
+# ---------------------------------------------------------------------------------- load
+
+
+def load(env: Mapping[str, str] | None = None) -> Settings:
+    """Reads and validates every setting from ``env`` (default: the process environment)."""
+    env = os.environ if env is None else env
+    loaded = Settings()
+    unset: set[str] = set()
+    for entry in catalog():
+        raw = env.get(entry.env)
         if raw is None or raw == "":
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            raise SettingsError(f"{name}={raw!r} is not an integer ({lo}..{hi})") from None
-        if not lo <= value <= hi:
-            raise SettingsError(f"{name}={value} is out of range {lo}..{hi}")
+            unset.add(entry.path)
+            continue
+        loaded = _replace_at(loaded, entry.path, _parse(entry.env, entry.setting, raw))
+    for path, derive in _DERIVED.items():
+        if path in unset:
+            loaded = _replace_at(loaded, path, derive(loaded))
+    for check in _CHECKS:
+        check(loaded)
+    return loaded
+
+
+def _parse(name: str, s: Setting, raw: str) -> Any:
+    value: Any
+    if s.kind == "str":
+        return raw
+    if s.kind == "choice":
+        value = raw.strip().upper()
+        if value not in s.choices:
+            raise SettingsError(f"{name}={raw!r} is not one of {', '.join(s.choices)}")
         return value
-
-    def size(self, name: str, default: int, lo: int, hi: int) -> int:
-        """A byte size: a plain number or one with a unit (KB, MB, GB; powers of 1024)."""
-        raw = self._env.get(name)
-        if raw is None or raw == "":
-            return default
+    if s.kind == "bool":
+        if raw.strip() in ("0", "1"):
+            return raw.strip() == "1"
+        raise SettingsError(f"{name}={raw!r} is not 0 or 1")
+    if s.kind == "size":
         value = parse_size(raw)
         if value is None:
             raise SettingsError(f"{name}={raw!r} is not a size (e.g. 64MB, 2GB, 1048576)")
-        if not lo <= value <= hi:
-            raise SettingsError(f"{name}={raw} is out of range {lo}..{hi} bytes")
-        return value
-
-    def float(self, name: str, default: float, lo: float, hi: float) -> float:
-        raw = self._env.get(name)
-        if raw is None or raw == "":
-            return default
+        unit = " bytes"
+    elif s.kind == "int":
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SettingsError(f"{name}={raw!r} is not an integer ({_range(s)})") from None
+        unit = ""
+    else:
         try:
             value = float(raw)
         except ValueError:
-            raise SettingsError(f"{name}={raw!r} is not a number ({lo}..{hi})") from None
-        if not lo <= value <= hi:
-            raise SettingsError(f"{name}={value} is out of range {lo}..{hi}")
-        return value
+            raise SettingsError(f"{name}={raw!r} is not a number ({_range(s)})") from None
+        unit = ""
+    if (s.lo is not None and value < s.lo) or (s.hi is not None and value > s.hi):
+        shown = raw if s.kind == "size" else value
+        raise SettingsError(f"{name}={shown} is out of range {_range(s)}{unit}")
+    return value
 
+
+def _range(s: Setting) -> str:
+    def num(x: float | None) -> str:
+        return "" if x is None else f"{x:g}" if isinstance(x, float) else str(x)
+
+    return f"{num(s.lo)}..{num(s.hi)}"
+
+
+def _replace_at(obj: Any, path: str, value: Any) -> Any:
+    head, _, rest = path.partition(".")
+    if not rest:
+        return replace(obj, **{head: value})
+    return replace(obj, **{head: _replace_at(getattr(obj, head), rest, value)})
+
+
+def default_memory_budget(shard_count: int) -> int:
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 8 << 30
+    return max(64 * _MIB, int(total * 0.4) // max(1, shard_count))
+
+
+# Defaults computed from other settings (described by each Setting's ``derived``).
+_DERIVED: dict[str, Callable[[Settings], Any]] = {
+    "shard.advertise": lambda s: s.shard.listen,
+    "shard.data_dir": lambda s: f"./data/shard-{s.shard.shard_id}",
+    "shard.admission.memory_budget_bytes": lambda s: default_memory_budget(s.cluster.shard_count),
+}
+
+
+def _check_shard_id(s: Settings) -> None:
+    if s.shard.shard_id >= s.cluster.shard_count:
+        raise SettingsError(
+            f"ENGRAM_SHARD_ID={s.shard.shard_id} is out of range "
+            f"0..{s.cluster.shard_count - 1} (ENGRAM_SHARD_COUNT={s.cluster.shard_count})"
+        )
+
+
+def _check_batch_bytes(s: Settings) -> None:
+    lim = s.limits
+    if lim.max_batch_bytes > lim.grpc_max_message_bytes:
+        raise SettingsError(
+            "ENGRAM_MAX_BATCH_BYTES must not exceed ENGRAM_GRPC_MAX_MESSAGE_BYTES "
+            f"({lim.max_batch_bytes} > {lim.grpc_max_message_bytes})"
+        )
+
+
+def _check_ws_timeouts(s: Settings) -> None:
+    gw = s.gateway
+    if gw.ws_idle_timeout_s <= gw.ws_heartbeat_s:
+        raise SettingsError(
+            "ENGRAM_WS_IDLE_TIMEOUT_S must exceed ENGRAM_WS_HEARTBEAT_S (clients send heartbeats "
+            f"at the server's interval): {gw.ws_idle_timeout_s} <= {gw.ws_heartbeat_s}"
+        )
+
+
+# Rules that involve more than one setting, checked after every variable is read.
+_CHECKS: list[Callable[[Settings], None]] = [
+    _check_shard_id,
+    _check_batch_bytes,
+    _check_ws_timeouts,
+]
+
+
+# ---------------------------------------------------------------------------------- sizes
 
 _UNITS = {
     "": 1,
@@ -250,143 +631,71 @@ def parse_size(raw: str) -> int | None:
         return None
 
 
-def default_memory_budget(shard_count: int) -> int:
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        total = 8 << 30
-    return max(64 * _MIB, int(total * 0.4) // max(1, shard_count))
+def format_size(n: int) -> str:
+    """67108864 -> ``"64 MiB"`` (the largest unit that divides it)."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    return f"{n} B"
 
 
-def _lane(e: _Env, name: str, d: LaneLimits) -> LaneLimits:
-    p = f"ENGRAM_LANE_{name}_"
-    return LaneLimits(
-        soft_observations=e.int(p + "SOFT_OBSERVATIONS", d.soft_observations, 1, 1 << 40),
-        hard_observations=e.int(p + "HARD_OBSERVATIONS", d.hard_observations, 1, 1 << 40),
-        soft_bytes=e.size(p + "SOFT_BYTES", d.soft_bytes, 1, 1 << 50),
-        hard_bytes=e.size(p + "HARD_BYTES", d.hard_bytes, 1, 1 << 50),
-    )
+# ----------------------------------------------------------------------------------- docs
+
+DOCS_START = "<!-- settings table: generated by `python -m engram.common.settings --write-docs` -->"
+DOCS_END = "<!-- end of settings table -->"
 
 
-def load(env: Mapping[str, str] | None = None) -> Settings:
-    """Reads and validates every setting from ``env`` (default: the process environment)."""
-    e = _Env(os.environ if env is None else env)
-    cluster = ClusterSettings(
-        redis_url=e.str("ENGRAM_REDIS_URL", ClusterSettings.redis_url),
-        shard_count=e.int("ENGRAM_SHARD_COUNT", ClusterSettings.shard_count, 1, 1024),
-        key_prefix=e.str("ENGRAM_KEY_PREFIX", ClusterSettings.key_prefix),
-    )
-    limits = LimitSettings(
-        max_batch_observations=e.int(
-            "ENGRAM_MAX_BATCH_OBSERVATIONS", LimitSettings.max_batch_observations, 1, 1_000_000
-        ),
-        max_batch_bytes=e.int(
-            "ENGRAM_MAX_BATCH_BYTES", LimitSettings.max_batch_bytes, 1024, 1 << 30
-        ),
-        grpc_max_message_bytes=e.int(
-            "ENGRAM_GRPC_MAX_MESSAGE_BYTES",
-            LimitSettings.grpc_max_message_bytes,
-            1024,
-            (1 << 31) - 1,
-        ),
-        max_dim=e.int("ENGRAM_MAX_DIM", LimitSettings.max_dim, 1, 65_536),
-        max_k=e.int("ENGRAM_MAX_K", LimitSettings.max_k, 1, 100_000),
-        max_in_flight_batches=e.int(
-            "ENGRAM_MAX_IN_FLIGHT_BATCHES", LimitSettings.max_in_flight_batches, 1, 1024
-        ),
-    )
-    if limits.max_batch_bytes > limits.grpc_max_message_bytes:
-        raise SettingsError(
-            "ENGRAM_MAX_BATCH_BYTES must not exceed ENGRAM_GRPC_MAX_MESSAGE_BYTES "
-            f"({limits.max_batch_bytes} > {limits.grpc_max_message_bytes})"
-        )
-    shard_id = e.int("ENGRAM_SHARD_ID", 0, 0, cluster.shard_count - 1)
-    listen = e.str("ENGRAM_SHARD_LISTEN", ShardSettings.listen)
-    shard = ShardSettings(
-        shard_id=shard_id,
-        listen=listen,
-        advertise=e.str("ENGRAM_SHARD_ADVERTISE", "") or listen,
-        data_dir=e.str("ENGRAM_SHARD_DATA_DIR", f"./data/shard-{shard_id}"),
-        slow_recall_ms=e.float("ENGRAM_SLOW_RECALL_MS", ShardSettings.slow_recall_ms, 0.0, 1e6),
-        recall_workers=e.int("ENGRAM_RECALL_WORKERS", ShardSettings.recall_workers, 1, 256),
-        huge_pages=bool(e.int("ENGRAM_HUGE_PAGES", int(ShardSettings.huge_pages), 0, 1)),
-        http_port=e.int("ENGRAM_SHARD_HTTP_PORT", 0, 0, 65_535),
-        fault_file=e.str("ENGRAM_FAULT_FILE", ""),
-        wal=WalSettings(
-            segment_bytes=e.int(
-                "ENGRAM_WAL_SEGMENT_BYTES", WalSettings.segment_bytes, 4096, 1 << 34
-            ),
-        ),
-        index=IndexSettings(
-            m=e.int("ENGRAM_HNSW_M", IndexSettings.m, 2, 256),
-            ef_construction=e.int(
-                "ENGRAM_HNSW_EF_CONSTRUCTION", IndexSettings.ef_construction, 8, 4096
-            ),
-            ef_search=e.int("ENGRAM_HNSW_EF_SEARCH", IndexSettings.ef_search, 8, 8192),
-            build_chunk=e.int("ENGRAM_INDEX_BUILD_CHUNK", IndexSettings.build_chunk, 1, 1_000_000),
-            build_threads=e.int("ENGRAM_INDEX_BUILD_THREADS", IndexSettings.build_threads, 1, 256),
-            build_chunk_ms=e.float(
-                "ENGRAM_INDEX_BUILD_CHUNK_MS", IndexSettings.build_chunk_ms, 0.1, 10_000.0
-            ),
-            build_busy_share=e.float(
-                "ENGRAM_INDEX_BUSY_SHARE", IndexSettings.build_busy_share, 0.01, 1.0
-            ),
-            builder_nice=e.int("ENGRAM_INDEX_BUILDER_NICE", IndexSettings.builder_nice, 0, 19),
-            fresh_partition_rows=e.int(
-                "ENGRAM_FRESH_PARTITION_ROWS", IndexSettings.fresh_partition_rows, 1, 1 << 40
-            ),
-            fresh_lists=e.int("ENGRAM_FRESH_LISTS", IndexSettings.fresh_lists, 1, 65_536),
-            fresh_nprobe=e.int("ENGRAM_FRESH_NPROBE", IndexSettings.fresh_nprobe, 1, 65_536),
-            fresh_refit_drop=e.float(
-                "ENGRAM_FRESH_REFIT_DROP", IndexSettings.fresh_refit_drop, 0.0, 2.0
-            ),
-            checkpoint_every=e.int(
-                "ENGRAM_CHECKPOINT_EVERY", IndexSettings.checkpoint_every, 1, 1 << 40
-            ),
-            checkpoint_interval_s=e.float(
-                "ENGRAM_CHECKPOINT_INTERVAL_S", IndexSettings.checkpoint_interval_s, 0.01, 86_400
-            ),
-        ),
-    )
-    a = AdmissionSettings()
-    admission = AdmissionSettings(
-        memory_budget_bytes=e.size(
-            "ENGRAM_MEMORY_BUDGET", default_memory_budget(cluster.shard_count), 1 << 20, 1 << 50
-        ),
-        high=_lane(e, "HIGH", a.high),
-        normal=_lane(e, "NORMAL", a.normal),
-        low=_lane(e, "LOW", a.low),
-        hysteresis=e.float("ENGRAM_PRESSURE_HYSTERESIS", a.hysteresis, 0.5, 1.0),
-        min_dwell_s=e.float("ENGRAM_PRESSURE_MIN_DWELL_S", a.min_dwell_s, 0.0, 60.0),
-        low_every=e.int("ENGRAM_INDEX_LOW_EVERY", a.low_every, 1, 1000),
-    )
-    shard = replace(shard, admission=admission)
-    gateway = GatewaySettings(
-        listen=e.str("ENGRAM_GATEWAY_LISTEN", GatewaySettings.listen),
-        http_host=e.str("ENGRAM_GATEWAY_HTTP_HOST", GatewaySettings.http_host),
-        http_port=e.int("ENGRAM_GATEWAY_HTTP_PORT", GatewaySettings.http_port, 0, 65_535),
-        session_ttl_s=e.int("ENGRAM_SESSION_TTL_S", GatewaySettings.session_ttl_s, 1, 1 << 31),
-        canary_interval_s=e.float("ENGRAM_CANARY_INTERVAL_S", 0.0, 0.0, 3600.0),
-        ws_heartbeat_s=e.float("ENGRAM_WS_HEARTBEAT_S", GatewaySettings.ws_heartbeat_s, 0.05, 3600),
-        ws_idle_timeout_s=e.float(
-            "ENGRAM_WS_IDLE_TIMEOUT_S", GatewaySettings.ws_idle_timeout_s, 0.1, 86_400
-        ),
-    )
-    if gateway.ws_idle_timeout_s <= gateway.ws_heartbeat_s:
-        raise SettingsError(
-            "ENGRAM_WS_IDLE_TIMEOUT_S must exceed ENGRAM_WS_HEARTBEAT_S (clients send heartbeats "
-            f"at the server's interval): {gateway.ws_idle_timeout_s} <= {gateway.ws_heartbeat_s}"
-        )
-    level = e.str("ENGRAM_LOG_LEVEL", "INFO").upper()
-    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-        raise SettingsError(f"ENGRAM_LOG_LEVEL={level!r} is not one of DEBUG, INFO, WARNING, ERROR")
-    return Settings(
-        cluster=cluster,
-        limits=limits,
-        shard=shard,
-        gateway=gateway,
-        log_level=level,
-        loop_stall_trace_ms=e.float(
-            "ENGRAM_LOOP_STALL_TRACE_MS", Settings.loop_stall_trace_ms, 0.0, 60_000.0
-        ),
-    )
+def markdown_table() -> str:
+    """The settings table of ``docs/settings.md``."""
+    rows = [
+        "| Variable | Type | Range | Default | Meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for e in catalog():
+        s = e.setting
+        rows.append(f"| `{e.env}` | {s.kind} | {_shown_range(s)} | {_shown_default(e)} | {s.doc} |")
+    return "\n".join(rows)
+
+
+def _shown_range(s: Setting) -> str:
+    if s.choices:
+        return ", ".join(s.choices)
+    if s.kind == "bool":
+        return "0, 1"
+    if s.lo is None and s.hi is None:
+        return ""
+    if s.kind == "size":
+        return f"{format_size(int(s.lo or 0))} .. {format_size(int(s.hi or 0))}"
+    return _range(s).replace("..", " .. ")
+
+
+def _shown_default(e: Entry) -> str:
+    s = e.setting
+    if s.derived:
+        return s.derived
+    if s.kind == "size":
+        return format_size(int(e.default))
+    if s.kind == "bool":
+        return str(int(e.default))
+    if s.kind == "str":
+        return f"`{e.default}`" if e.default else "(empty)"
+    return f"{e.default:g}" if isinstance(e.default, float) else str(e.default)
+
+
+def render_docs(text: str) -> str:
+    """``text`` (the docs page) with the table between its markers replaced."""
+    start = text.index(DOCS_START) + len(DOCS_START)
+    end = text.index(DOCS_END)
+    return f"{text[:start]}\n{markdown_table()}\n{text[end:]}"
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    if sys.argv[1:] == ["--write-docs"]:
+        page = Path(__file__).resolve().parents[3] / "docs" / "settings.md"
+        page.write_text(render_docs(page.read_text()))
+        print(f"wrote {page}")
+    else:
+        print(markdown_table())

@@ -37,7 +37,7 @@ async def serve(settings: Settings) -> None:
 
     http = None
     if settings.shard.http_port:
-        http = await start_http("127.0.0.1", settings.shard.http_port, healthy)
+        http = await start_http(settings.shard.http_host, settings.shard.http_port, healthy)
     lag_task = asyncio.create_task(looplag.watch(settings.loop_stall_trace_ms))
     await grpcutil.set_serving(health, True)
     log.info(
