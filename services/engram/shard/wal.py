@@ -502,6 +502,50 @@ class Wal:
             self._work.notify()
         return closed
 
+    async def close_segment(self) -> int:
+        """Closes the current segment if anything was queued for it, waits until the committer
+        has moved past it, and returns the number of the last closed segment (0: none). Every
+        record of a closed segment is durable. Event loop only (a move reads closed segments
+        with :meth:`read_closed`)."""
+        if self._loop is None:
+            raise RuntimeError("Wal.close_segment() before start()")
+        with self._lock:
+            refusal = self._refusal()
+            if refusal is not None:
+                raise StorageError(refusal)
+            if self._plan_bytes:
+                closed = self._queue_rotation()
+                self._work.notify()
+            else:
+                closed = self._plan_segment - 1
+        while closed > 0:
+            with self._lock:
+                if self._current > closed:
+                    break
+                failed = self._failed
+            if failed:
+                raise StorageError(f"WAL {self._dir} failed before segment {closed} closed")
+            await asyncio.sleep(0.001)
+        return closed
+
+    def closed_segments(self) -> list[int]:
+        """Numbers of the live segments no longer written to, oldest first."""
+        with self._lock:
+            return [n for n in self._segments if n < self._current]
+
+    def read_closed(self, number: int) -> Iterator[tuple[int, bytes]]:
+        """Yields ``(end_lsn, payload)`` of every record of closed segment ``number`` (any
+        thread). Raises StorageError if it is not closed or cannot be read whole."""
+        if number not in self.closed_segments():
+            raise StorageError(f"WAL {self._dir}: segment {number} is not a closed segment")
+        path = self._dir / segment_name(number)
+        try:
+            scan = yield from _scan_segment(path)
+        except OSError as exc:
+            raise StorageError(_describe("read", path, exc)) from exc
+        if scan.problem is not None:
+            raise StorageError(f"WAL {path}: {scan.problem} at offset {scan.good_end}")
+
     def delete_through(self, end_lsn: int, closed_before: int) -> int:
         """Deletes the oldest closed segments numbered below ``closed_before`` whose records all
         have end_lsn <= ``end_lsn``; returns how many. Never deletes the current segment."""
