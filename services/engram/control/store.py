@@ -1,4 +1,8 @@
-"""The control-plane store in Redis: sessions, the assignment table, shard registry.
+"""The control-plane store: sessions, the assignment table, shard registry; in Redis.
+
+:class:`ControlPlane` is the store as the gateway uses it (its client streams and its router);
+:class:`ControlStore` is the Redis implementation every process runs with (shards also
+heartbeat through it), :class:`~engram.control.memory.MemoryControlStore` the in-memory one.
 
 Redis holds soft state only. Shards keep the truth about sessions (their WALs record each
 session and its high-water mark), so a Redis restarted empty loses nothing: the gateway falls
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import redis.asyncio as aioredis
 
@@ -40,8 +45,25 @@ def _now_us() -> int:
     return time.time_ns() // 1000
 
 
+class ControlPlane(Protocol):
+    """What the gateway reads and writes in the control plane. Every call may raise (the
+    store is unreachable): callers treat it as a cache and fall back on the shards."""
+
+    async def put_session(self, rec: SessionRecord, ttl_s: int) -> None: ...
+
+    async def get_session(self, session_id: str) -> SessionRecord | None: ...
+
+    async def update_session(
+        self, session_id: str, *, last_acked: int, state: str, ttl_s: int
+    ) -> None: ...
+
+    async def assignment(self) -> Assignment: ...
+
+    async def shards(self) -> dict[int, ShardInfo]: ...
+
+
 class ControlStore:
-    """Async access to the control-plane keys; one instance per process."""
+    """Async access to the control-plane keys in Redis; one instance per process."""
 
     def __init__(self, redis_url: str, prefix: str = "engram", shard_count: int = 1) -> None:
         self._redis = aioredis.Redis.from_url(

@@ -11,18 +11,15 @@ interval is 0 (the default for services; ``engram up`` turns it on).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
 
-import grpc
 import numpy as np
 from prometheus_client import Counter, Histogram
 
 from engram.control.assignment import default_shard
 from engram.gateway.context import GatewayContext
-from engram.internal.v1 import shard_pb2 as ipb
 from engram.v1 import streaming_pb2 as pb
 
 log = logging.getLogger("engram.gateway.canary")
@@ -88,16 +85,10 @@ class Canary:
             log.warning("canary probe on shard %d not visible after %.0f s", shard, _GIVE_UP_S)
 
     async def _write_and_find(self, shard: int, space: str) -> float | None:
-        _, stub = await self.gw.router.stub(space)
         session, seq = self._sessions.get(shard, ("", 0))
         if not session:
             session = "canary-" + uuid.uuid4().hex
-            opened = await stub.OpenSession(
-                ipb.OpenSessionRequest(memory_space_id=space, session_id=session, create=True),
-                timeout=5,
-            )
-            if opened.HasField("error"):
-                return None
+            opened = await self.gw.shards.open_session(space, session, create=True, timeout_s=5)
             seq = opened.last_sequence
         seq += 1
         vector = self._rng.standard_normal(DIM).astype("<f4")
@@ -106,26 +97,20 @@ class Canary:
             dim=DIM, vectors=vector.tobytes(), ids=[probe_id], priority=pb.PRIORITY_HIGH
         )
         started = time.perf_counter()
-        call = stub.Append(timeout=10)
+        append = await self.gw.shards.open_append(space, session, timeout_s=10)
         try:
-            await call.write(
-                ipb.AppendRequest(
-                    memory_space_id=space, session_id=session, sequence_number=seq, batch=batch
-                )
-            )
-            answer = await call.read()
+            await append.write(seq, batch)
+            answer = await anext(aiter(append.responses()), None)
         finally:
-            with contextlib.suppress(Exception):
-                await call.done_writing()
-            call.cancel()
-        if answer is grpc.aio.EOF or answer.HasField("error") or answer.rejected:
+            append.cancel()
+        if answer is None or answer.HasField("error") or answer.rejected:
             return None
         self._sessions[shard] = (session, seq)
         ack_latency.labels(str(shard)).observe(time.perf_counter() - started)
         recall = pb.RecallRequest(cue=vector.tolist(), k=1, consistency=pb.EVENTUAL)
         deadline = started + _GIVE_UP_S
         while time.perf_counter() < deadline:
-            async for chunk in self.gw.recall(space, recall):
+            async for chunk in self.gw.shards.recall(space, recall):
                 if any(m.id == probe_id for m in chunk.results):
                     seen = time.perf_counter() - started
                     visibility_latency.labels(str(shard)).observe(seen)

@@ -1,8 +1,9 @@
 """Routing from a memory space to the shard that owns it, and the channels to shards.
 
-The assignment table and the shard registry come from Redis and are cached, refreshed in the
-background and on demand (an unknown shard address, a NOT_OWNER answer). With Redis down the
-gateway keeps routing from its cache.
+The assignment table and the shard registry come from the control plane (Redis) and are
+cached, refreshed in the background and on demand (an unknown shard address, a NOT_OWNER
+answer). With Redis down the gateway keeps routing from its cache. Only
+:class:`~engram.gateway.shards.GrpcShards` routes through it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from engram.common import grpcutil
 from engram.common.settings import Settings
 from engram.contract.errors import UnavailableError
 from engram.control.assignment import Assignment
-from engram.control.store import ControlStore
+from engram.control.store import ControlPlane
 from engram.internal.v1 import shard_pb2_grpc
 
 log = logging.getLogger("engram.gateway.router")
@@ -25,7 +26,7 @@ REFRESH_S = 1.0
 
 
 class Router:
-    def __init__(self, settings: Settings, store: ControlStore) -> None:
+    def __init__(self, settings: Settings, store: ControlPlane) -> None:
         self._settings = settings
         self._store = store
         self.assignment = Assignment(settings.cluster.shard_count)

@@ -17,6 +17,7 @@ from engram.gateway.canary import Canary
 from engram.gateway.context import GatewayContext
 from engram.gateway.router import Router
 from engram.gateway.service import SERVICE, EngramStreamService, handler
+from engram.gateway.shards import GrpcShards
 
 log = logging.getLogger("engram.gateway")
 
@@ -26,7 +27,7 @@ async def serve(settings: Settings) -> None:
     store = ControlStore(c.redis_url, c.key_prefix, c.shard_count)
     router = Router(settings, store)
     await router.start()
-    gw = GatewayContext(settings, store, router)
+    gw = GatewayContext(settings, store, GrpcShards(router, settings))
     server = grpc.aio.server(options=grpcutil.server_options(settings.limits))
     server.add_generic_rpc_handlers((handler(EngramStreamService(gw)),))
     health = grpcutil.add_health_and_reflection(server, [SERVICE])

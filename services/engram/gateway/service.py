@@ -55,7 +55,7 @@ class EngramStreamService:
                 if request.HasField(name):
                     setattr(recall, name, getattr(request, name))
             validation.recall(recall, self.gw.settings.limits)
-            async for chunk in self.gw.recall(space, recall, request.session_id):
+            async for chunk in self.gw.shards.recall(space, recall, request.session_id):
                 yield pb.StreamingRecallResponse(
                     results=chunk.results,
                     more_results=chunk.more_results,
@@ -68,19 +68,12 @@ class EngramStreamService:
     async def ListObservations(  # noqa: N802
         self, request: pb.ListObservationsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ListObservationsResponse]:
-        from engram.internal.v1 import shard_pb2 as ipb
-
         try:
             space = validation.space_id(request.memory_space_id)
-            _, stub = await self.gw.router.stub(space, reads=True)
+            async for chunk in self.gw.shards.scan(space, request.chunk_size):
+                yield chunk
         except EngramError as exc:
             await context.abort(grpc_status(exc), abort_details(exc))
-        call = stub.Scan(ipb.ScanRequest(memory_space_id=space, chunk_size=request.chunk_size))
-        try:
-            async for chunk in call:
-                yield chunk
-        except grpc.aio.AioRpcError as exc:
-            await context.abort(exc.code(), exc.details() or "shard scan failed")
 
 
 def handler(service: EngramStreamService) -> grpc.GenericRpcHandler:

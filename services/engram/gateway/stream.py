@@ -9,6 +9,10 @@ forwarded); a lower one is a duplicate, which the shard re-acknowledges without 
 A message that fails validation consumes no sequence number. Errors caused by one message are
 answered in-band and the stream stays open; if the shard becomes unreachable the stream ends
 with UNAVAILABLE and the client resumes the session on a new one.
+
+Shards are reached only through ``GatewayContext.shards`` (:mod:`engram.gateway.shards`) and
+the control plane through ``GatewayContext.store``, so tests drive :meth:`ClientStream.run`
+against in-memory implementations of both.
 """
 
 from __future__ import annotations
@@ -21,10 +25,9 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from engram.common import metrics, validation, wire
+from engram.common import metrics, validation
 from engram.contract.errors import (
     EngramError,
     FlowControlError,
@@ -36,13 +39,13 @@ from engram.contract.errors import (
 )
 from engram.control.store import SessionRecord
 from engram.gateway.context import GatewayContext
+from engram.gateway.shards import AppendStream
 from engram.internal.v1 import shard_pb2 as ipb
 from engram.v1 import streaming_pb2 as pb
 
 log = logging.getLogger("engram.gateway.stream")
 
 _SESSION_UPDATE_S = 0.5
-APPEND_METHOD = f"/{ipb.DESCRIPTOR.services_by_name['Shard'].full_name}/Append"
 _LANE_NAMES = {pb.PRIORITY_HIGH: "high", pb.PRIORITY_NORMAL: "normal", pb.PRIORITY_LOW: "low"}
 
 
@@ -97,7 +100,7 @@ class ClientStream:
         self.dim = 0
         self.next_expected = 1
         self.last_acked = 0
-        self._shard_call: grpc.aio.StreamStreamCall | None = None
+        self._append: AppendStream | None = None
         self._shard_reader: asyncio.Task[None] | None = None
         # seq -> (sent at, observations, dim, priority lane name)
         self._sent_at: dict[int, tuple[float, int, int, str]] = {}
@@ -194,8 +197,8 @@ class ClientStream:
     async def _teardown(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        if self._shard_call is not None:
-            self._shard_call.cancel()
+        if self._append is not None:
+            self._append.cancel()
         if self._shard_reader is not None:
             self._shard_reader.cancel()
             await asyncio.gather(self._shard_reader, return_exceptions=True)
@@ -300,20 +303,7 @@ class ClientStream:
         else:
             space = validation.space_id(msg.memory_space_id)
             session_id = "s-" + uuid.uuid4().hex
-        _, stub = await self.gw.router.stub(space)
-        try:
-            opened = await stub.OpenSession(
-                ipb.OpenSessionRequest(
-                    memory_space_id=space, session_id=session_id, create=not resume
-                ),
-                timeout=10,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise UnavailableError(
-                f"the shard of memory space {space!r} did not answer: {exc.code().name}"
-            ) from None
-        if opened.HasField("error"):
-            raise from_proto(opened.error)
+        opened = await self.gw.shards.open_session(space, session_id, create=not resume)
         self.session_id, self.space, self.dim = session_id, space, opened.dim
         self.next_expected = opened.last_sequence + 1
         self.last_acked = opened.last_sequence
@@ -381,46 +371,29 @@ class ClientStream:
                 f"batch {seq} was waiting when the stream was paused (send RESUME first)",
                 code=pb.STREAM_PAUSED,
             )
-        call = await self._shard_stream()
+        append = await self._shard_stream()
         lane = _LANE_NAMES.get(batch.priority, "normal")
         self._sent_at[seq] = (time.perf_counter(), checked.n, checked.dim, lane)
         if seq == self.next_expected:
             self.next_expected += 1
         metrics.batch_size.observe(checked.n)
         try:
-            # AppendRequest(..., batch=batch, epoch=...) as bytes, without copying the batch
-            await call.write(
-                wire.with_message(
-                    ipb.AppendRequest(
-                        memory_space_id=self.space, session_id=self.session_id, sequence_number=seq
-                    ),
-                    ipb.AppendRequest.BATCH_FIELD_NUMBER,
-                    batch,
-                    ipb.AppendRequest(epoch=self.gw.router.assignment.epoch),
-                )
-            )
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
-            self._shard_lost(f"writing to the shard failed: {exc}")
+            await append.write(seq, batch)
+        except UnavailableError as exc:
+            self._shard_lost(exc.message)
 
-    async def _shard_stream(self) -> grpc.aio.StreamStreamCall:
-        if self._shard_call is None:
-            _, channel = await self.gw.router.channel(self.space)
-            # requests go as bytes (composed in _batch), answers are parsed as usual
-            self._shard_call = channel.stream_stream(
-                APPEND_METHOD, response_deserializer=ipb.AppendResponse.FromString
-            )()
-            self._shard_reader = asyncio.create_task(self._read_shard(self._shard_call))
-        return self._shard_call
+    async def _shard_stream(self) -> AppendStream:
+        if self._append is None:
+            self._append = await self.gw.shards.open_append(self.space, self.session_id)
+            self._shard_reader = asyncio.create_task(self._read_shard(self._append))
+        return self._append
 
-    async def _read_shard(self, call: grpc.aio.StreamStreamCall) -> None:
+    async def _read_shard(self, stream: AppendStream) -> None:
         try:
-            async for resp in call:
+            async for resp in stream.responses():
                 self._on_shard_response(resp)
-        except asyncio.CancelledError:
-            raise
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:
-                self._shard_lost(f"the shard stream failed: {exc.code().name} {exc.details()}")
+        except UnavailableError as exc:
+            self._shard_lost(exc.message)
             return
         if self._sent_at:
             self._shard_lost("the shard ended the stream with batches unanswered")
@@ -519,7 +492,7 @@ class ClientStream:
     async def _do_recall(self, req: pb.RecallRequest) -> None:
         started = time.perf_counter()
         try:
-            async for chunk in self.gw.recall(self.space, req, self.session_id):
+            async for chunk in self.gw.shards.recall(self.space, req, self.session_id):
                 self._send(pb.ObservationResponse(recall=chunk))
         except EngramError as exc:
             self._error(exc, request_id=req.request_id)

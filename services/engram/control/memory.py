@@ -1,0 +1,94 @@
+"""The control-plane store in memory: the same keys and answers as the Redis store, in dicts.
+
+Used where a control plane is needed without a Redis server: the gateway's unit tests, and
+simulations that drive the assignment table (moving spaces) without processes. It implements
+:class:`~engram.control.store.ControlPlane` and the rest of
+:class:`~engram.control.store.ControlStore` (overrides, heartbeats, counting sessions) with the
+same semantics, with one difference: **TTLs are ignored**. A session record or a shard's
+registration stays until the store is dropped, where Redis would let it expire.
+
+Like Redis, an ``update_session`` of an unknown session leaves a partial record that
+``get_session`` does not return until a ``put_session`` names its space.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from engram.control.assignment import Assignment
+from engram.control.store import SessionRecord, ShardInfo
+
+
+@dataclass
+class _Session:
+    space: str | None  # None: only ever updated, never put (a partial record)
+    state: str
+    last_acked: int
+    created_us: int
+    updated_us: int
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class MemoryControlStore:
+    """One process's control plane in dicts; not shared between processes."""
+
+    def __init__(self, shard_count: int = 1) -> None:
+        self.shard_count = shard_count
+        self._sessions: dict[str, _Session] = {}
+        self._epoch = 0
+        self._overrides: dict[str, int] = {}
+        self._shards: dict[int, ShardInfo] = {}
+
+    async def close(self) -> None:
+        pass
+
+    async def ping(self) -> bool:
+        return True
+
+    # ------------------------------------------------------------------ sessions
+
+    async def put_session(self, rec: SessionRecord, ttl_s: int) -> None:
+        now = _now_us()
+        old = self._sessions.get(rec.session_id)
+        created = old.created_us if old is not None else now
+        record = _Session(rec.space, rec.state, rec.last_acked, created, now)
+        self._sessions[rec.session_id] = record
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        s = self._sessions.get(session_id)
+        if s is None or s.space is None:
+            return None
+        return SessionRecord(session_id, s.space, s.state, s.last_acked)
+
+    async def update_session(
+        self, session_id: str, *, last_acked: int, state: str, ttl_s: int
+    ) -> None:
+        now = _now_us()
+        s = self._sessions.setdefault(session_id, _Session(None, state, last_acked, now, now))
+        s.last_acked, s.state, s.updated_us = last_acked, state, now
+
+    async def count_sessions(self) -> int:
+        return len(self._sessions)
+
+    # ---------------------------------------------------------------- assignment
+
+    async def assignment(self) -> Assignment:
+        return Assignment(self.shard_count, self._epoch, dict(self._overrides))
+
+    async def set_override(self, space: str, shard_id: int) -> int:
+        """Assigns ``space`` to ``shard_id``; returns the new epoch."""
+        self._overrides[space] = shard_id
+        self._epoch += 1
+        return self._epoch
+
+    # ------------------------------------------------------------ shard registry
+
+    async def heartbeat(self, shard_id: int, address: str, ttl_s: float) -> None:
+        self._shards[shard_id] = ShardInfo(shard_id, address, _now_us())
+
+    async def shards(self) -> dict[int, ShardInfo]:
+        return {i: info for i, info in self._shards.items() if 0 <= i < self.shard_count}

@@ -1,0 +1,186 @@
+"""What the gateway asks of shards: the :class:`Shards` interface and its gRPC implementation.
+
+Client streams (``stream.py``), the public service's recalls and listings (``service.py``) and
+the canary reach shards only through ``GatewayContext.shards``, so a client stream's state
+machine runs unchanged against an in-memory shard in tests. Every failure is an
+``engram.contract.errors`` type: a shard's own error as the shard sent it, a shard that did not
+answer as :class:`~engram.contract.errors.UnavailableError`.
+
+:class:`GrpcShards` routes with the :class:`~engram.gateway.router.Router`. Its append streams
+send each batch as bytes composed around the client's message (``common/wire.py``: a 1.5 MB
+batch is not copied into a new ``AppendRequest``) and carry the routing epoch current at each
+write; recalls and listings go on the router's separate read connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+
+from engram.common import wire
+from engram.common.settings import Settings
+from engram.contract.errors import UnavailableError, from_proto, from_rpc_error
+from engram.gateway.router import Router
+from engram.internal.v1 import shard_pb2 as ipb
+from engram.v1 import streaming_pb2 as pb
+
+APPEND_METHOD = f"/{ipb.DESCRIPTOR.services_by_name['Shard'].full_name}/Append"
+
+
+@dataclass(frozen=True)
+class OpenedSession:
+    last_sequence: int  # the session's highest durable sequence number (0: nothing yet)
+    dim: int  # the space's vector dimension, 0 while it holds no observation
+
+
+class AppendStream(Protocol):
+    """One session's stream of batches to the shard that owns its space."""
+
+    async def write(self, sequence: int, batch: pb.ObservationBatch) -> None:
+        """Sends batch ``sequence``; raises UnavailableError if the stream is broken."""
+        ...
+
+    def responses(self) -> AsyncIterator[ipb.AppendResponse]:
+        """The shard's answers, in the order of the writes (with pushed ``status`` answers
+        between them). Ends when the shard ends the stream or the stream is cancelled;
+        raises UnavailableError if the stream fails. Iterated once."""
+        ...
+
+    def cancel(self) -> None:
+        """Ends the stream at once; answers not yet read are dropped."""
+        ...
+
+
+class Shards(Protocol):
+    async def open_session(
+        self, space: str, session_id: str, *, create: bool, timeout_s: float = 10.0
+    ) -> OpenedSession:
+        """Registers a new session (``create``) or reports a known one; raises the shard's
+        error (UNKNOWN_SESSION, NOT_OWNER, ...) or UnavailableError."""
+        ...
+
+    async def open_append(
+        self, space: str, session_id: str, *, timeout_s: float | None = None
+    ) -> AppendStream:
+        """A new append stream for the session (``timeout_s`` bounds the whole stream)."""
+        ...
+
+    def recall(
+        self, space: str, req: pb.RecallRequest, session_id: str = ""
+    ) -> AsyncIterator[pb.RecallResponse]:
+        """The owning shard's answer, chunk by chunk (best first)."""
+        ...
+
+    def scan(self, space: str, chunk_size: int = 0) -> AsyncIterator[pb.ListObservationsResponse]:
+        """Every observation's id and LSN, in chunks (0: the shard's default size)."""
+        ...
+
+
+class GrpcShards:
+    """The shards over gRPC, each reached through the router's channels."""
+
+    def __init__(self, router: Router, settings: Settings) -> None:
+        self.router = router
+        self._recall_timeout_s = settings.gateway.recall_timeout_s
+
+    async def open_session(
+        self, space: str, session_id: str, *, create: bool, timeout_s: float = 10.0
+    ) -> OpenedSession:
+        _, stub = await self.router.stub(space)
+        try:
+            opened = await stub.OpenSession(
+                ipb.OpenSessionRequest(memory_space_id=space, session_id=session_id, create=create),
+                timeout=timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise UnavailableError(
+                f"the shard of memory space {space!r} did not answer: {exc.code().name}"
+            ) from None
+        if opened.HasField("error"):
+            raise from_proto(opened.error)
+        return OpenedSession(last_sequence=opened.last_sequence, dim=opened.dim)
+
+    async def open_append(
+        self, space: str, session_id: str, *, timeout_s: float | None = None
+    ) -> AppendStream:
+        _, channel = await self.router.channel(space)
+        # requests go as bytes (composed in write), answers are parsed as usual
+        call = channel.stream_stream(
+            APPEND_METHOD, response_deserializer=ipb.AppendResponse.FromString
+        )(timeout=timeout_s)
+        return _GrpcAppendStream(call, self.router, space, session_id)
+
+    async def recall(
+        self, space: str, req: pb.RecallRequest, session_id: str = ""
+    ) -> AsyncIterator[pb.RecallResponse]:
+        _, stub = await self.router.stub(space, reads=True)
+        timeout = (req.deadline_ms or 5000) / 1000 + self._recall_timeout_s
+        call = stub.Recall(
+            ipb.ShardRecallRequest(memory_space_id=space, recall=req, session_id=session_id),
+            timeout=timeout,
+        )
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, f"the shard of memory space {space!r}") from None
+
+    async def scan(
+        self, space: str, chunk_size: int = 0
+    ) -> AsyncIterator[pb.ListObservationsResponse]:
+        _, stub = await self.router.stub(space, reads=True)
+        call = stub.Scan(ipb.ScanRequest(memory_space_id=space, chunk_size=chunk_size))
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, f"the shard of memory space {space!r}") from None
+
+
+class _GrpcAppendStream:
+    def __init__(
+        self, call: grpc.aio.StreamStreamCall, router: Router, space: str, session_id: str
+    ) -> None:
+        self._call = call
+        self._router = router
+        self._space = space
+        self._session_id = session_id
+        self._cancelled = False
+
+    async def write(self, sequence: int, batch: pb.ObservationBatch) -> None:
+        # AppendRequest(..., batch=batch, epoch=...) as bytes, without copying the batch
+        data = wire.with_message(
+            ipb.AppendRequest(
+                memory_space_id=self._space, session_id=self._session_id, sequence_number=sequence
+            ),
+            ipb.AppendRequest.BATCH_FIELD_NUMBER,
+            batch,
+            ipb.AppendRequest(epoch=self._router.assignment.epoch),
+        )
+        try:
+            await self._call.write(data)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            raise UnavailableError(f"writing to the shard failed: {exc}") from None
+
+    async def responses(self) -> AsyncIterator[ipb.AppendResponse]:
+        try:
+            async for resp in self._call:
+                yield resp
+        except asyncio.CancelledError:
+            # grpc raises it to a reader of a call cancelled here: the stream just ended
+            task = asyncio.current_task()
+            if not self._cancelled or (task is not None and task.cancelling()):
+                raise
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                raise UnavailableError(
+                    f"the shard stream failed: {exc.code().name} {exc.details()}"
+                ) from None
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._call.cancel()
