@@ -81,11 +81,11 @@ async def test_open_session(grpc_shards: tuple[GrpcShards, _Shard, MemoryControl
     assert raised.value.code == pb.UNKNOWN_SESSION
 
 
-async def test_append_sends_the_batch_with_the_routing_epoch(
+async def test_append_sends_the_batch_with_the_spaces_epoch(
     grpc_shards: tuple[GrpcShards, _Shard, MemoryControlStore],
 ) -> None:
     shards, shard, store = grpc_shards
-    await store.set_override("alpha", 0)
+    await store.publish_owners(0, {"alpha": 3})
     await shards.router.refresh()
     batch = pb.ObservationBatch(dim=2, vectors=bytes(range(8)), ids=["a"], contents=["x"])
     stream = await shards.open_append("alpha", "s-1")
@@ -95,7 +95,7 @@ async def test_append_sends_the_batch_with_the_routing_epoch(
         assert (await anext(answers)).sequence_number == seq
     assert shard.appended == [
         ipb.AppendRequest(
-            memory_space_id="alpha", session_id="s-1", sequence_number=seq, batch=batch, epoch=1
+            memory_space_id="alpha", session_id="s-1", sequence_number=seq, batch=batch, epoch=3
         )
         for seq in (1, 2)
     ]

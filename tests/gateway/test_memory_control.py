@@ -24,9 +24,12 @@ async def test_assignment_and_shards_drive_the_router() -> None:
     store = MemoryControlStore(shard_count=2)
     space = "alpha"
     other = 1 - default_shard(space, 2)
-    assert (await store.set_override(space, other), await store.set_override("beta", 0)) == (1, 2)
+    assert await store.publish_owners(other, {space: 1}) == 1
+    assert await store.publish_owners(0, {"beta": 0, space: 1}) == 1  # not over an equal epoch
+    assert await store.publish_owners(1 - other, {space: 0}) == 0  # nor over a higher one
     assignment = await store.assignment()
     assert (assignment.epoch, assignment.owner(space)) == (2, other)
+    assert (assignment.space_epoch(space), assignment.complete) == (1, True)
 
     await store.heartbeat(0, "127.0.0.1:5000", ttl_s=3)
     await store.heartbeat(1, "127.0.0.1:5001", ttl_s=3)

@@ -1,9 +1,16 @@
-"""Which shard owns a memory space: pure functions over an assignment table.
+"""Which shard owns a memory space: pure functions over the routing table.
 
-A space's default owner is a stable hash of its id over the shard count; per-space overrides
-(written when a space is moved) take precedence. The table carries an epoch that rises on every
-change, so a shard and a gateway can tell whose view is newer. Used by the gateway (routing),
-the shard (refusing writes for spaces it does not own) and the rebalancer.
+Each shard records the spaces it owns, with their *epoch*, in its own data directory
+(``engram.shard.ownership``) and publishes them to the control plane; the table built from
+those claims is what gateways route by. A claim replaces another only with a higher epoch
+(:func:`wins`), so a shard that comes back with stale knowledge cannot take a space back.
+A space nobody has claimed (a new one) belongs to its default shard, a stable hash of its id
+over the shard count. ``version`` rises with every change of the table, so a reader can tell
+whose view is newer. ``published`` names the shards that have published their claims since
+the control plane last started empty: until every shard has (:attr:`Assignment.complete`), a
+space missing from the table may live on a shard that has not spoken yet, so no shard creates
+a new space. Used by the gateway (routing), the shard (creating spaces), the stores and the
+rebalancer.
 """
 
 from __future__ import annotations
@@ -19,12 +26,41 @@ def default_shard(space: str, shard_count: int) -> int:
     return int.from_bytes(digest, "big") % shard_count
 
 
+def wins(current: tuple[int, int] | None, shard: int, epoch: int) -> bool:
+    """Whether a claim of ``shard`` at ``epoch`` replaces ``current`` (shard, epoch): only a
+    higher epoch does (equal epochs of two shards cannot happen: one move makes each)."""
+    return current is None or epoch > current[1]
+
+
 @dataclass(frozen=True)
 class Assignment:
     shard_count: int
+    # The table's version: rises on every change.
     epoch: int = 0
+    # space -> owning shard, for every claimed space.
     overrides: Mapping[str, int] = field(default_factory=dict)
+    # space -> the owner's epoch.
+    epochs: Mapping[str, int] = field(default_factory=dict)
+    # Shards that published their claims since the control plane started empty.
+    published: frozenset[int] = frozenset()
 
     def owner(self, space: str) -> int:
         shard = self.overrides.get(space)
         return shard if shard is not None else default_shard(space, self.shard_count)
+
+    def space_epoch(self, space: str) -> int:
+        return self.epochs.get(space, 0)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every shard has published its claims (a space not in the table is new)."""
+        return set(range(self.shard_count)) <= self.published
+
+
+def encode_claim(shard: int, epoch: int) -> str:
+    return f"{shard}:{epoch}"
+
+
+def decode_claim(value: str) -> tuple[int, int]:
+    shard, _, epoch = value.partition(":")
+    return int(shard), int(epoch or 0)

@@ -3,7 +3,7 @@
 Used where a control plane is needed without a Redis server: the gateway's unit tests, and
 simulations that drive the assignment table (moving spaces) without processes. It implements
 :class:`~engram.control.store.ControlPlane` and the rest of
-:class:`~engram.control.store.ControlStore` (overrides, heartbeats, counting sessions) with the
+:class:`~engram.control.store.ControlStore` (owners, heartbeats, counting sessions) with the
 same semantics, with one difference: **TTLs are ignored**. A session record or a shard's
 registration stays until the store is dropped, where Redis would let it expire.
 
@@ -14,9 +14,10 @@ Like Redis, an ``update_session`` of an unknown session leaves a partial record 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from engram.control.assignment import Assignment
+from engram.control.assignment import Assignment, wins
 from engram.control.store import SessionRecord, ShardInfo
 
 
@@ -40,7 +41,8 @@ class MemoryControlStore:
         self.shard_count = shard_count
         self._sessions: dict[str, _Session] = {}
         self._epoch = 0
-        self._overrides: dict[str, int] = {}
+        self._owners: dict[str, tuple[int, int]] = {}
+        self._published: set[int] = set()
         self._shards: dict[int, ShardInfo] = {}
 
     async def close(self) -> None:
@@ -77,13 +79,26 @@ class MemoryControlStore:
     # ---------------------------------------------------------------- assignment
 
     async def assignment(self) -> Assignment:
-        return Assignment(self.shard_count, self._epoch, dict(self._overrides))
+        return Assignment(
+            self.shard_count,
+            self._epoch,
+            {space: shard for space, (shard, _) in self._owners.items()},
+            {space: epoch for space, (_, epoch) in self._owners.items()},
+            frozenset(self._published),
+        )
 
-    async def set_override(self, space: str, shard_id: int) -> int:
-        """Assigns ``space`` to ``shard_id``; returns the new epoch."""
-        self._overrides[space] = shard_id
-        self._epoch += 1
-        return self._epoch
+    async def publish_owners(self, shard_id: int, claims: Mapping[str, int]) -> int:
+        """Publishes the spaces ``shard_id`` owns (space -> epoch); a claim replaces an entry
+        only with a higher epoch. Returns how many entries changed."""
+        changed = 0
+        for space, epoch in sorted(claims.items()):
+            if wins(self._owners.get(space), shard_id, epoch):
+                self._owners[space] = (shard_id, epoch)
+                changed += 1
+        self._published.add(shard_id)
+        if changed:
+            self._epoch += 1
+        return changed
 
     # ------------------------------------------------------------ shard registry
 

@@ -8,22 +8,28 @@ Redis holds soft state only. Shards keep the truth about sessions (their WALs re
 session and its high-water mark), so a Redis restarted empty loses nothing: the gateway falls
 back to asking the owning shard, and shards re-register with their next heartbeat.
 
+The routing table is a copy too: every shard records the spaces it owns in its own data
+directory and publishes them here (:meth:`ControlStore.publish_owners`, a script that keeps a
+claim only over one of a lower epoch), again after Redis lost them.
+
 Keys (``P`` is the configured prefix):
-  P:session:<id>      hash {space, state, last_acked, created_us, updated_us}, with a TTL
-  P:assign:epoch      integer, rises on every change of the overrides
-  P:assign:overrides  hash space -> shard id
-  P:shard:<id>        hash {address, heartbeat_us}, with a TTL a few heartbeats long
+  P:session:<id>       hash {space, state, last_acked, created_us, updated_us}, with a TTL
+  P:assign:epoch       integer, the table's version: rises on every change of the owners
+  P:assign:owners      hash space -> "<shard>:<epoch>"
+  P:assign:published   set of the shard ids that published their owners since Redis started
+  P:shard:<id>         hash {address, heartbeat_us}, with a TTL a few heartbeats long
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 import redis.asyncio as aioredis
 
-from engram.control.assignment import Assignment
+from engram.control.assignment import Assignment, decode_claim
 
 
 @dataclass(frozen=True)
@@ -130,21 +136,30 @@ class ControlStore:
     async def assignment(self) -> Assignment:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.get(f"{self._p}:assign:epoch")
-            pipe.hgetall(f"{self._p}:assign:overrides")
-            epoch, overrides = await pipe.execute()
+            pipe.hgetall(f"{self._p}:assign:owners")
+            pipe.smembers(f"{self._p}:assign:published")
+            version, owners, published = await pipe.execute()
+        claims = {space: decode_claim(value) for space, value in owners.items()}
         return Assignment(
             shard_count=self.shard_count,
-            epoch=int(epoch or 0),
-            overrides={space: int(shard) for space, shard in overrides.items()},
+            epoch=int(version or 0),
+            overrides={space: shard for space, (shard, _) in claims.items()},
+            epochs={space: epoch for space, (_, epoch) in claims.items()},
+            published=frozenset(int(s) for s in published),
         )
 
-    async def set_override(self, space: str, shard_id: int) -> int:
-        """Assigns ``space`` to ``shard_id``; returns the new epoch."""
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(f"{self._p}:assign:overrides", space, shard_id)
-            pipe.incr(f"{self._p}:assign:epoch")
-            _, epoch = await pipe.execute()
-        return int(epoch)
+    async def publish_owners(self, shard_id: int, claims: Mapping[str, int]) -> int:
+        """Publishes the spaces ``shard_id`` owns (space -> epoch); a claim replaces an entry
+        only with a higher epoch. Returns how many entries changed."""
+        args: list[str | int] = [shard_id]
+        for space, epoch in sorted(claims.items()):
+            args += [space, epoch]
+        keys = [
+            f"{self._p}:assign:owners",
+            f"{self._p}:assign:epoch",
+            f"{self._p}:assign:published",
+        ]
+        return int(await self._redis.eval(_PUBLISH, 3, *keys, *args))
 
     # ------------------------------------------------------------ shard registry
 
@@ -165,3 +180,27 @@ class ControlStore:
             if row and "address" in row:
                 out[i] = ShardInfo(i, row["address"], int(row.get("heartbeat_us", 0)))
         return out
+
+
+# KEYS: owners hash, version counter, published set. ARGV: shard, then space, epoch pairs.
+# The same rule as engram.control.assignment.wins: only a higher epoch replaces a claim.
+_PUBLISH = """
+local shard = ARGV[1]
+local changed = 0
+for i = 2, #ARGV, 2 do
+  local space, epoch = ARGV[i], tonumber(ARGV[i + 1])
+  local current = redis.call('HGET', KEYS[1], space)
+  local take = true
+  if current then
+    local e = tonumber(string.match(current, ':(%d+)$'))
+    if e >= epoch then take = false end
+  end
+  if take then
+    redis.call('HSET', KEYS[1], space, shard .. ':' .. epoch)
+    changed = changed + 1
+  end
+end
+redis.call('SADD', KEYS[3], shard)
+if changed > 0 then redis.call('INCR', KEYS[2]) end
+return changed
+"""

@@ -8,7 +8,7 @@ answer as :class:`~engram.contract.errors.UnavailableError`.
 
 :class:`GrpcShards` routes with the :class:`~engram.gateway.router.Router`. Its append streams
 send each batch as bytes composed around the client's message (``common/wire.py``: a 1.5 MB
-batch is not copied into a new ``AppendRequest``) and carry the routing epoch current at each
+batch is not copied into a new ``AppendRequest``) and carry the space's epoch as routed at each
 write; recalls and listings go on the router's separate read connection.
 """
 
@@ -159,7 +159,7 @@ class _GrpcAppendStream:
             ),
             ipb.AppendRequest.BATCH_FIELD_NUMBER,
             batch,
-            ipb.AppendRequest(epoch=self._router.assignment.epoch),
+            ipb.AppendRequest(epoch=self._router.assignment.space_epoch(self._space)),
         )
         try:
             await self._call.write(data)
