@@ -5,8 +5,10 @@ plane. Nothing here starts a process or opens a socket.
   each session's marks like a shard (a duplicate is re-acknowledged, a gap is answered with the
   expected number, answers come in write order) and lets a test hold acks (``hold`` /
   ``release``), refuse the next batch (``reject_next``), push a status (``push_status``), break
-  every append stream (``break_streams``: what was not yet acknowledged is lost, as in a crash)
-  or make the shard unreachable (``down``).
+  every append stream (``break_streams``: what was not yet acknowledged is lost, as in a crash),
+  make the shard unreachable (``down``) or move a space (``fence``: batches get NOT_OWNER and
+  sessions wait, as while a move commits; ``moved``: the space is served again, by its "new
+  owner", which holds the same data).
 * ``control``: a :class:`~engram.control.memory.MemoryControlStore`.
 * ``gateway``: a ``GatewayContext`` over both, with 4 credits per stream.
 * ``open_stream()``: a :class:`StreamDriver` running one ``ClientStream``: ``init``, ``batch``,
@@ -27,7 +29,13 @@ import numpy as np
 import pytest
 
 from engram.common.settings import load
-from engram.contract.errors import EngramError, OverloadedError, SessionError, UnavailableError
+from engram.contract.errors import (
+    EngramError,
+    NotOwnerError,
+    OverloadedError,
+    SessionError,
+    UnavailableError,
+)
 from engram.control.memory import MemoryControlStore
 from engram.gateway.context import GatewayContext
 from engram.gateway.service import parse
@@ -70,6 +78,8 @@ class FakeShard:
         self.holding = False
         self.down = False
         self._rejections: deque[tuple[int, str]] = deque()
+        self.fenced: dict[str, asyncio.Event] = {}  # space -> set once its move committed
+        self.refreshes = 0
 
     # ------------------------------------------------------------- test controls
 
@@ -104,7 +114,16 @@ class FakeShard:
             for session in space.sessions.values():
                 session.assigned = session.durable
 
+    def fence(self, space: str) -> None:
+        self.fenced[space] = asyncio.Event()
+
+    def moved(self, space: str) -> None:
+        self.fenced.pop(space).set()
+
     # ------------------------------------------------------- the Shards interface
+
+    async def refresh(self) -> None:
+        self.refreshes += 1
 
     def _reachable(self, space: str) -> None:
         if self.down:
@@ -114,6 +133,11 @@ class FakeShard:
         self, space: str, session_id: str, *, create: bool, timeout_s: float = 10.0
     ) -> OpenedSession:
         self._reachable(space)
+        if space in self.fenced:  # as GrpcShards: follow the move for up to timeout_s
+            try:
+                await asyncio.wait_for(self.fenced[space].wait(), timeout_s)
+            except TimeoutError:
+                raise NotOwnerError(f"memory space {space!r} is moving") from None
         s = self.spaces.setdefault(space, _Space())
         if session_id not in s.sessions:
             if not create:
@@ -151,6 +175,9 @@ class FakeShard:
     def begin(self, space: str, session_id: str, seq: int, batch: pb.ObservationBatch) -> _Answer:
         """What the shard answers to batch ``seq`` (``shard/space.py::begin_append``)."""
         s = self.spaces[space]
+        if space in self.fenced:
+            err = NotOwnerError(f"memory space {space!r} is moving")
+            return _Answer(ipb.AppendResponse(sequence_number=seq, error=err.to_proto()))
         session = s.sessions.get(session_id)
         if session is None:
             err = SessionError(f"session {session_id!r} is unknown in memory space {space!r}")

@@ -123,6 +123,7 @@ async def test_recall_and_scan(grpc_shards: tuple[GrpcShards, _Shard, MemoryCont
     req = pb.RecallRequest(request_id="r1", cue=[1.0], k=1)
     chunks = [c async for c in shards.recall("alpha", req, session_id="s-1")]
     assert [(c.request_id, c.more_results) for c in chunks] == [("r1", True), ("s-1", False)]
+    shards.moved_wait_s = 0.1  # a NOT_OWNER is followed for a while, then raised
     with pytest.raises(NotOwnerError, match="moved to shard 1"):
         _ = [c async for c in shards.recall("moved", req)]
     listed = [c async for c in shards.scan("alpha", chunk_size=1)]

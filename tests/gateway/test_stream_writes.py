@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from engram.contract.errors import UnavailableError
 from engram.gateway.stream import StreamAbort
 from engram.v1 import streaming_pb2 as pb
@@ -198,3 +200,44 @@ async def test_losing_the_shard_ends_the_stream_and_a_new_one_resumes(
     acks = [await again.response("ack") for _ in range(2)]
     assert [(r.sequence_number, r.ack.duplicate) for r in acks] == [(2, False), (3, False)]
     assert fake_shard.mark("alpha", session) == 3
+
+
+async def test_a_moved_space_is_followed_and_unanswered_batches_resent(
+    open_stream: OpenStream, fake_shard: Any
+):
+    s = await _started(open_stream)
+    s.batch(1)
+    await s.response("ack")
+    fake_shard.fence("alpha")  # the space starts moving: its owner answers NOT_OWNER
+    s.batch(2)
+    s.batch(3)
+    await s.quiet()  # no error reaches the client: the stream waits for the new owner
+    assert fake_shard.writes.count((s.stream.session_id, 2)) == 1
+    fake_shard.moved("alpha")
+    acks = [await s.response("ack") for _ in range(2)]
+    assert [(r.sequence_number, r.ack.duplicate) for r in acks] == [(2, False), (3, False)]
+    # both were written twice: refused by the old owner, then resent to the new one
+    session = s.stream.session_id
+    assert [w for w in fake_shard.writes if w[0] == session] == [
+        (session, 1),
+        (session, 2),
+        (session, 3),
+        (session, 2),
+        (session, 3),
+    ]
+    s.batch(4)
+    assert (await s.response("ack")).sequence_number == 4
+    assert fake_shard.mark("alpha", session) == 4
+
+
+async def test_a_move_that_does_not_commit_in_time_ends_the_stream(
+    open_stream: OpenStream, fake_shard: Any, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr("engram.gateway.stream._REROUTE_S", 0.1)
+    s = await _started(open_stream)
+    fake_shard.fence("alpha")
+    s.batch(1)
+    abort = await s.next()
+    assert isinstance(abort, StreamAbort) and isinstance(abort.error, UnavailableError)
+    assert "following memory space 'alpha' to its new owner" in abort.error.message
+    await s.finished()

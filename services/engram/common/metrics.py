@@ -65,6 +65,15 @@ shard_stream_failures_total = Counter(
     "engram_streaming_shard_stream_failures_total",
     "Client streams ended because their shard became unreachable",
 )
+stream_reroutes_total = Counter(
+    "engram_streaming_reroutes_total",
+    "Times a client stream followed its space to a new owner (NOT_OWNER: the space moved)",
+)
+reroute_pause = Histogram(
+    "engram_streaming_reroute_pause_seconds",
+    "From a NOT_OWNER answer to the stream's batches resent to the new owner",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
 
 # --------------------------------------------------------------------------------- shard
 shard_rows = Gauge("engram_shard_rows", "Durable, visible observations per space", ["memory_space"])

@@ -15,20 +15,26 @@ write; recalls and listings go on the router's separate read connection.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 
 from engram.common import wire
 from engram.common.settings import Settings
-from engram.contract.errors import UnavailableError, from_proto, from_rpc_error
+from engram.contract.errors import NotOwnerError, UnavailableError, from_proto, from_rpc_error
 from engram.gateway.router import Router
 from engram.internal.v1 import shard_pb2 as ipb
+from engram.internal.v1 import shard_pb2_grpc
 from engram.v1 import streaming_pb2 as pb
 
 APPEND_METHOD = f"/{ipb.DESCRIPTOR.services_by_name['Shard'].full_name}/Append"
+# While a space moves, its old owner answers NOT_OWNER until the new one has committed and
+# published: a caller asks the routing table again this often, for at most this long.
+MOVED_RETRY_S = 0.02
+MOVED_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,10 @@ class Shards(Protocol):
         """Every observation's id and LSN, in chunks (0: the shard's default size)."""
         ...
 
+    async def refresh(self) -> None:
+        """Reads the routing table again (after a NOT_OWNER: the space moved)."""
+        ...
+
 
 class GrpcShards:
     """The shards over gRPC, each reached through the router's channels."""
@@ -86,9 +96,28 @@ class GrpcShards:
     def __init__(self, router: Router, settings: Settings) -> None:
         self.router = router
         self._recall_timeout_s = settings.gateway.recall_timeout_s
+        self.moved_wait_s = MOVED_WAIT_S
+
+    async def refresh(self) -> None:
+        await self.router.refresh()
 
     async def open_session(
         self, space: str, session_id: str, *, create: bool, timeout_s: float = 10.0
+    ) -> OpenedSession:
+        """As :meth:`Shards.open_session`; while the space is moving (NOT_OWNER) it follows
+        the routing table for up to ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return await self._open_session(space, session_id, create, timeout_s)
+            except NotOwnerError:
+                if time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(MOVED_RETRY_S)
+            await self.router.refresh()
+
+    async def _open_session(
+        self, space: str, session_id: str, create: bool, timeout_s: float
     ) -> OpenedSession:
         _, stub = await self.router.stub(space)
         try:
@@ -117,28 +146,38 @@ class GrpcShards:
     async def recall(
         self, space: str, req: pb.RecallRequest, session_id: str = ""
     ) -> AsyncIterator[pb.RecallResponse]:
-        _, stub = await self.router.stub(space, reads=True)
         timeout = (req.deadline_ms or 5000) / 1000 + self._recall_timeout_s
-        call = stub.Recall(
-            ipb.ShardRecallRequest(memory_space_id=space, recall=req, session_id=session_id),
-            timeout=timeout,
-        )
-        try:
-            async for chunk in call:
-                yield chunk
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, f"the shard of memory space {space!r}") from None
+        shard_req = ipb.ShardRecallRequest(memory_space_id=space, recall=req, session_id=session_id)
+        async for chunk in self._read(space, lambda stub: stub.Recall(shard_req, timeout=timeout)):
+            yield chunk
 
     async def scan(
         self, space: str, chunk_size: int = 0
     ) -> AsyncIterator[pb.ListObservationsResponse]:
-        _, stub = await self.router.stub(space, reads=True)
-        call = stub.Scan(ipb.ScanRequest(memory_space_id=space, chunk_size=chunk_size))
-        try:
-            async for chunk in call:
-                yield chunk
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, f"the shard of memory space {space!r}") from None
+        scan_req = ipb.ScanRequest(memory_space_id=space, chunk_size=chunk_size)
+        async for chunk in self._read(space, lambda stub: stub.Scan(scan_req)):
+            yield chunk
+
+    async def _read(
+        self, space: str, call: Callable[[shard_pb2_grpc.ShardStub], Any]
+    ) -> AsyncIterator[Any]:
+        """A read's chunks from the owning shard; a NOT_OWNER before the first chunk (the
+        space moved) is followed to the new owner for up to ``moved_wait_s``."""
+        deadline = time.monotonic() + self.moved_wait_s
+        while True:
+            _, stub = await self.router.stub(space, reads=True)
+            started = False
+            try:
+                async for chunk in call(stub):
+                    started = True
+                    yield chunk
+                return
+            except grpc.aio.AioRpcError as exc:
+                err = from_rpc_error(exc, f"the shard of memory space {space!r}")
+                if started or not isinstance(err, NotOwnerError) or time.monotonic() > deadline:
+                    raise err from None
+            await asyncio.sleep(MOVED_RETRY_S)
+            await self.router.refresh()
 
 
 class _GrpcAppendStream:

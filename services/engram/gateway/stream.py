@@ -10,6 +10,12 @@ A message that fails validation consumes no sequence number. Errors caused by on
 answered in-band and the stream stays open; if the shard becomes unreachable the stream ends
 with UNAVAILABLE and the client resumes the session on a new one.
 
+When the space moves, its old owner answers NOT_OWNER from the fence on. The stream keeps every
+batch it forwarded until it is answered, so it then follows the space itself (``_reroute``):
+it holds new batches back, finds the new owner through the routing table (waiting while the
+move commits), reopens the session there and resends, in order, every batch not yet answered;
+those the old owner had made durable come back as duplicates. The client sees only a pause.
+
 Shards are reached only through ``GatewayContext.shards`` (:mod:`engram.gateway.shards`) and
 the control plane through ``GatewayContext.store``, so tests drive :meth:`ClientStream.run`
 against in-memory implementations of both.
@@ -39,6 +45,7 @@ from engram.contract.errors import (
 )
 from engram.control.store import SessionRecord
 from engram.gateway.context import GatewayContext
+from engram.gateway.flow import TokenBucket
 from engram.gateway.shards import AppendStream
 from engram.internal.v1 import shard_pb2 as ipb
 from engram.v1 import streaming_pb2 as pb
@@ -46,31 +53,9 @@ from engram.v1 import streaming_pb2 as pb
 log = logging.getLogger("engram.gateway.stream")
 
 _SESSION_UPDATE_S = 0.5
+# How long a stream follows a moving space (NOT_OWNER) before it ends with UNAVAILABLE.
+_REROUTE_S = 30.0
 _LANE_NAMES = {pb.PRIORITY_HIGH: "high", pb.PRIORITY_NORMAL: "normal", pb.PRIORITY_LOW: "low"}
-
-
-class TokenBucket:
-    """Holds a stream to ``rate`` observations/s (SLOW_DOWN); bursts up to one second."""
-
-    def __init__(self, rate: int) -> None:
-        self.rate = max(1, rate)
-        self._tokens = float(self.rate)
-        self._at = time.monotonic()
-        self.replaced = asyncio.Event()  # a later SLOW_DOWN / SPEED_UP took over
-
-    async def take(self, n: int) -> bool:
-        """Waits for ``n`` tokens; False if the bucket was replaced meanwhile."""
-        now = time.monotonic()
-        self._tokens = min(self.rate, self._tokens + (now - self._at) * self.rate)
-        self._at = now
-        self._tokens -= n
-        if self._tokens < 0:
-            try:
-                await asyncio.wait_for(self.replaced.wait(), -self._tokens / self.rate)
-                return False
-            except TimeoutError:
-                pass
-        return True
 
 
 @dataclass(frozen=True)
@@ -112,6 +97,11 @@ class ClientStream:
         self._rejected_from: int | None = None  # first refused sequence still to be resent
         self._retry_after_ms = 0
         self._shard_status = pb.StreamStatus(state=pb.StreamStatus.ACTIVE)
+        # forwarded batches until answered, to resend them if the space moves
+        self._retained: dict[int, pb.ObservationBatch] = {}
+        self._routed = asyncio.Event()  # clear while the stream follows a moved space
+        self._routed.set()
+        self._reroute_task: asyncio.Task[None] | None = None
 
     # ---------------------------------------------------------------- plumbing
 
@@ -187,7 +177,10 @@ class ClientStream:
     async def _drain(self) -> None:
         """Waits for the acks of everything forwarded (so a close answers them all)."""
         deadline = time.monotonic() + 30
-        while self._sent_at and self._shard_reader is not None and not self._shard_reader.done():
+        while self._sent_at and (
+            not self._routed.is_set()
+            or (self._shard_reader is not None and not self._shard_reader.done())
+        ):
             if time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.005)
@@ -371,16 +364,19 @@ class ClientStream:
                 f"batch {seq} was waiting when the stream was paused (send RESUME first)",
                 code=pb.STREAM_PAUSED,
             )
+        await self._routed.wait()
         append = await self._shard_stream()
         lane = _LANE_NAMES.get(batch.priority, "normal")
         self._sent_at[seq] = (time.perf_counter(), checked.n, checked.dim, lane)
+        self._retained[seq] = batch
         if seq == self.next_expected:
             self.next_expected += 1
         metrics.batch_size.observe(checked.n)
         try:
             await append.write(seq, batch)
         except UnavailableError as exc:
-            self._shard_lost(exc.message)
+            if append is self._append:  # else the stream is following a move: it resends
+                self._shard_lost(exc.message)
 
     async def _shard_stream(self) -> AppendStream:
         if self._append is None:
@@ -393,10 +389,45 @@ class ClientStream:
             async for resp in stream.responses():
                 self._on_shard_response(resp)
         except UnavailableError as exc:
-            self._shard_lost(exc.message)
+            if stream is self._append:
+                self._shard_lost(exc.message)
             return
-        if self._sent_at:
+        if self._sent_at and stream is self._append:
             self._shard_lost("the shard ended the stream with batches unanswered")
+
+    def _follow_move(self) -> None:
+        if self._reroute_task is None or self._reroute_task.done():
+            self._routed.clear()
+            self._reroute_task = asyncio.create_task(self._reroute())
+            self._tasks.add(self._reroute_task)
+            self._reroute_task.add_done_callback(self._tasks.discard)
+
+    async def _reroute(self) -> None:
+        """The space moved: reopen the session at its new owner and resend what is unanswered."""
+        started = time.perf_counter()
+        old, self._append = self._append, None
+        if old is not None:
+            old.cancel()
+        metrics.stream_reroutes_total.inc()
+        try:
+            await self.gw.shards.open_session(
+                self.space, self.session_id, create=False, timeout_s=_REROUTE_S
+            )
+            append = await self._shard_stream()
+            for seq in sorted(self._retained):
+                await append.write(seq, self._retained[seq])
+        except EngramError as exc:
+            self._shard_lost(f"following memory space {self.space!r} to its new owner: {exc}")
+            return
+        finally:
+            self._routed.set()
+        metrics.reroute_pause.observe(time.perf_counter() - started)
+        log.info(
+            "session %s followed memory space %s to its new owner in %.0f ms",
+            self.session_id,
+            self.space,
+            (time.perf_counter() - started) * 1000,
+        )
 
     def _shard_lost(self, why: str) -> None:
         metrics.shard_stream_failures_total.inc()
@@ -409,7 +440,11 @@ class ClientStream:
             self._send(pb.ObservationResponse(status=self._status(resp.status)))
             return
         seq = resp.sequence_number
+        if resp.HasField("error") and resp.error.code == pb.NOT_OWNER and not resp.rejected:
+            self._follow_move()  # the batch stays in flight: it is resent to the new owner
+            return
         sent = self._sent_at.pop(seq, None)
+        self._retained.pop(seq, None)
         if resp.rejected or (
             resp.HasField("error")
             and resp.error.code == pb.SEQUENCE_GAP
