@@ -6,6 +6,7 @@
     engram status [--json] [--data-dir ./.engram]
     engram demo --spaces 3 --count 100000 --dim 384 --verify
     engram bench [--seconds 60] [--rate 100000] [--dim 384] [--json PATH] [--target ADDR]
+    engram move SPACE --to shard-N [--data-dir ./.engram]
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="stream observations into a running cluster (engram demo -h)")
     sub.add_parser("bench", help="benchmark against the limits and peers (engram bench -h)")
     sub.add_parser("recall", help="one recall at a chosen consistency level (engram recall -h)")
+    sub.add_parser("move", help="move a memory space to another shard (engram move -h)")
     return parser
 
 
@@ -71,6 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from engram.bench import main as bench_main
 
         return bench_main(args_list[1:])
+    if args_list and args_list[0] == "move":
+        from engram.move_cli import main as move_main
+
+        return move_main(args_list[1:])
     if args_list and args_list[0] == "recall":
         from engram.recall_cli import main as recall_main
 

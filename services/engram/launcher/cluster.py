@@ -367,6 +367,9 @@ class LocalCluster:
                     "role": p.role,
                     "pid": p.popen.pid if p.popen is not None else None,
                     "grpc": p.grpc,
+                    "advertise": p.env.get("ENGRAM_SHARD_ADVERTISE", p.grpc)
+                    if p.role == "shard"
+                    else None,
                     "http": p.http,
                     "port": p.port,
                     "log": str(p.log_path),

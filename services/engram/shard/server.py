@@ -31,6 +31,7 @@ async def serve(settings: Settings) -> None:
     await server.start()
     await asyncio.to_thread(node.recover)
     await node.start()
+    await node.publish_ownership()  # routable before it reports SERVING
 
     async def healthy() -> tuple[bool, str]:
         return True, f"shard {node.shard_id}: {len(node.spaces)} spaces"

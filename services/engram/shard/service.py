@@ -20,6 +20,7 @@ from engram.common import metrics, validation
 from engram.common.threads import name_os_thread
 from engram.contract.errors import (
     EngramError,
+    NotOwnerError,
     OverloadedError,
     SessionError,
     abort_details,
@@ -28,6 +29,7 @@ from engram.contract.errors import (
 from engram.internal.v1 import shard_pb2 as ipb
 from engram.internal.v1 import shard_pb2_grpc
 from engram.shard import admission
+from engram.shard.move_rpcs import MoveRpcs
 from engram.shard.node import ShardNode
 from engram.shard.space import AppendResult, Filters, Snapshot, Space
 from engram.v1 import streaming_pb2 as pb
@@ -37,7 +39,7 @@ log = logging.getLogger("engram.shard.service")
 _END = object()
 
 
-class ShardService(shard_pb2_grpc.ShardServicer):
+class ShardService(MoveRpcs, shard_pb2_grpc.ShardServicer):
     def __init__(self, node: ShardNode) -> None:
         self.node = node
         self._streams: set[asyncio.Queue[object]] = set()
@@ -52,6 +54,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             initializer=name_os_thread,
         )
         self._last_slow_log = 0.0
+        self._recalls: dict[str, int] = {}  # recalls served per space (load, for rebalancing)
 
     def _on_level(self, snap: admission.Snapshot) -> None:
         """Admission level changed (any thread): push a status to every Append stream."""
@@ -113,6 +116,11 @@ class ShardService(shard_pb2_grpc.ShardServicer):
     def _begin(self, req: ipb.AppendRequest) -> asyncio.Future[AppendResult] | EngramError:
         try:
             space = self.node.space(req.memory_space_id, create=False)
+            if space is not None and req.epoch > self.node.placement.epoch(space.name):
+                raise NotOwnerError(
+                    f"shard {self.node.shard_id} holds memory space {space.name!r} at epoch "
+                    f"{self.node.placement.epoch(space.name)}, the gateway routed at {req.epoch}"
+                )
             if space is None:
                 raise SessionError(
                     f"memory space {req.memory_space_id!r} has no session open on this shard"
@@ -125,6 +133,8 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         self, request: ipb.OpenSessionRequest, context: grpc.aio.ServicerContext
     ) -> ipb.OpenSessionResponse:
         try:
+            if request.create and request.memory_space_id not in self.node.spaces:
+                await self.node.placement.refresh_incomplete()
             space = self.node.space(request.memory_space_id, create=request.create)
             if space is None:
                 return ipb.OpenSessionResponse(
@@ -158,6 +168,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                 chunks = [empty]
             else:
                 deadline = (r.deadline_ms or 5000) / 1000
+                self._recalls[space.name] = self._recalls.get(space.name, 0) + 1
                 snap = await space.consistent_snapshot(r.consistency, request.session_id, deadline)
                 queued_at = time.perf_counter()
                 out = await self._loop.run_in_executor(
@@ -227,7 +238,10 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         out = ipb.StatsResponse(shard_id=self.node.shard_id)
         if not self.node.ready:
             return out
-        for name, space in sorted(self.node.spaces.items()):
+        node = self.node
+        for name, space in sorted(node.spaces.items()):
+            owner = node.ownership.get(name)
+            moving = node.outgoing.get(name)
             out.spaces.add(
                 memory_space_id=name,
                 dim=space.dim,
@@ -235,7 +249,25 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                 indexed=space.visible - space.backlog(),
                 checkpoint_lsn=space.checkpoint_rows,
                 sessions=space.session_count,
+                epoch=owner.epoch if owner else 0,
+                state="fenced" if space.fenced_why else "owned",
+                recalls=self._recalls.get(name, 0),
+                bytes=space.disk_bytes(),
+                move_id=moving.move_id if moving else "",
+                peer=moving.target if moving else -1,
             )
+        for name, incoming in sorted(node.incoming.items()):
+            out.spaces.add(
+                memory_space_id=name,
+                state="incoming",
+                epoch=incoming.epoch,
+                move_id=incoming.move_id,
+                peer=incoming.source,
+                count=incoming.space.visible if incoming.space is not None else 0,
+            )
+        for name, owner in node.ownership.items():
+            if owner.state == "moved":
+                out.moved.add(memory_space_id=name, owner=owner.peer, epoch=owner.epoch)
         return out
 
 

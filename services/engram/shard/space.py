@@ -22,6 +22,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections import defaultdict, deque
@@ -32,7 +33,13 @@ import numpy as np
 
 from engram.common import validation, wire
 from engram.common.settings import AdmissionSettings, IndexSettings, LimitSettings, WalSettings
-from engram.contract.errors import ConsistencyTimeout, SequenceError, SessionError, StorageError
+from engram.contract.errors import (
+    ConsistencyTimeout,
+    NotOwnerError,
+    SequenceError,
+    SessionError,
+    StorageError,
+)
 from engram.internal.v1 import shard_pb2 as ipb
 from engram.shard import checkpoint as ckpt
 from engram.shard.admission import AdmissionController, lane_of
@@ -160,7 +167,8 @@ class Space:
         self._index_settings = index
         self._limits = limits
         self._ckpt_dir = directory / "ckpt"
-        self.wal = Wal(directory / "wal", segment_bytes=wal.segment_bytes, faults=faults)
+        self.wal_dir = Path(wal.directory) / name if wal.directory else directory / "wal"
+        self.wal = Wal(self.wal_dir, segment_bytes=wal.segment_bytes, faults=faults)
         self.dim = 0
         self.visible = 0  # rows durable and visible to recall
         self._next_row = 0  # next row to assign
@@ -176,6 +184,12 @@ class Space:
         self._opening: dict[str, asyncio.Future[int]] = {}
         self._inflight = 0
         self._recovering = False
+        # moving out: why writes are refused (NOT_OWNER) from the fence on; empty otherwise
+        self.fenced_why = ""
+        # while positive, no checkpoint is written (a move is copying the current one), and
+        # checkpoint_lock is held while one is written
+        self.checkpoint_holds = 0
+        self.checkpoint_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.checkpoint_rows = 0
         self._checkpoint_index_file = ""
@@ -209,12 +223,7 @@ class Space:
             self._load_checkpoint(manifest)
         replayed = 0
         for _end_lsn, payload in self.wal.replay():
-            rec = ipb.WalRecord.FromString(payload)
-            if rec.HasField("session_open"):
-                sid = rec.session_open.session_id
-                self._durable.setdefault(sid, 0)
-            else:
-                replayed += self._replay_batch(rec.batch)
+            replayed += self._replay_record(ipb.WalRecord.FromString(payload))
         self._assigned = dict(self._durable)
         self._next_row = self.visible
         if self.backlog():
@@ -228,6 +237,54 @@ class Space:
             replayed,
             len(self._durable),
         )
+
+    def _replay_record(self, rec: ipb.WalRecord) -> int:
+        """Applies one durable WAL record; returns the rows it added."""
+        if rec.HasField("session_open"):
+            self._durable.setdefault(rec.session_open.session_id, 0)
+            return 0
+        return self._replay_batch(rec.batch)
+
+    def apply_record(self, payload: bytes, end_lsn: int) -> asyncio.Future[None]:
+        """A record copied from another shard's WAL (a move into this shard, before the space
+        serves): appended to this WAL and applied as recovery would; the future resolves once
+        it is durable here."""
+        fut = self.wal.append(payload, end_lsn)
+        before = self.visible
+        rec = ipb.WalRecord.FromString(payload)
+        self._replay_record(rec)
+        sid = rec.session_open.session_id if rec.HasField("session_open") else rec.batch.session_id
+        self._assigned[sid] = self._durable[sid]
+        self._next_row = self.visible
+        if self.visible > before:
+            n = self.visible - before
+            self._add_run(self.visible, pb.PRIORITY_NORMAL, n)
+            self.admission.loaded(n * self.dim * 4)
+        return fut
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self._ckpt_dir
+
+    async def fence(self, why: str) -> int:
+        """Refuses every write from now on (NOT_OWNER, saying ``why``), waits until the writes
+        in flight have settled and closes the WAL's segment; returns the last LSN."""
+        self.fenced_why = why
+        while self._inflight or self._opening:  # noqa: ASYNC110 (rare; no event counts them)
+            await asyncio.sleep(0.001)
+        await self.wal.close_segment()
+        return self.visible
+
+    def unfence(self) -> None:
+        self.fenced_why = ""
+
+    def disk_bytes(self) -> int:
+        """Bytes of the checkpoint and the WAL on disk."""
+        total = 0
+        for directory in (self._ckpt_dir, self.wal_dir):
+            with contextlib.suppress(OSError):
+                total += sum(e.stat().st_size for e in os.scandir(directory) if e.is_file())
+        return total
 
     def _load_checkpoint(self, manifest: ckpt.Manifest) -> None:
         self.dim = manifest.dim
@@ -301,6 +358,8 @@ class Space:
     def open_session(self, session_id: str, create: bool) -> asyncio.Future[int]:
         """Resolves to the session's durable high-water mark, registering it if ``create``."""
         loop = self._require_loop()
+        if self.fenced_why:
+            raise NotOwnerError(self.fenced_why)
         fut: asyncio.Future[int] = loop.create_future()
         if session_id in self._durable:
             fut.set_result(self._durable[session_id])
@@ -466,6 +525,8 @@ class Space:
                 fut.set_exception(err)
 
     def _check_writable(self) -> None:
+        if self.fenced_why:
+            raise NotOwnerError(self.fenced_why)
         if self._recovering or self.wal.failed:
             raise StorageError(
                 f"memory space {self.name!r} cannot make writes durable right now (WAL failure); "
@@ -809,6 +870,8 @@ class Space:
         return hi - lo
 
     def checkpoint_due(self) -> bool:
+        if self.checkpoint_holds:
+            return False
         indexed = self.hnsw.count if self.hnsw is not None else 0
         new = indexed - self.checkpoint_rows
         if new <= 0:
@@ -820,8 +883,14 @@ class Space:
     def checkpoint(self) -> int:
         """Writes a checkpoint of the indexed rows and drops the WAL it covers; builder thread.
 
-        Returns the number of rows the checkpoint holds.
+        Returns the number of rows the checkpoint holds (0: held back by a move).
         """
+        with self.checkpoint_lock:
+            if self.checkpoint_holds:
+                return 0
+            return self._checkpoint()
+
+    def _checkpoint(self) -> int:
         assert self.hnsw is not None and self._loop is not None
         loop = self._loop
         rows = self.hnsw.count

@@ -1,0 +1,197 @@
+"""The shard's background threads: the index builder and the fresh-tier partitioner.
+
+One builder thread serves all spaces of a shard: it moves fresh rows into HNSW in small chunks
+(so recalls never wait long for the index lock) and writes checkpoints. While writes arrive it
+works only part of the time, so acks and recalls keep the CPU. The partitioner keeps large
+fresh tiers partitioned (cheap: a fraction of ingest's cost) so recalls stay fast however far
+HNSW lags. Both take the spaces from :meth:`ShardNode.working_spaces` and name the space they
+work on in ``working`` (:meth:`ShardNode.retire_space` waits until neither works on a space it
+takes away). Started and stopped by :class:`~engram.shard.node.ShardNode`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from engram.common import metrics
+from engram.common.threads import name_os_thread, trim_heap
+from engram.shard.space import Space
+
+if TYPE_CHECKING:
+    from engram.shard.node import ShardNode
+
+log = logging.getLogger("engram.shard")
+
+
+class Background:
+    """The builder and partitioner threads of one shard."""
+
+    def __init__(self, node: ShardNode) -> None:
+        self.node = node
+        self._picks = 0
+        self._build_rate = 2_000.0  # rows/s of the builder's add_items calls (moving average)
+        self._stop = threading.Event()
+        self._wake = threading.Event()  # set by stop(): the idle builder need not finish its wait
+        self._threads: list[threading.Thread] = []
+        # the space each thread works on ("builder", "partitioner"), None between steps
+        self.working: dict[str, Space | None] = {"builder": None, "partitioner": None}
+
+    def start(self) -> None:
+        for target, name in (
+            (self._build_loop, "index-builder"),
+            (self._partition_loop, "fresh-partitioner"),
+        ):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        """Asks both threads to stop and joins them (blocking)."""
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(30)
+
+    def busy_with(self, space: Space) -> bool:
+        return any(s is space for s in self.working.values())
+
+    def _claim(self, role: str, space: Space) -> bool:
+        """Names ``space`` as worked on, then checks it is still served (see the module)."""
+        self.working[role] = space
+        if space.name in self.node.spaces and self.node.spaces[space.name] is space:
+            return True
+        self.working[role] = None
+        return False
+
+    def _pick(self, spaces: list[Space]) -> Space | None:
+        """Strict priority (the space whose un-indexed rows include the most urgent lane),
+        except that every ``low_every``-th pick goes to the space whose LOW rows waited longest.
+        """
+        busy = [s for s in spaces if s.backlog() > 0]
+        if not busy:
+            return None
+        self._picks += 1
+        if self._picks % self.node.settings.shard.admission.low_every == 0:
+            waiting = [(s.oldest_low_since(), s) for s in busy]
+            lows = [(since, s) for since, s in waiting if since is not None]
+            if lows:
+                return min(lows, key=lambda item: item[0])[1]
+        return min(busy, key=lambda s: (s.top_lane() or 9, -s.backlog()))
+
+    def _chunk(self, backlog: int) -> int:
+        """Rows for the next add_items call: about ``build_chunk_ms`` of work at the measured
+        rate (a recall waits for the call in progress), at most ``build_chunk``, and small
+        while the backlog is small."""
+        idx = self.node.settings.shard.index
+        by_time = int(self._build_rate * idx.build_chunk_ms / 1000)
+        return max(8, min(idx.build_chunk, by_time, max(16, backlog // 4)))
+
+    def _arriving(self) -> tuple[bool, bool]:
+        """Whether writes, and whether recalls, arrived in the last second."""
+        now = time.monotonic()
+        spaces = self.node.working_spaces()
+        writes = any(now - s.last_write < 1.0 for s in spaces)
+        return writes, writes or any(now - s.last_recall < 1.0 for s in spaces)
+
+    def _build_loop(self) -> None:
+        name_os_thread()
+        nice = self.node.settings.shard.index.builder_nice
+        if nice:
+            # Linux nice values are per thread, and the threads hnswlib starts inherit it:
+            # indexing then yields the CPU to acks and recalls, which must stay fast.
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+            except OSError as exc:
+                log.warning("could not lower the index builder's priority: %s", exc)
+        idle = True
+        while not self._stop.is_set():
+            spaces = self.node.working_spaces()
+            space = self._pick(spaces)
+            if space is None:
+                self.node.admission.idle()
+                for s in spaces:
+                    if s.checkpoint_due() and self._claim("builder", s):
+                        try:
+                            self._checkpoint(s)
+                        finally:
+                            self.working["builder"] = None
+                if not idle:
+                    # the backlog is gone: let go of the fresh tier's spare and last blocks
+                    # (up to 50 MB a space) and hand back the memory freed blocks and copies
+                    # left in the allocator's arenas
+                    for s in spaces:
+                        if self._claim("builder", s):
+                            try:
+                                s.release_idle_memory()
+                            finally:
+                                self.working["builder"] = None
+                    trim_heap()
+                    idle = True
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            idle = False
+            if not self._claim("builder", space):
+                continue
+            try:
+                rest = self._build_step(space)
+            finally:
+                self.working["builder"] = None
+            if rest:
+                self._stop.wait(rest)
+
+    def _build_step(self, space: Space) -> float:
+        """One add_items call on ``space`` (and its checkpoint if due); returns how long to
+        rest after it, so acks and recalls keep the CPU while writes arrive."""
+        busy, serving = self._arriving()
+        started = time.perf_counter()
+        try:
+            # one hnswlib thread while writes or recalls arrive: a core stays free for them
+            added = space.index_step(self._chunk(space.backlog()), 1 if serving else None)
+        except Exception:  # the builder must survive; the rows stay in the fresh tier
+            log.exception("space %s: indexing failed; retrying in 1 s", space.name)
+            return 1.0
+        took = time.perf_counter() - started
+        if added and took > 0:
+            self._build_rate = 0.8 * self._build_rate + 0.2 * (added / took)
+        metrics.shard_indexed_total.labels(space.name).inc(added)
+        if space.checkpoint_due():
+            self._checkpoint(space)
+        if not busy:
+            return 0.0
+        # leave the CPU to acks and recalls most of the time, the more so the more room the
+        # memory budget has: as it fills, indexing is what frees it
+        share = max(self.node.settings.shard.index.build_busy_share, self.node.admission.pressure)
+        return took * (1 - share) / share if share < 1.0 else 0.0
+
+    def _partition_loop(self) -> None:
+        name_os_thread()
+        while not self._stop.is_set():
+            worked = False
+            for space in self.node.working_spaces():
+                if not self._claim("partitioner", space):
+                    continue
+                try:
+                    worked = space.partition_step() or worked
+                    space.prepare_spare()
+                except Exception:  # recalls then scan the block exactly: slower, still right
+                    log.exception("space %s: partitioning failed", space.name)
+                    self._stop.wait(1.0)
+                finally:
+                    self.working["partitioner"] = None
+            if not worked:
+                self._stop.wait(0.02)
+
+    def _checkpoint(self, space: Space) -> None:
+        if self._stop.is_set():
+            return
+        try:
+            space.checkpoint()
+            metrics.shard_checkpoints_total.labels(space.name).inc()
+        except Exception:
+            log.exception("space %s: checkpoint failed; the WAL keeps everything", space.name)
+            space.last_checkpoint = time.monotonic()
