@@ -31,11 +31,13 @@ PROTO_STAMP := $(VENV)/.proto-generated
 
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o=Dpkg::Use-Pty=0
 
-.PHONY: help setup venv proto redis run test lint demo chaos clean FORCE
+.PHONY: help setup venv proto redis run test test-fast test-moves lint demo chaos clean FORCE
 
 help:
 	@echo "make run     start a local cluster in the foreground (Ctrl-C stops it)"
 	@echo "make test    run the tests (PYTEST_ARGS='-k wal' to select)"
+	@echo "make test-fast  only the unit tests: none that starts a process (about a minute)"
+	@echo "make test-moves the moves' fault matrix: a kill at every step of a move"
 	@echo "make demo    stream 3 spaces x 100k vectors into a running cluster and verify"
 	@echo "make bench   benchmark vs the machine's limits and peers (BENCH_ARGS='--dim 768')"
 	@echo "make chaos   10 min of faults against a local cluster; verifies nothing is lost"
@@ -124,6 +126,16 @@ run: setup
 test: setup browser-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 	@$(MAKE) --no-print-directory test-ts
+
+# Every step of a move against every victim (kill -9 of source, target, gateway; Redis wiped):
+# 16 cases, a few minutes. `make test` runs four of them.
+test-moves: setup
+	ENGRAM_MOVE_MATRIX=full $(PY) -m pytest -q -s tests/moves $(PYTEST_ARGS)
+
+# The unit tests: no test marked `cluster` (tests/conftest.py marks every test that starts a
+# process) nor `slow`.
+test-fast: setup
+	$(PY) -m pytest -q -m "not cluster and not slow" $(PYTEST_ARGS)
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check services clients tests

@@ -241,7 +241,8 @@ class Injector:
 
     async def _redis_kill(self) -> FaultEvent:
         """SIGKILL Redis; it restarts empty. Rebuilt means: every shard registered again
-        (heartbeats) and the assignment table (epoch, overrides) is what it was before."""
+        (heartbeats) and the routing table (each space's owner and epoch, as the shards
+        publish them) is what it was before."""
         event = FaultEvent("redis_kill", "redis", time.monotonic())
         client = aioredis.Redis.from_url(
             self.cluster.redis_url,
@@ -287,14 +288,14 @@ class Injector:
             await client.aclose()
         return event
 
-    async def _assignment(self, client: aioredis.Redis) -> tuple[int, dict[str, str]] | None:
-        """(epoch, overrides) as stored in Redis; None if Redis does not answer."""
+    async def _assignment(self, client: aioredis.Redis) -> dict[str, str] | None:
+        """The routing table as stored in Redis (space -> "shard:epoch"); None if Redis does
+        not answer."""
         try:
-            epoch = await client.get(f"{self.key_prefix}:assign:epoch")
-            overrides = await client.hgetall(f"{self.key_prefix}:assign:overrides")
+            owners = await client.hgetall(f"{self.key_prefix}:assign:owners")
         except (aioredis.RedisError, OSError):
             return None
-        return int(epoch or 0), dict(overrides)
+        return dict(owners)
 
     # ------------------------------------------------------------------ network faults
 

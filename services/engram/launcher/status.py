@@ -56,10 +56,61 @@ def shard_stats(address: str, timeout: float = RPC_TIMEOUT_S) -> dict[str, Any]:
             "indexed": s.indexed,
             "checkpoint_lsn": s.checkpoint_lsn,
             "sessions": s.sessions,
+            "epoch": s.epoch,
+            "state": s.state,
+            "move_id": s.move_id,
+            "peer": s.peer,
+            "move_phase": s.move_phase,
         }
         for s in reply.spaces
     ]
-    return {"up": True, "shard_id": reply.shard_id, "spaces": spaces}
+    moved = [
+        {"memory_space_id": m.memory_space_id, "owner": m.owner, "epoch": m.epoch}
+        for m in reply.moved
+    ]
+    return {"up": True, "shard_id": reply.shard_id, "spaces": spaces, "moved": moved}
+
+
+def space_table(processes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every space a shard reports, with its owner and epoch, and any move in progress
+    (where two shards claim a space, the higher epoch is the owner)."""
+    table: dict[str, dict[str, Any]] = {}
+    for p in processes:
+        if p["role"] != "shard" or not p.get("up"):
+            continue
+        for s in p["spaces"]:
+            name = s["memory_space_id"]
+            if s["state"] == "incoming":
+                move = {
+                    "id": s["move_id"],
+                    "from": f"shard-{s['peer']}",
+                    "to": p["name"],
+                    "phase": s["move_phase"],
+                    "epoch": s["epoch"],
+                }
+                table.setdefault(name, {})["move"] = move
+                continue
+            entry = table.setdefault(name, {})
+            if entry.get("epoch", -1) >= s["epoch"] and "owner" in entry:
+                continue
+            entry.update(
+                owner=p["name"],
+                epoch=s["epoch"],
+                state=s["state"],
+                count=s["count"],
+                indexed=s["indexed"],
+            )
+            if s["state"] == "fenced":
+                entry.setdefault(
+                    "move",
+                    {
+                        "id": s["move_id"],
+                        "from": p["name"],
+                        "to": f"shard-{s['peer']}",
+                        "phase": "fenced",
+                    },
+                )
+    return dict(sorted(table.items()))
 
 
 def collect(data_dir: Path | str) -> dict[str, Any]:
@@ -98,6 +149,7 @@ def collect(data_dir: Path | str) -> dict[str, Any]:
         "shard_count": info.get("shard_count"),
         "healthy": all(p["up"] for p in processes) and bool(processes),
         "processes": processes,
+        "spaces": space_table(processes),
     }
 
 
@@ -122,15 +174,22 @@ def format_text(status: dict[str, Any]) -> str:
         )
     shards = [p for p in status["processes"] if p["role"] == "shard"]
     if shards:
-        lines += ["", f"{'SHARD':<10} {'SPACE':<28} {'DIM':>5} {'COUNT':>10} {'INDEXED':>10}"]
+        lines += [
+            "",
+            f"{'SHARD':<10} {'SPACE':<28} {'DIM':>5} {'COUNT':>10} {'INDEXED':>10} {'EPOCH':>6}"
+            "  STATE",
+        ]
     for p in shards:
         if not p["up"]:
             lines.append(f"{p['name']:<10} down: {p.get('error', '')}")
         elif not p["spaces"]:
             lines.append(f"{p['name']:<10} (no spaces)")
         for s in p.get("spaces", []):
+            state = s["state"]
+            if s["move_id"]:
+                state += f" ({'from' if state == 'incoming' else 'to'} shard-{s['peer']})"
             lines.append(
                 f"{p['name']:<10} {s['memory_space_id']:<28} {s['dim']:>5} "
-                f"{s['count']:>10} {s['indexed']:>10}"
+                f"{s['count']:>10} {s['indexed']:>10} {s['epoch']:>6}  {state}"
             )
     return "\n".join(lines)

@@ -2,9 +2,11 @@
 
 Off unless ``ENGRAM_FAULT_FILE`` names a file. The file holds the fields of
 :class:`~engram.shard.wal.WalFaults`, e.g. ``{"fail_fsync": 3}`` (the next three fsyncs fail)
-or ``{"persistent_enospc": true}`` (every write fails until the file says otherwise). Counts
-are applied once each time the file changes; persistent flags follow the file. Writing ``{}``
-clears persistent faults.
+or ``{"persistent_enospc": true}`` (every write fails until the file says otherwise), and
+``{"hold_move_at": "fenced"}``: a move into this shard waits at that phase (``copying``,
+``catching_up``, ``fenced``, ``committed``) until the file says otherwise, so a test can kill
+a process at a chosen step of a move. Counts are applied once each time the file changes;
+persistent flags follow the file. Writing ``{}`` clears persistent faults.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import json
 import logging
 import os
+from dataclasses import dataclass
 
 from engram.shard.wal import WalFaults
 
@@ -23,16 +26,29 @@ _COUNTS = ("fail_fsync", "fail_write")
 _FLAGS = ("persistent_fsync_error", "persistent_enospc")
 
 
-def apply(faults: WalFaults, spec: dict[str, object]) -> None:
+@dataclass
+class MoveFaults:
+    # The phase at which moves into this shard wait while it is named here.
+    hold_at: str = ""
+
+    async def passing(self, phase: str) -> None:
+        """Returns once the move may go past ``phase``."""
+        while self.hold_at == phase:  # noqa: ASYNC110 (a test's hold, polled from the file)
+            await asyncio.sleep(0.02)
+
+
+def apply(faults: WalFaults, spec: dict[str, object], moves: MoveFaults | None = None) -> None:
     for name in _COUNTS:
         value = spec.get(name, 0)
         if isinstance(value, int) and value > 0:
             setattr(faults, name, getattr(faults, name) + value)
     for name in _FLAGS:
         setattr(faults, name, bool(spec.get(name, False)))
+    if moves is not None:
+        moves.hold_at = str(spec.get("hold_move_at", ""))
 
 
-async def watch(path: str, faults: WalFaults) -> None:
+async def watch(path: str, faults: WalFaults, moves: MoveFaults | None = None) -> None:
     """Applies the file's faults whenever it changes (runs until cancelled)."""
     seen: float | None = None
     while True:
@@ -44,7 +60,7 @@ async def watch(path: str, faults: WalFaults) -> None:
             seen = mtime
             try:
                 spec = json.loads(await asyncio.to_thread(_read, path))
-                apply(faults, spec)
+                apply(faults, spec, moves)
                 log.warning("fault injection: %s -> %s", spec, faults)
             except (OSError, ValueError) as exc:
                 log.error("fault file %s unreadable: %s", path, exc)

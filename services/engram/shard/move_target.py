@@ -120,6 +120,7 @@ class Incoming:
         total = sum(f.size for f in opened.files)
         self._progress = P(phase=P.COPYING, files_bytes=total, source_lsn=opened.visible)
         yield self._progress
+        await self._passing(P.COPYING)
         await self._copy(stub, opened)
         self._check_cancel()
         self.space = space = self.node.new_space(self.name)
@@ -134,6 +135,7 @@ class Incoming:
             self._progress.phase = P.CATCHING_UP
             self._progress.lsn = space.visible
             yield self._progress
+            await self._passing(P.CATCHING_UP)
             self._check_cancel()
             brought = self._progress.wal_bytes - before
             if brought < FENCE_BYTES or time.monotonic() - started < FENCE_ROUND_S:
@@ -156,6 +158,7 @@ class Incoming:
             raise from_proto(fence.error)
         self._progress.phase = P.FENCED
         self._progress.source_lsn = fence.visible
+        await self._passing(P.FENCED)
         await self._catch_up(stub, after)
         if space.visible != fence.visible:
             raise StorageError(
@@ -169,6 +172,7 @@ class Incoming:
         self._progress.lsn = space.visible
         self._progress.pause_us = int((time.monotonic() - fenced_at) * 1e6)
         yield self._progress
+        await self._passing(P.COMMITTED)
         await self._release(stub)
         self._progress.phase = P.DONE
         yield self._progress
@@ -256,6 +260,14 @@ class Incoming:
                 await asyncio.sleep(0.5)
 
     # ------------------------------------------------------------------ abort
+
+    @property
+    def phase(self) -> str:
+        return P.Phase.Name(self._progress.phase).lower()
+
+    async def _passing(self, phase: int) -> None:
+        """Waits while the shard's fault file holds moves at ``phase`` (tests only)."""
+        await self.node.move_faults.passing(P.Phase.Name(phase).lower())
 
     def _check_cancel(self) -> None:
         if self.cancelled.is_set():

@@ -41,6 +41,7 @@ class ShardNode:
         self.root = Path(settings.shard.data_dir)
         self.spaces: dict[str, Space] = {}
         self.faults = faults or WalFaults()
+        self.move_faults = fault_file.MoveFaults()
         self.assignment = Assignment(settings.cluster.shard_count)
         self.admission = AdmissionController(settings.shard.admission)
         self.store = ControlStore(
@@ -92,7 +93,9 @@ class ShardNode:
         if self.settings.shard.fault_file:
             log.warning("fault injection enabled: %s", self.settings.shard.fault_file)
             self._tasks.append(
-                asyncio.create_task(fault_file.watch(self.settings.shard.fault_file, self.faults))
+                asyncio.create_task(
+                    fault_file.watch(self.settings.shard.fault_file, self.faults, self.move_faults)
+                )
             )
 
     async def stop(self) -> None:

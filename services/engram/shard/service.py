@@ -263,6 +263,7 @@ class ShardService(MoveRpcs, shard_pb2_grpc.ShardServicer):
                 epoch=incoming.epoch,
                 move_id=incoming.move_id,
                 peer=incoming.source,
+                move_phase=incoming.phase,
                 count=incoming.space.visible if incoming.space is not None else 0,
             )
         for name, owner in node.ownership.items():
