@@ -9,7 +9,8 @@ Layout under ``<space>/ckpt/``::
 Every file is written to a temporary name, fsynced, renamed and the directory fsynced, and the
 manifest is written last: a crash at any step leaves the previous checkpoint whole, and files
 no manifest names are removed at the next start. Metadata chunks are immutable and accumulate;
-the index file is rewritten at each checkpoint. Called by :mod:`engram.shard.space`.
+the index file is rewritten at each checkpoint. Written by :mod:`engram.shard.maintenance`,
+read by :mod:`engram.shard.recovery`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,231 @@
+"""Background work on one memory space: listing the fresh tier, indexing, checkpoints, memory.
+
+The shard's background threads (:mod:`engram.shard.builder`) call these, one space at a time:
+
+* the partitioner thread: :meth:`Maintenance.partition_step` lists fresh blocks IVF-style once
+  the backlog is large (learning the space's quantiser, again when rows drift), and
+  :meth:`Maintenance.prepare_spare` readies the next fresh block while writes arrive;
+* the builder thread: :meth:`Maintenance.index_step` moves rows from the fresh tier into HNSW,
+  :meth:`Maintenance.checkpoint` writes the indexed rows to disk and has the WAL they cover
+  deleted, and :meth:`Maintenance.release_idle_memory` lets go of fresh blocks once the backlog
+  is gone. It picks a space by :meth:`Maintenance.top_lane` and
+  :meth:`Maintenance.oldest_low_since` (:class:`~engram.shard.lanes.LaneBacklog`).
+
+A checkpoint takes the session marks and a WAL rotation on the event loop, then writes a
+metadata chunk for the newly indexed rows, the HNSW index and last the manifest
+(:mod:`engram.shard.checkpoint`), and trims the WAL on the event loop again. A move holds
+checkpoints back (``checkpoint_holds``) while it copies the current one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import numpy as np
+
+from engram.shard import checkpoint as ckpt
+from engram.shard.fresh import BLOCK_ROWS, LIST_STEP, Block, Partitioning, list_block
+from engram.shard.index import HnswTier
+from engram.shard.sessions import now_us
+from engram.shard.state import SpaceState
+
+log = logging.getLogger("engram.shard.space")
+
+
+class Maintenance(SpaceState):
+    def top_lane(self) -> int | None:
+        """The most urgent priority among the un-indexed rows (HIGH=1 ... LOW=3)."""
+        return self.lanes.top()
+
+    def oldest_low_since(self) -> float | None:
+        return self.lanes.oldest_low_since()
+
+    def partition_step(self) -> bool:
+        """Lists one fresh block's unlisted rows if the backlog is large (partitioner thread):
+        full blocks first, then the block being filled once it grew by ``LIST_STEP`` rows.
+        Learns the space's quantiser from the first full block, and again from a full block
+        whose rows fit it clearly worse than the rows it was learnt from. True if it worked."""
+        settings = self._index_settings
+        fresh = self.fresh
+        if fresh is None or self.backlog() < settings.fresh_partition_rows:
+            return False
+        blocks = fresh.snapshot()
+        todo = [b for b in blocks if b.full and _unlisted(b) and b.drifted_at != b.filled]
+        # a block whose rows fitted badly as it filled waits until it is full to be learnt from
+        todo += [
+            b
+            for b in blocks
+            if not b.full and not b.drifted_at and b.filled - _listed(b) >= LIST_STEP
+        ]
+        for block in todo:
+            p = self.partitioning
+            learnable = block.full and len(block.data) == BLOCK_ROWS
+            if p is None and not learnable:
+                continue  # no quantiser yet: it is learnt from a full block
+            filled = block.filled
+            rows = block.data[:filled]
+            if p is None or (learnable and block.drifted_at):
+                if p is not None:
+                    log.info(
+                        "space %s: rows %d.. fitted the fresh-tier quantiser worse as they "
+                        "arrived: learning a new one",
+                        self.name,
+                        block.first_row,
+                    )
+                p, leaf = self._learn(rows)  # no assigning it to the old one first, in vain
+                list_block(block, p, leaf)
+                return True
+            listing = block.listing
+            start = listing.covered if listing is not None and listing.partitioning is p else 0
+            leaf, sims = p.assign(rows[start:filled])
+            if float(sims.mean()) < p.fit - settings.fresh_refit_drop:
+                if not learnable:  # scanned exactly until it is full, then learnt from
+                    block.drifted_at = filled
+                    continue
+                log.info(
+                    "space %s: rows %d.. fit the fresh-tier quantiser worse (%.3f, learnt "
+                    "%.3f): learning a new one",
+                    self.name,
+                    block.first_row,
+                    float(sims.mean()),
+                    p.fit,
+                )
+                p, leaf = self._learn(rows)
+                start = 0
+            if start:
+                assert listing is not None
+                leaf = np.concatenate([listing.leaf, leaf])
+            list_block(block, p, leaf)
+            return True
+        return False
+
+    def _learn(self, rows: np.ndarray) -> tuple[Partitioning, np.ndarray]:
+        s = self._index_settings
+        p, leaf = Partitioning.learn_and_assign(rows, s.fresh_lists, s.fresh_nprobe)
+        self.partitioning = p
+        return p, leaf
+
+    def prepare_spare(self) -> None:
+        """Readies the fresh tier's next block off the event loop (partitioner thread), while
+        writes are arriving."""
+        if self.fresh is not None and time.monotonic() - self.last_write < 1.0:
+            self.fresh.prepare_spare()
+
+    def release_idle_memory(self) -> None:
+        """Once the backlog is gone (builder thread): frees the spare block, and has the event
+        loop retire the fresh tier's last block if every row in it is indexed."""
+        if self.fresh is None:
+            return
+        self.fresh.release_spare()
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: the process is stopping
+                loop.call_soon_threadsafe(self.retire_indexed_tail)
+
+    def retire_indexed_tail(self) -> None:
+        """Event loop: see :meth:`FreshTier.retire_tail`."""
+        if self.fresh is not None and self.hnsw is not None:
+            self.fresh.retire_tail(self.hnsw.count)
+
+    def index_step(self, max_rows: int, threads: int | None = None) -> int:
+        """Moves up to ``max_rows`` rows from the fresh tier into HNSW; builder thread only."""
+        if self.fresh is None:
+            return 0
+        if self.hnsw is None:
+            self.hnsw = HnswTier(self.dim, self._index_settings)
+        lo = self.hnsw.count
+        hi = min(self.visible, lo + max_rows)
+        if hi <= lo:
+            return 0
+        self.hnsw.add(self.fresh.rows(lo, hi), lo, threads)
+        self.fresh.drop_below(hi)
+        self.lanes.drop(hi, lo)
+        self.admission.indexed((hi - lo) * self.dim * 4)
+        return hi - lo
+
+    def checkpoint_due(self) -> bool:
+        if self.checkpoint_holds:
+            return False
+        indexed = self.hnsw.count if self.hnsw is not None else 0
+        new = indexed - self.checkpoint_rows
+        if new <= 0:
+            return False
+        if new >= self._index_settings.checkpoint_every:
+            return True
+        return time.monotonic() - self.last_checkpoint >= self._index_settings.checkpoint_interval_s
+
+    def checkpoint(self) -> int:
+        """Writes a checkpoint of the indexed rows and drops the WAL it covers; builder thread.
+
+        Returns the number of rows the checkpoint holds (0: held back by a move).
+        """
+        with self.checkpoint_lock:
+            if self.checkpoint_holds:
+                return 0
+            return self._checkpoint()
+
+    def _checkpoint(self) -> int:
+        assert self.hnsw is not None and self._loop is not None
+        loop = self._loop
+        rows = self.hnsw.count
+
+        async def prepare() -> tuple[dict[str, int], int]:
+            # sessions still being opened may fail: let them settle, then record durable ones
+            opening = self.sessions.opening
+            while opening:
+                await asyncio.gather(*opening.values(), return_exceptions=True)
+            return dict(self.sessions.durable), self.wal.rotate()
+
+        sessions, closed = asyncio.run_coroutine_threadsafe(prepare(), loop).result()
+        lo = self.checkpoint_rows
+        meta = list(self._checkpoint_meta)
+        if rows > lo:
+            meta.append(
+                ckpt.write_meta(
+                    self._ckpt_dir,
+                    lo,
+                    rows,
+                    self.ids[lo:rows],
+                    self.contents[lo:rows],
+                    self.confidences.view()[lo:rows].copy(),
+                    self.timestamps_us.view()[lo:rows].copy(),
+                )
+            )
+        index_file = f"hnsw-{rows:012d}.bin"
+        hnsw = self.hnsw
+        ckpt.write_atomic(self._ckpt_dir / index_file, lambda tmp: hnsw.save(str(tmp)))
+        manifest = ckpt.Manifest(
+            rows=rows,
+            dim=self.dim,
+            index_file=index_file,
+            meta_files=meta,
+            sessions=sessions,
+            created_us=now_us(),
+        )
+        ckpt.write_manifest(self._ckpt_dir, manifest)
+        old_index = self._checkpoint_index_file
+        self.checkpoint_rows, self._checkpoint_index_file = rows, index_file
+        self._checkpoint_meta = meta
+        self.last_checkpoint = time.monotonic()
+        if old_index and old_index != index_file:
+            (self._ckpt_dir / old_index).unlink(missing_ok=True)
+
+        async def trim() -> int:
+            return self.wal.delete_through(rows, closed + 1)
+
+        deleted = asyncio.run_coroutine_threadsafe(trim(), loop).result()
+        log.info(
+            "space %s: checkpoint at %d rows; %d WAL segments deleted", self.name, rows, deleted
+        )
+        return rows
+
+
+def _listed(block: Block) -> int:
+    return block.listing.covered if block.listing is not None else 0
+
+
+def _unlisted(block: Block) -> bool:
+    return _listed(block) < block.filled
