@@ -6,8 +6,8 @@
 * ``raw``: helpers for the raw ``EngramStream`` protocol (open a session, read with a
   timeout so a missing answer fails the test instead of hanging it).
 
-Clusters come from ``make_cluster`` (``tests/conftest.py``): real processes on free ports,
-always stopped at teardown.
+Clusters come from ``make_cluster`` and ``shared_cluster`` (``tests/conftest.py``): real
+processes on free ports, always stopped at teardown.
 """
 
 from __future__ import annotations

@@ -10,29 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 
 import grpc
-import pytest
 
 from engram.corpus import Corpus
-from engram.launcher.cluster import LocalCluster
 from engram.v1 import streaming_pb2 as pb
 from engram.v1 import streaming_pb2_grpc
 
+CLUSTER_SHARDS = 1  # shared_cluster: one for this module's tests, a space each
 DIM = 32
 FC = pb.FlowControl
-
-
-@pytest.fixture(scope="module")
-def flow_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    """One single-shard cluster for this module's tests (each uses a space of its own)."""
-    cluster = LocalCluster(tmp_path_factory.mktemp("flow-control"), shards=1)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def is_status(resp: pb.ObservationResponse) -> bool:
@@ -50,8 +37,8 @@ def flow_status(action: int):  # noqa: ANN201
     return lambda r: is_status(r) and r.status.message.startswith(name)
 
 
-async def test_pause_resume_slow_down_speed_up_buffer_status(flow_cluster, raw) -> None:
-    cluster = flow_cluster
+async def test_pause_resume_slow_down_speed_up_buffer_status(shared_cluster, raw) -> None:
+    cluster = shared_cluster
     corpus = Corpus(DIM)
     ids = iter(range(10**9))
 
@@ -150,10 +137,10 @@ async def timed_batches(raw, call, *, first_seq: int, count: int, make) -> float
     return span
 
 
-async def test_speed_up_lifts_the_limit_for_a_batch_already_waiting(flow_cluster, raw) -> None:
+async def test_speed_up_lifts_the_limit_for_a_batch_already_waiting(shared_cluster, raw) -> None:
     """SLOW_DOWN to 500 obs/s, then a batch of 5000 (a 9 s wait for tokens), then SPEED_UP:
     the SPEED_UP is answered at once and the waiting batch goes through without the limit."""
-    async with grpc.aio.insecure_channel(flow_cluster.gateway_address) as channel:
+    async with grpc.aio.insecure_channel(shared_cluster.gateway_address) as channel:
         stub = streaming_pb2_grpc.EngramStreamStub(channel)
         call, _ = await raw.open(stub, "flow-speed-up")
         await raw.flow(call, FC.SLOW_DOWN, preferred_rate=500)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.cluster  # runs `engram bench`, which starts a cluster
+
 TOP_LEVEL = (
     "acked_obs_per_s",
     "visibility_p99_ms",

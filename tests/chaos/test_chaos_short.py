@@ -37,7 +37,7 @@ VIOLATIONS = (
     "blinked",
 )
 
-pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.chaos, pytest.mark.cluster, pytest.mark.timeout(300)]
 
 
 def test_short_chaos_run_loses_nothing(tmp_path: Path) -> None:

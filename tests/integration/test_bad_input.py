@@ -12,18 +12,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
 import pytest
 
 from engram.contract.errors import EngramError
+from engram.launcher.cluster import LocalCluster
 from engram.v1 import streaming_pb2 as pb
 from engram_client import EngramClient, StreamEvent
-
-if TYPE_CHECKING:
-    from conftest import ClusterProcess
 
 CLUSTER_ENV = {
     "ENGRAM_MAX_BATCH_OBSERVATIONS": "100",
@@ -599,7 +596,7 @@ async def test_message_beyond_the_grpc_limit_ends_the_stream_but_not_the_gateway
 
 
 async def test_client_fails_only_the_refused_batch_and_renumbers_the_rest(
-    shared_cluster: ClusterProcess, space_id: str
+    shared_cluster: LocalCluster, space_id: str
 ) -> None:
     async with EngramClient(shared_cluster.gateway_address) as client:
         stream = await client.open_stream(space_id)
@@ -640,7 +637,7 @@ async def test_wrong_dimension_refused_by_the_shard_does_not_poison_the_stream(
 
 
 async def test_batches_before_a_refused_one_keep_their_real_acks(
-    shared_cluster: ClusterProcess, space_id: str
+    shared_cluster: LocalCluster, space_id: str
 ) -> None:
     # The refusal of batch 2 usually overtakes the (durable) ack of batch 1; with the bug the
     # ack of batch 1 is then lost. Ten tries make it all but certain to show.
@@ -660,7 +657,7 @@ async def test_batches_before_a_refused_one_keep_their_real_acks(
 
 
 async def test_client_batch_beyond_the_grpc_limit_fails_instead_of_looping(
-    shared_cluster: ClusterProcess, space_id: str
+    shared_cluster: LocalCluster, space_id: str
 ) -> None:
     events: list[StreamEvent] = []
     client = EngramClient(shared_cluster.gateway_address)

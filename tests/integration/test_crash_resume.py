@@ -7,8 +7,8 @@ TCP connection between client and gateway. The client resumes by itself. At the 
 batch sent has been acknowledged, every acknowledged id is stored exactly once, LSNs run
 1..n without gaps, and recalls of a sample of the stored vectors find them.
 
-Clusters run under the out-of-process launcher of ``conftest.py`` (kills and restarts go
-through it), and all vectors are computed before the streams start.
+Each cluster is a per-test ``make_cluster`` one (kills and restarts go through its launcher),
+and all vectors are computed before the streams start.
 """
 
 from __future__ import annotations
@@ -16,20 +16,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from engram.control.assignment import default_shard
 from engram.corpus import Corpus
-from engram.launcher.cluster import HOST
+from engram.launcher.cluster import HOST, LocalCluster
+from engram.launcher.supervisor import Policy
 from engram_client import EngramClient, ObservationStream, StreamEvent
-
-if TYPE_CHECKING:
-    from conftest import ClusterFactory, ClusterProcess
 
 DIM = 64
 BATCH = 500
@@ -179,18 +177,29 @@ def two_writers(prefix: str, per_space: int) -> list[Writer]:
     ]
 
 
-async def restart_by_kill(cluster: ClusterProcess, name: str) -> int:
+def wait_restarted(cluster: LocalCluster, name: str, old_pid: int, timeout: float) -> int:
+    """Waits until the launcher replaced ``old_pid`` and the successor is healthy; its PID."""
+    deadline = time.monotonic() + timeout
+    while cluster.pid(name) == old_pid:
+        if cluster.state(name).given_up or time.monotonic() > deadline:
+            raise RuntimeError(f"{name} was not restarted within {timeout} s")
+        time.sleep(0.02)
+    cluster.wait_healthy(name, max(0.1, deadline - time.monotonic()))
+    return cluster.pid(name)
+
+
+async def restart_by_kill(cluster: LocalCluster, name: str) -> int:
     """kill -9 ``name``, wait until the launcher's replacement is healthy; returns the old PID."""
     old = await asyncio.to_thread(cluster.kill, name, signal.SIGKILL)
-    await asyncio.to_thread(cluster.wait_restarted, name, old, 60)
+    await asyncio.to_thread(wait_restarted, cluster, name, old, 60)
     return old
 
 
 # ------------------------------------------------------------------------------ tests
 
 
-async def test_shard_killed_mid_stream(fresh_cluster: ClusterFactory) -> None:
-    cluster = fresh_cluster()
+async def test_shard_killed_mid_stream(make_cluster: Callable[..., LocalCluster]) -> None:
+    cluster = make_cluster()
     writers = two_writers("shardkill", 20_000)  # 40 K observations, one space per shard
     victim = f"shard-{default_shard(writers[0].space, 2)}"
     old_pid: list[int] = []
@@ -213,8 +222,8 @@ async def test_shard_killed_mid_stream(fresh_cluster: ClusterFactory) -> None:
             await verify(client, w)
 
 
-async def test_gateway_killed_mid_stream(fresh_cluster: ClusterFactory) -> None:
-    cluster = fresh_cluster()
+async def test_gateway_killed_mid_stream(make_cluster: Callable[..., LocalCluster]) -> None:
+    cluster = make_cluster()
     writers = two_writers("gwkill", 15_000)
     old_pid: list[int] = []
 
@@ -233,9 +242,9 @@ async def test_gateway_killed_mid_stream(fresh_cluster: ClusterFactory) -> None:
             await verify(client, w)
 
 
-async def test_redis_killed_mid_stream(fresh_cluster: ClusterFactory) -> None:
+async def test_redis_killed_mid_stream(make_cluster: Callable[..., LocalCluster]) -> None:
     # Restarts come 4 s after a crash, so Redis is surely down while the second third is sent.
-    cluster = fresh_cluster(policy={"initial_delay_s": 4.0})
+    cluster = make_cluster(policy=Policy(initial_delay_s=4.0))
     writers = two_writers("rediskill", 15_000)
     late = Writer(space_on_shard(0, "redisdown"), 40_000, 2_000, writers[0].corpus)
 
@@ -253,7 +262,7 @@ async def test_redis_killed_mid_stream(fresh_cluster: ClusterFactory) -> None:
         await late.close()
         assert not await asyncio.to_thread(cluster.healthy, "redis", 0.5), "too slow to test"
 
-        assert await asyncio.to_thread(cluster.wait_restarted, "redis", old_redis, 60) != old_redis
+        assert await asyncio.to_thread(wait_restarted, cluster, "redis", old_redis, 60) != old_redis
         # Redis came back empty; a gateway restart now makes every stream resume with no
         # session record in Redis: the shards hold the sessions' truth.
         await restart_by_kill(cluster, "gateway")
@@ -349,9 +358,9 @@ async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
 
 
 async def test_dropped_connection_resumes_without_duplicates_or_gaps(
-    fresh_cluster: ClusterFactory,
+    make_cluster: Callable[..., LocalCluster],
 ) -> None:
-    cluster = fresh_cluster()
+    cluster = make_cluster()
     gateway_port = int(cluster.gateway_address.rsplit(":", 1)[1])
     proxy = CuttableProxy(gateway_port)
     await proxy.start()
@@ -378,8 +387,10 @@ async def test_dropped_connection_resumes_without_duplicates_or_gaps(
         await proxy.stop()
 
 
-async def test_closing_the_client_settles_pending_batches(fresh_cluster: ClusterFactory) -> None:
-    cluster = fresh_cluster()
+async def test_closing_the_client_settles_pending_batches(
+    make_cluster: Callable[..., LocalCluster],
+) -> None:
+    cluster = make_cluster()
     space = space_on_shard(0, "closing")
     vectors = Corpus(DIM).vectors(0, 10)
     client = EngramClient(cluster.gateway_address)

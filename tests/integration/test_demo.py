@@ -13,13 +13,13 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 
-if TYPE_CHECKING:
-    from conftest import ClusterProcess
+from engram.launcher.cluster import LocalCluster
 
+pytestmark = pytest.mark.cluster  # runs the engram command line
 
 DEMO_COUNT = 20_000
 DEMO_SPACES = 3
@@ -40,7 +40,7 @@ def engram(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedP
 
 @pytest.fixture(scope="module")
 def demo_run(
-    shared_cluster: ClusterProcess, tmp_path_factory: pytest.TempPathFactory
+    shared_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> subprocess.CompletedProcess[str]:
     """``engram demo ... --verify``, run once for the module."""
     return engram(
@@ -82,7 +82,7 @@ def test_demo_streams_and_verifies(demo_run: subprocess.CompletedProcess[str]) -
 
 
 def test_status_json_lists_processes_and_space_counts(
-    shared_cluster: ClusterProcess,
+    shared_cluster: LocalCluster,
     demo_run: subprocess.CompletedProcess[str],
     tmp_path: Path,
 ) -> None:
@@ -93,7 +93,8 @@ def test_status_json_lists_processes_and_space_counts(
     assert status["running"] is True and status["healthy"] is True
     assert status["gateway"] == shared_cluster.gateway_address
     assert status["shard_count"] == 2
-    assert status["launcher"] == {"pid": shared_cluster.launcher_pid, "alive": True}
+    # The cluster's launcher is this test process.
+    assert status["launcher"] == {"pid": os.getpid(), "alive": True}
 
     procs = {p["name"]: p for p in status["processes"]}
     assert set(procs) == {"redis", "shard-0", "shard-1", "gateway"}
@@ -116,7 +117,7 @@ def test_status_json_lists_processes_and_space_counts(
 
 
 def test_status_text_report(
-    shared_cluster: ClusterProcess, demo_run: subprocess.CompletedProcess[str], tmp_path: Path
+    shared_cluster: LocalCluster, demo_run: subprocess.CompletedProcess[str], tmp_path: Path
 ) -> None:
     result = engram("status", "--data-dir", str(shared_cluster.data_dir), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr

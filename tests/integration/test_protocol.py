@@ -13,7 +13,6 @@ import asyncio
 import re
 import urllib.error
 import urllib.request
-from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -21,12 +20,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from engram.launcher.cluster import LocalCluster
 from engram.v1 import streaming_pb2 as pb
 from engram.v1 import streaming_pb2_grpc
 from engram_client import EngramClient
-
-if TYPE_CHECKING:
-    from conftest import ClusterProcess
 
 READ_TIMEOUT_S = 10.0
 DIM = 8
@@ -351,7 +348,7 @@ async def test_resuming_an_unknown_session_is_refused(
 # --------------------------------------------------------------------- end to end
 
 
-async def test_python_client_end_to_end(shared_cluster: ClusterProcess, space_id: str) -> None:
+async def test_python_client_end_to_end(shared_cluster: LocalCluster, space_id: str) -> None:
     vecs = vectors(1200, dim=32, seed=11)
     async with EngramClient(shared_cluster.gateway_address) as client:
         stream = await client.open_stream(space_id)
@@ -381,7 +378,7 @@ async def test_python_client_end_to_end(shared_cluster: ClusterProcess, space_id
 
 
 @pytest.mark.parametrize("target", ["gateway", "shard-0", "shard-1"])
-async def test_grpc_health_reports_serving(shared_cluster: ClusterProcess, target: str) -> None:
+async def test_grpc_health_reports_serving(shared_cluster: LocalCluster, target: str) -> None:
     address = (
         shared_cluster.gateway_address
         if target == "gateway"
@@ -417,7 +414,7 @@ def _http_get(port: int, path: str) -> tuple[int, str]:
 
 
 async def test_http_healthz_and_metrics(
-    shared_cluster: ClusterProcess, stub: streaming_pb2_grpc.EngramStreamStub, space_id: str
+    shared_cluster: LocalCluster, stub: streaming_pb2_grpc.EngramStreamStub, space_id: str
 ) -> None:
     port = shared_cluster.http_port
     status, body = await asyncio.to_thread(_http_get, port, "/healthz")

@@ -1,10 +1,9 @@
 """Restarts by a launcher that lives in a busy process (as in these tests, or a benchmark).
 
 :class:`LocalCluster` forks replacement processes from its supervisor thread inside the
-process that embeds it. ``engram.launcher.procs.spawn`` passes a ``preexec_fn`` (to set
-PR_SET_PDEATHSIG) would make ``subprocess`` use a plain ``fork()`` and run the process's
-atfork handlers, instead of vfork/exec, with two consequences (so spawn() sets it from a small
-shim in the child instead):
+process that embeds it. A ``preexec_fn`` (to set PR_SET_PDEATHSIG) would make ``subprocess``
+use a plain ``fork()`` and run the process's atfork handlers, instead of vfork/exec, with two
+consequences (so ``engram.launcher.procs.spawn`` sets it from a small shim in the child):
 
 * while gRPC calls are active in the process, a share of the forked children die with SIGSEGV
   or SIGABRT before they exec (gRPC: "Other threads are currently calling into gRPC, skipping
@@ -13,7 +12,7 @@ shim in the child instead):
   deadlocks that thread for good (OpenBLAS stops its thread pool in its atfork handler).
 
 Each test runs its spawning in a subprocess, so a regression's crashes or deadlock stay out of
-this process (and ``conftest.py`` runs every cluster's launcher in a process of its own).
+this process. They are what lets the test process launch its clusters itself (``conftest.py``).
 """
 
 from __future__ import annotations
@@ -23,10 +22,12 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from conftest import ClusterProcess
+import pytest
+
+from engram.launcher.cluster import LocalCluster
+
+pytestmark = pytest.mark.cluster  # spawns children of its own
 
 SPAWNS = 100
 
@@ -73,7 +74,7 @@ GRPC_SCRIPT = textwrap.dedent(
 
 
 def test_children_spawned_while_grpc_is_busy_all_start(
-    shared_cluster: ClusterProcess, tmp_path: Path
+    shared_cluster: LocalCluster, tmp_path: Path
 ) -> None:
     # In a process of its own: the children that crash dump their tracebacks to its stderr.
     result = subprocess.run(

@@ -21,6 +21,7 @@ from engram.launcher.redis_server import (
 )
 
 
+@pytest.mark.cluster
 def test_finds_a_redis_server_binary() -> None:
     path = find_redis_server()
     assert os.access(path, os.X_OK)
@@ -44,6 +45,7 @@ def test_runs_without_persistence_in_the_foreground(tmp_path: Path) -> None:
     assert argv[argv.index("--dir") + 1] == str(tmp_path)
 
 
+@pytest.mark.cluster
 def test_start_ping_stop(tmp_path: Path) -> None:
     server = RedisServer(tmp_path / "redis")
     server.start()
@@ -61,6 +63,7 @@ def test_start_ping_stop(tmp_path: Path) -> None:
     assert not procs.pid_alive(server.pid)
 
 
+@pytest.mark.cluster
 def test_stop_escalates_to_sigkill_by_pid(tmp_path: Path) -> None:
     server = RedisServer(tmp_path / "redis")
     server.start()
@@ -71,6 +74,7 @@ def test_stop_escalates_to_sigkill_by_pid(tmp_path: Path) -> None:
     assert not procs.pid_alive(server.pid)
 
 
+@pytest.mark.cluster
 def test_refuses_a_port_in_use(tmp_path: Path) -> None:
     with RedisServer(tmp_path / "a") as first:
         second = RedisServer(tmp_path / "b", port=first.port)
@@ -79,6 +83,7 @@ def test_refuses_a_port_in_use(tmp_path: Path) -> None:
         assert second.proc is None
 
 
+@pytest.mark.cluster
 def test_start_failure_reports_the_log(tmp_path: Path) -> None:
     fake = tmp_path / "fake-redis"
     fake.write_text("#!/bin/sh\necho 'bad config line' >&2\nexit 1\n")

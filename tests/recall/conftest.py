@@ -9,17 +9,17 @@ reached through the ``kit`` fixture (this module). What is here:
   the normalised float32 vectors the space stores) and the comparison of a recall with it that
   allows ties: same length, each returned score equal to its row's exact score, scores
   best-first and, position by position, equal to the exact top-k scores.
-* ``recall_cluster``: one started single-shard :class:`LocalCluster` for the whole session
-  (tests write to spaces of their own, named by ``space_name``). Destructive tests (kill -9)
-  use ``make_cluster`` from ``tests/conftest.py`` instead.
+
+End-to-end tests use the clusters of ``tests/conftest.py``: ``shared_cluster`` (configured by
+the module's ``CLUSTER_SHARDS``; tests write to spaces of their own, named by ``space_id``)
+and, when destructive (kill -9), ``make_cluster``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
-import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -29,7 +29,6 @@ import pytest
 
 from engram.common.settings import IndexSettings, LimitSettings, WalSettings
 from engram.corpus import Corpus
-from engram.launcher.cluster import LocalCluster
 from engram.shard.space import Space
 from engram.v1 import streaming_pb2 as pb
 
@@ -168,11 +167,6 @@ class Harness:
             raise errors[0]
 
 
-@pytest.fixture(autouse=True)
-def _guard_committers(no_leaked_committers: None) -> None:
-    """Every test here: no WAL committer thread outlives it (tests/conftest.py)."""
-
-
 @pytest.fixture
 async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
     h = Harness(tmp_path)
@@ -186,25 +180,3 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
 def kit() -> ModuleType:
     """This module: its helpers for the tests."""
     return sys.modules[__name__]
-
-
-@pytest.fixture(scope="session")
-def recall_cluster(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LocalCluster]:
-    """One started single-shard cluster shared by the end-to-end recall tests."""
-    cluster = LocalCluster(tmp_path_factory.mktemp("recall-cluster"), shards=1)
-    failed_before = request.session.testsfailed
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        if request.session.testsfailed > failed_before:
-            cluster.print_logs()
-        cluster.stop()
-
-
-@pytest.fixture
-def space_name() -> str:
-    """A memory space id no other test uses."""
-    return f"r-{uuid.uuid4().hex[:20]}"

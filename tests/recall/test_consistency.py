@@ -37,6 +37,7 @@ from engram.shard.space import Snapshot, Space
 from engram.v1 import streaming_pb2 as pb
 from engram_client import EngramClient
 
+CLUSTER_SHARDS = 1  # the shared cluster of the end-to-end tests
 DIM = 16
 LEVELS = ("EVENTUAL", "BOUNDED", "SESSION", "STRONG")
 
@@ -289,12 +290,12 @@ async def test_waited_us_is_zero_when_nothing_was_waited_for(harness: Any, kit: 
 
 
 async def test_levels_end_to_end(
-    recall_cluster: LocalCluster, space_name: str, kit: ModuleType
+    shared_cluster: LocalCluster, space_id: str, kit: ModuleType
 ) -> None:
     corpus = kit.corpus(DIM)
-    async with EngramClient(recall_cluster.gateway_address) as client:
-        a = await client.open_stream(space_name)
-        b = await client.open_stream(space_name)
+    async with EngramClient(shared_cluster.gateway_address) as client:
+        a = await client.open_stream(space_id)
+        b = await client.open_stream(space_id)
         try:
             offset = 0
             for round_ in range(3):
@@ -319,7 +320,7 @@ async def test_levels_end_to_end(
                         "a-stream": await a.recall(newest_a, 3, consistency=level),
                         "b-stream": await b.recall(newest_a, 3, consistency=level),
                         "standalone-a": await client.recall(
-                            space_name, newest_a, 3, session_id=a.session_id, consistency=level
+                            space_id, newest_a, 3, session_id=a.session_id, consistency=level
                         ),
                     }
                     for path, res in results.items():
@@ -337,7 +338,7 @@ async def test_levels_end_to_end(
                 # the level left unspecified on the wire is BOUNDED
                 async for chunk in client.stub.RecallStream(
                     pb.StreamingRecallRequest(
-                        memory_space_id=space_name, cue=newest_a.tolist(), max_results=2
+                        memory_space_id=space_id, cue=newest_a.tolist(), max_results=2
                     ),
                     timeout=10,
                 ):
@@ -349,15 +350,15 @@ async def test_levels_end_to_end(
 
 
 async def test_unknown_session_end_to_end(
-    recall_cluster: LocalCluster, space_name: str, kit: ModuleType
+    shared_cluster: LocalCluster, space_id: str, kit: ModuleType
 ) -> None:
-    async with EngramClient(recall_cluster.gateway_address) as client:
-        stream = await client.open_stream(space_name)
+    async with EngramClient(shared_cluster.gateway_address) as client:
+        stream = await client.open_stream(space_id)
         try:
             await (await stream.send(kit.corpus(DIM).vectors(0, 4)))
             with pytest.raises(SessionError) as info:
                 await client.recall(
-                    space_name,
+                    space_id,
                     np.ones(DIM, np.float32),
                     3,
                     session_id="s-does-not-exist",
@@ -367,7 +368,7 @@ async def test_unknown_session_end_to_end(
             assert "s-does-not-exist" in info.value.message
             # the stream's own session is fine
             res = await client.recall(
-                space_name,
+                space_id,
                 np.ones(DIM, np.float32),
                 3,
                 session_id=stream.session_id,
@@ -379,22 +380,22 @@ async def test_unknown_session_end_to_end(
 
 
 async def test_recall_of_a_space_never_written_reports_its_level(
-    recall_cluster: LocalCluster, space_name: str
+    shared_cluster: LocalCluster, space_id: str
 ) -> None:
-    async with EngramClient(recall_cluster.gateway_address) as client:
+    async with EngramClient(shared_cluster.gateway_address) as client:
         for level in LEVELS:
-            res = await client.recall(space_name, np.ones(DIM, np.float32), 3, consistency=level)
+            res = await client.recall(space_id, np.ones(DIM, np.float32), 3, consistency=level)
             assert res.hits == [] and res.snapshot_sequence == 0
             assert res.consistency == level, (level, res.consistency)
 
 
 async def test_session_recall_of_unknown_session_on_a_space_never_written(
-    recall_cluster: LocalCluster, space_name: str
+    shared_cluster: LocalCluster, space_id: str
 ) -> None:
-    async with EngramClient(recall_cluster.gateway_address) as client:
+    async with EngramClient(shared_cluster.gateway_address) as client:
         with pytest.raises(SessionError) as info:
             await client.recall(
-                space_name,
+                space_id,
                 np.ones(DIM, np.float32),
                 3,
                 session_id="s-does-not-exist",

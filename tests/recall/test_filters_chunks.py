@@ -31,6 +31,7 @@ from engram.shard.space import Filters, Space
 from engram.v1 import streaming_pb2 as pb
 from engram_client import EngramClient
 
+CLUSTER_SHARDS = 1  # the shared cluster of the end-to-end tests
 DIM = 16
 ROWS = 3000
 INDEXED = 1700
@@ -239,13 +240,13 @@ async def _write(client: EngramClient, space: str, d: Data) -> None:
 
 
 async def test_filters_and_k_end_to_end(
-    recall_cluster: LocalCluster, space_name: str, kit: ModuleType
+    shared_cluster: LocalCluster, space_id: str, kit: ModuleType
 ) -> None:
     d = _data(kit)
     cues = np.concatenate([kit.corpus(DIM).vectors(80_000, 2), d.vectors[[1700]]])
-    async with EngramClient(recall_cluster.gateway_address) as client:
-        await _write(client, space_name, d)
-        stream = await client.open_stream(space_name)
+    async with EngramClient(shared_cluster.gateway_address) as client:
+        await _write(client, space_id, d)
+        stream = await client.open_stream(space_id)
         try:
             for f in _filters():
                 eligible = _eligible(d, f)
@@ -260,7 +261,7 @@ async def test_filters_and_k_end_to_end(
                         for path in ("standalone", "stream"):
                             if path == "standalone":
                                 res = await client.recall(
-                                    space_name, cue, k, f.min_score, consistency="STRONG", **options
+                                    space_id, cue, k, f.min_score, consistency="STRONG", **options
                                 )
                             else:
                                 res = await stream.recall(
@@ -283,7 +284,7 @@ async def test_filters_and_k_end_to_end(
 
             for k in (0, 1001):
                 with pytest.raises(ValidationError) as info:
-                    await client.recall(space_name, cues[0], k)
+                    await client.recall(space_id, cues[0], k)
                 assert info.value.code == pb.K_OUT_OF_RANGE
                 with pytest.raises(ValidationError) as info:
                     await stream.recall(cues[0], k)
@@ -295,19 +296,19 @@ async def test_filters_and_k_end_to_end(
 
 
 async def test_chunked_results_end_to_end(
-    recall_cluster: LocalCluster, space_name: str, kit: ModuleType
+    shared_cluster: LocalCluster, space_id: str, kit: ModuleType
 ) -> None:
     d = _data(kit, rows=1000, offset=5000)
     cues = np.concatenate([kit.corpus(DIM).vectors(81_000, 3), d.vectors[[10]]])
     k, size = 30, 7
     n_chunks = math.ceil(k / size)
-    async with EngramClient(recall_cluster.gateway_address) as client:
-        await _write(client, space_name, d)
-        stream = await client.open_stream(space_name)
+    async with EngramClient(shared_cluster.gateway_address) as client:
+        await _write(client, space_id, d)
+        stream = await client.open_stream(space_id)
         try:
             for qi, cue in enumerate(cues):
                 what = f"cue {qi}"
-                whole = await client.recall(space_name, cue, k, consistency="STRONG")
+                whole = await client.recall(space_id, cue, k, consistency="STRONG")
                 assert whole.chunks == 1 and len(whole.hits) == k
                 kit.assert_exact_topk(
                     [h.lsn - 1 for h in whole.hits],
@@ -320,7 +321,7 @@ async def test_chunked_results_end_to_end(
 
                 # standalone, raw: look at every chunk
                 req = pb.StreamingRecallRequest(
-                    memory_space_id=space_name,
+                    memory_space_id=space_id,
                     cue=cue.tolist(),
                     max_results=k,
                     consistency=pb.STRONG,
@@ -344,7 +345,7 @@ async def test_chunked_results_end_to_end(
 
                 # through the client, both paths
                 for res in (
-                    await client.recall(space_name, cue, k, consistency="STRONG", chunk_size=size),
+                    await client.recall(space_id, cue, k, consistency="STRONG", chunk_size=size),
                     await stream.recall(cue, k, consistency="STRONG", chunk_size=size),
                 ):
                     assert res.chunks == n_chunks, what
@@ -361,7 +362,7 @@ async def test_chunked_results_end_to_end(
                     assert [h.id for h in res.hits] == want[: len(res.hits)]
             # concurrent chunked recalls on one stream: chunks interleave, answers do not mix
             wants = [
-                [h.id for h in (await client.recall(space_name, cue, k, consistency="STRONG")).hits]
+                [h.id for h in (await client.recall(space_id, cue, k, consistency="STRONG")).hits]
                 for cue in cues
             ]
             answers = await asyncio.gather(
@@ -374,12 +375,12 @@ async def test_chunked_results_end_to_end(
 
 
 async def test_chunked_recall_errors_are_whole(
-    recall_cluster: LocalCluster, space_name: str, kit: ModuleType
+    shared_cluster: LocalCluster, space_id: str, kit: ModuleType
 ) -> None:
     """A refused chunked recall ends the call with the error (no partial chunks first)."""
-    async with EngramClient(recall_cluster.gateway_address) as client:
+    async with EngramClient(shared_cluster.gateway_address) as client:
         req = pb.StreamingRecallRequest(
-            memory_space_id=space_name,
+            memory_space_id=space_id,
             cue=np.ones(DIM).tolist(),
             max_results=1001,
             chunk_size=7,

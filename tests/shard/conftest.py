@@ -12,7 +12,8 @@ reached through fixtures:
   both tiers (so ids can never silently drift from their vectors).
 * ``kit``: this module itself, for its helpers (``make_batch``, ``all_ids``, ``retry_append``,
   ``Ledger``, ``Harness``...).
-* ``no_leaked_committers`` (autouse): fails a test that leaves a WAL committer thread running.
+* ``no_leaked_committers`` (``tests/conftest.py``, on every test): fails a test that leaves a
+  WAL committer thread running.
 * ``gated_faults``: a :class:`GatedFaults`, a WalFaults that can hold one fsync until released
   (to keep a batch in flight for as long as a test needs) and optionally fail it.
 """
@@ -299,11 +300,6 @@ async def retry_append(
             if loop.time() > deadline:
                 raise
             await asyncio.sleep(0.02)
-
-
-@pytest.fixture(autouse=True)
-def _guard_committers(no_leaked_committers: None) -> None:
-    """Every test here: no WAL committer thread outlives it (tests/conftest.py)."""
 
 
 @pytest.fixture

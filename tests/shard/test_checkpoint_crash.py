@@ -373,6 +373,7 @@ def _verify(directory: Path, acks: list[tuple[str, int, int]], kit: ModuleType) 
     return space.visible
 
 
+@pytest.mark.cluster  # a child process runs the space and is killed
 async def test_sigkill_while_appending_and_checkpointing(tmp_path: Path, kit: ModuleType) -> None:
     directory = tmp_path / "space"
     rnd = random.Random(20240611)

@@ -19,6 +19,8 @@ import pytest
 import engram
 from engram.shard.wal import Wal
 
+pytestmark = pytest.mark.cluster  # a child process writes the WAL and is killed
+
 # Payload of record ``lsn`` (sizes from empty to 400 KB); the child uses the same formula.
 SIZE_EXPR = "(lsn * 7919) % 5 and ((lsn * 104729) % 400_000)"
 

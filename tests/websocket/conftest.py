@@ -1,8 +1,8 @@
-"""Fixtures of the WebSocket suites: a cluster per module and a small WebSocket test client.
+"""Fixtures of the WebSocket suites: a small WebSocket test client.
 
-``ws_cluster`` starts one :class:`LocalCluster` per test module (configured by the module's
-optional ``CLUSTER_ENV`` and ``CLUSTER_SHARDS``) and always stops it; tests on it write to
-memory spaces of their own. Destructive tests (killing processes) use ``make_cluster``.
+Clusters come from the kit of ``tests/conftest.py``: ``shared_cluster`` (one per module,
+configured by the module's ``CLUSTER_ENV`` / ``CLUSTER_SHARDS``; tests on it write to memory
+spaces of their own, named by ``space_id``) and, for destructive tests, ``make_cluster``.
 
 ``ws_connect(cluster)`` opens a :class:`WsClient` on the cluster's ``/v1/stream``; every
 connection a test opened is closed at teardown.
@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -93,25 +91,6 @@ class WsClient:
 WsConnect = Callable[..., Awaitable[WsClient]]
 
 
-@pytest.fixture(scope="module")
-def ws_cluster(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LocalCluster]:
-    """A started cluster for the whole module, configured by CLUSTER_ENV / CLUSTER_SHARDS."""
-    env: dict[str, str] = dict(getattr(request.module, "CLUSTER_ENV", None) or {})
-    shards: int = getattr(request.module, "CLUSTER_SHARDS", 2)
-    data_dir: Path = tmp_path_factory.mktemp("ws-cluster")
-    cluster = LocalCluster(data_dir, shards=shards, env=env)
-    failed_before = request.session.testsfailed
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        if request.session.testsfailed > failed_before:
-            cluster.print_logs()
-        cluster.stop()
-
-
 @pytest.fixture
 async def ws_connect() -> AsyncIterator[WsConnect]:
     """Opens WebSocket clients on a cluster's /v1/stream; closes them all at teardown."""
@@ -128,9 +107,3 @@ async def ws_connect() -> AsyncIterator[WsConnect]:
     finally:
         for conn in opened:
             await conn.close()
-
-
-@pytest.fixture
-def space_id() -> str:
-    """A memory space id no other test uses."""
-    return f"ws-{uuid.uuid4().hex[:20]}"

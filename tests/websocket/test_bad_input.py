@@ -136,9 +136,9 @@ BAD_FRAMES: list[tuple[str, Any, str, int, str]] = [
     [pytest.param(*case[1:], id=case[0]) for case in BAD_FRAMES],
 )
 async def test_a_bad_frame_gets_an_error_and_the_connection_stays_usable(
-    ws_cluster, ws_connect, space_id, frame, code, seq, words
+    shared_cluster, ws_connect, space_id, frame, code, seq, words
 ):
-    ws = await ws_connect(ws_cluster)
+    ws = await ws_connect(shared_cluster)
     await ws.init(space_id)
     await ws.batch(1, vecs(1, seed=1))
     await ws.expect("ack", sequence_number=1)
@@ -153,8 +153,8 @@ async def test_a_bad_frame_gets_an_error_and_the_connection_stays_usable(
     assert ack["count"] == 2
 
 
-async def test_recall_errors_name_the_request(ws_cluster, ws_connect, space_id):
-    ws = await ws_connect(ws_cluster)
+async def test_recall_errors_name_the_request(shared_cluster, ws_connect, space_id):
+    ws = await ws_connect(shared_cluster)
     await ws.init(space_id)
     huge = "9" * 400
     await ws.send(f'{{"type":"recall","request_id":"big","cue":[1],"k":1,"min_score":{huge}}}')
@@ -169,8 +169,8 @@ async def test_recall_errors_name_the_request(ws_cluster, ws_connect, space_id):
     await ws.expect("error", code="zero_vector", request_id="zero")
 
 
-async def test_work_before_init_is_refused(ws_cluster, ws_connect):
-    ws = await ws_connect(ws_cluster)
+async def test_work_before_init_is_refused(shared_cluster, ws_connect):
+    ws = await ws_connect(shared_cluster)
     await ws.batch(1, vecs(1))
     await ws.expect("error", code="not_initialized")
     await ws.send({"type": "init"})
@@ -182,8 +182,8 @@ async def test_work_before_init_is_refused(ws_cluster, ws_connect):
     await ws.init("ws-late-init")  # the connection is still usable
 
 
-async def test_binary_garbage_is_malformed_and_harmless(ws_cluster, ws_connect, space_id):
-    ws = await ws_connect(ws_cluster)
+async def test_binary_garbage_is_malformed_and_harmless(shared_cluster, ws_connect, space_id):
+    ws = await ws_connect(shared_cluster)
     await ws.init(space_id)
     await ws.send(b"\xff\xfe\xfd garbage \x00\x01")
     err = await ws.expect("error", code="malformed_message")
@@ -192,8 +192,10 @@ async def test_binary_garbage_is_malformed_and_harmless(ws_cluster, ws_connect, 
     await ws.expect("ack", sequence_number=1)
 
 
-async def test_a_batch_over_the_in_band_limit_is_refused_in_band(ws_cluster, ws_connect, space_id):
-    ws = await ws_connect(ws_cluster)
+async def test_a_batch_over_the_in_band_limit_is_refused_in_band(
+    shared_cluster, ws_connect, space_id
+):
+    ws = await ws_connect(shared_cluster)
     await ws.init(space_id)
     big = vecs(3000, seed=3)  # 96 KB of vectors: over 64 KiB, under the 128 KiB frame limit
     await ws.binary_batch(1, big)
@@ -205,9 +207,9 @@ async def test_a_batch_over_the_in_band_limit_is_refused_in_band(ws_cluster, ws_
 
 @pytest.mark.parametrize("kind", ["binary", "text"])
 async def test_a_frame_beyond_the_transport_limit_closes_with_1009(
-    ws_cluster, ws_connect, space_id, kind
+    shared_cluster, ws_connect, space_id, kind
 ):
-    ws = await ws_connect(ws_cluster)
+    ws = await ws_connect(shared_cluster)
     await ws.init(space_id)
     if kind == "binary":
         await ws.binary_batch(1, vecs(5000, seed=4))  # 160 KB > 128 KiB
@@ -217,8 +219,8 @@ async def test_a_frame_beyond_the_transport_limit_closes_with_1009(
     assert code == 1009, reason
 
 
-async def test_invalid_utf8_in_a_text_frame_closes_with_1007(ws_cluster, ws_connect, space_id):
-    ws = await ws_connect(ws_cluster)
+async def test_invalid_utf8_in_a_text_frame_closes_with_1007(shared_cluster, ws_connect, space_id):
+    ws = await ws_connect(shared_cluster)
     await ws.init(space_id)
     await ws.conn.send(b'{"type": "\xff"}', text=True)
     code, _ = await ws.closed()

@@ -21,8 +21,8 @@ async def list_ids(cluster: LocalCluster, space: str) -> list[str]:
         return await client.list_ids(space)
 
 
-async def test_grpc_session_resumes_over_websocket(ws_cluster, ws_connect, space_id):
-    async with EngramClient(ws_cluster.gateway_address) as client:
+async def test_grpc_session_resumes_over_websocket(shared_cluster, ws_connect, space_id):
+    async with EngramClient(shared_cluster.gateway_address) as client:
         stream = await client.open_stream(space_id)
         for b in range(3):
             ack = await (await stream.send(vecs(4, b), ids=[f"g{b}-{i}" for i in range(4)]))
@@ -30,7 +30,7 @@ async def test_grpc_session_resumes_over_websocket(ws_cluster, ws_connect, space
         session = stream.session_id
         await stream.close()
 
-    ws = await ws_connect(ws_cluster)
+    ws = await ws_connect(shared_cluster)
     init = await ws.init(space_id, session)
     assert init["session_id"] == session
     assert init["resumed"] is True
@@ -43,19 +43,19 @@ async def test_grpc_session_resumes_over_websocket(ws_cluster, ws_connect, space
     ack = await ws.expect("ack", sequence_number=4)
     assert ack["duplicate"] is False and ack["first_lsn"] == 13
 
-    ids = await list_ids(ws_cluster, space_id)
+    ids = await list_ids(shared_cluster, space_id)
     assert len(ids) == 16 and len(set(ids)) == 16
 
 
-async def test_websocket_session_resumes_over_grpc(ws_cluster, ws_connect, space_id):
-    ws = await ws_connect(ws_cluster)
+async def test_websocket_session_resumes_over_grpc(shared_cluster, ws_connect, space_id):
+    ws = await ws_connect(shared_cluster)
     session = (await ws.init(space_id))["session_id"]
     for seq in (1, 2):
         await ws.binary_batch(seq, vecs(5, seq), ids=[f"w{seq}-{i}" for i in range(5)])
         await ws.expect("ack", sequence_number=seq)
     await ws.conn.close()
 
-    async with EngramClient(ws_cluster.gateway_address) as client:
+    async with EngramClient(shared_cluster.gateway_address) as client:
         events = []
         stream = await client.open_stream(space_id, session_id=session, on_event=events.append)
         assert events[0].kind == "resumed"
@@ -66,17 +66,17 @@ async def test_websocket_session_resumes_over_grpc(ws_cluster, ws_connect, space
         await stream.close()
 
     # and back to WebSocket once more
-    again = await ws_connect(ws_cluster)
+    again = await ws_connect(shared_cluster)
     assert (await again.init("", session))["initial_sequence"] == 3  # found by session id alone
 
-    ids = await list_ids(ws_cluster, space_id)
+    ids = await list_ids(shared_cluster, space_id)
     assert sorted(ids) == sorted(f"{b}-{i}" for b in ("w1", "w2", "g9") for i in range(5))
 
 
-async def test_resume_names_the_session_space(ws_cluster, ws_connect, space_id):
-    ws = await ws_connect(ws_cluster)
+async def test_resume_names_the_session_space(shared_cluster, ws_connect, space_id):
+    ws = await ws_connect(shared_cluster)
     session = (await ws.init(space_id))["session_id"]
-    other = await ws_connect(ws_cluster)
+    other = await ws_connect(shared_cluster)
     await other.send({"type": "init", "memory_space_id": "another-space", "session_id": session})
     err = await other.expect("error", code="space_mismatch")
     assert space_id in err["message"]

@@ -66,9 +66,9 @@ def test_schemas_reject_what_the_server_refuses():
         validate("client/recall", {"type": "recall", "cue": [1.0]})  # no k
 
 
-async def test_live_frames_match_the_schemas(ws_cluster, ws_connect, space_id):
+async def test_live_frames_match_the_schemas(shared_cluster, ws_connect, space_id):
     """A session through every kind of server frame, each validated against the doc."""
-    ws = await ws_connect(ws_cluster)
+    ws = await ws_connect(shared_cluster)
     validate("server/heartbeat", await ws.expect("heartbeat"))  # this module's 0.3 s interval
     init = await ws.init(space_id)
     validate("server/init_ack", init)
@@ -86,8 +86,8 @@ async def test_live_frames_match_the_schemas(ws_cluster, ws_connect, space_id):
     validate("server/heartbeat", await ws.expect("heartbeat"))
 
 
-async def test_client_examples_are_accepted_by_the_server(ws_cluster, ws_connect, space_id):
-    ws = await ws_connect(ws_cluster)
+async def test_client_examples_are_accepted_by_the_server(shared_cluster, ws_connect, space_id):
+    ws = await ws_connect(shared_cluster)
     replies: dict[str, str] = {}
     session = ""
     for name, example in EXAMPLES:

@@ -12,8 +12,10 @@ CLUSTER_ENV = {"ENGRAM_WS_HEARTBEAT_S": "0.2", "ENGRAM_WS_IDLE_TIMEOUT_S": "1.5"
 CLUSTER_SHARDS = 1
 
 
-async def test_server_sends_heartbeats_at_the_configured_interval(ws_cluster, ws_connect, space_id):
-    ws = await ws_connect(ws_cluster)
+async def test_server_sends_heartbeats_at_the_configured_interval(
+    shared_cluster, ws_connect, space_id
+):
+    ws = await ws_connect(shared_cluster)
     before_init = await ws.expect("heartbeat")
     assert before_init["session_id"] is None
     assert before_init["timestamp"].endswith("Z")
@@ -30,8 +32,8 @@ async def test_server_sends_heartbeats_at_the_configured_interval(ws_cluster, ws
     assert 0.4 < elapsed < 3.0, elapsed  # 4 beats 0.2 s apart (generous: a shared machine)
 
 
-async def test_a_silent_client_is_closed_with_1008(ws_cluster, ws_connect, space_id):
-    ws = await ws_connect(ws_cluster)
+async def test_a_silent_client_is_closed_with_1008(shared_cluster, ws_connect, space_id):
+    ws = await ws_connect(shared_cluster)
     await ws.init(space_id)
     started = time.monotonic()
     code, reason = await ws.closed(timeout=10)
@@ -41,8 +43,8 @@ async def test_a_silent_client_is_closed_with_1008(ws_cluster, ws_connect, space
     assert len(ws.heartbeats) >= 3  # heartbeats alone do not keep the client alive
 
 
-async def test_client_heartbeats_keep_a_quiet_stream_open(ws_cluster, ws_connect, space_id):
-    ws = await ws_connect(ws_cluster)
+async def test_client_heartbeats_keep_a_quiet_stream_open(shared_cluster, ws_connect, space_id):
+    ws = await ws_connect(shared_cluster)
     await ws.init(space_id)
     deadline = time.monotonic() + 3.5  # well past the 1.5 s idle timeout
     while time.monotonic() < deadline:

@@ -29,8 +29,10 @@ async def list_ids(cluster: LocalCluster, space: str) -> list[str]:
         return await client.list_ids(space)
 
 
-async def test_init_ack_describes_the_session_and_the_connection(ws_cluster, ws_connect, space_id):
-    ws = await ws_connect(ws_cluster)
+async def test_init_ack_describes_the_session_and_the_connection(
+    shared_cluster, ws_connect, space_id
+):
+    ws = await ws_connect(shared_cluster)
     ack = await ws.init(space_id)
     assert ack["session_id"].startswith("s-")
     assert ack["initial_sequence"] == 0
@@ -45,8 +47,8 @@ async def test_init_ack_describes_the_session_and_the_connection(ws_cluster, ws_
     assert ack["server_timestamp"].endswith("Z")
 
 
-async def test_every_batch_encoding_is_acked_in_order(ws_cluster, ws_connect, space_id):
-    ws = await ws_connect(ws_cluster)
+async def test_every_batch_encoding_is_acked_in_order(shared_cluster, ws_connect, space_id):
+    ws = await ws_connect(shared_cluster)
     session = (await ws.init(space_id))["session_id"]
     v = vecs(12, seed=1)
     # 1: JSON, vectors as a list of lists, with metadata
@@ -87,15 +89,15 @@ async def test_every_batch_encoding_is_acked_in_order(ws_cluster, ws_connect, sp
     assert acks[3]["memory_id"] == "ep-1"
     assert all(a["session_id"] == session and not a["duplicate"] for a in acks)
     assert all(a["committed_at"].endswith("Z") for a in acks)
-    ids = await list_ids(ws_cluster, space_id)
+    ids = await list_ids(shared_cluster, space_id)
     assert len(ids) == 10 and len(set(ids)) == 10
     assert {"a", "b", "c", "ep-1"} <= set(ids)
 
 
 async def test_recall_result_carries_request_id_consistency_and_filters(
-    ws_cluster, ws_connect, space_id
+    shared_cluster, ws_connect, space_id
 ):
-    ws = await ws_connect(ws_cluster)
+    ws = await ws_connect(shared_cluster)
     await ws.init(space_id)
     v = vecs(20, seed=2)
     contents = [f"memory {i}" for i in range(20)]
@@ -141,8 +143,8 @@ async def test_recall_result_carries_request_id_consistency_and_filters(
     assert err["retryable"] is False
 
 
-async def test_flow_control_pause_resume_and_status(ws_cluster, ws_connect, space_id):
-    ws = await ws_connect(ws_cluster)
+async def test_flow_control_pause_resume_and_status(shared_cluster, ws_connect, space_id):
+    ws = await ws_connect(shared_cluster)
     await ws.init(space_id)
     await ws.send({"type": "flow_control", "action": "buffer_status"})
     status = await ws.expect("status", state="active")
@@ -158,8 +160,8 @@ async def test_flow_control_pause_resume_and_status(ws_cluster, ws_connect, spac
     await ws.expect("ack", sequence_number=1)
 
 
-async def test_resume_over_websocket_reports_the_durable_mark(ws_cluster, ws_connect, space_id):
-    ws = await ws_connect(ws_cluster)
+async def test_resume_over_websocket_reports_the_durable_mark(shared_cluster, ws_connect, space_id):
+    ws = await ws_connect(shared_cluster)
     session = (await ws.init(space_id))["session_id"]
     v = vecs(3, seed=3)
     for seq in (1, 2, 3):
@@ -167,7 +169,7 @@ async def test_resume_over_websocket_reports_the_durable_mark(ws_cluster, ws_con
         await ws.expect("ack", sequence_number=seq)
     await ws.conn.close()
 
-    again = await ws_connect(ws_cluster)
+    again = await ws_connect(shared_cluster)
     ack = await again.init(space_id, session)
     assert ack["session_id"] == session
     assert ack["resumed"] is True
@@ -181,11 +183,11 @@ async def test_resume_over_websocket_reports_the_durable_mark(ws_cluster, ws_con
     await again.batch(6, vecs(1, seed=5))
     gap = await again.expect("error", code="sequence_gap", sequence_number=6)
     assert gap["expected_sequence"] == 5
-    assert sorted(await list_ids(ws_cluster, space_id)) == ["r1", "r2", "r3", "r4"]
+    assert sorted(await list_ids(shared_cluster, space_id)) == ["r1", "r2", "r3", "r4"]
 
 
-async def test_close_answers_every_batch_then_closes_normally(ws_cluster, ws_connect, space_id):
-    ws = await ws_connect(ws_cluster)
+async def test_close_answers_every_batch_then_closes_normally(shared_cluster, ws_connect, space_id):
+    ws = await ws_connect(shared_cluster)
     init = await ws.init(space_id)
     credits = init["max_in_flight_batches"]
     v = vecs(credits * 50, seed=6)
@@ -204,19 +206,19 @@ async def test_close_answers_every_batch_then_closes_normally(ws_cluster, ws_con
     assert frames[-1]["last_acked_sequence"] == credits
     code, _ = await ws.closed()
     assert code == 1000
-    assert len(await list_ids(ws_cluster, space_id)) == credits * 50
+    assert len(await list_ids(shared_cluster, space_id)) == credits * 50
 
 
-async def test_close_before_init_closes_at_once(ws_cluster, ws_connect):
-    ws = await ws_connect(ws_cluster)
+async def test_close_before_init_closes_at_once(shared_cluster, ws_connect):
+    ws = await ws_connect(shared_cluster)
     await ws.send({"type": "close"})
     await ws.expect("status", state="closed")
     code, _ = await ws.closed()
     assert code == 1000
 
 
-async def test_binary_frames_can_carry_init_and_recall(ws_cluster, ws_connect, space_id):
-    ws = await ws_connect(ws_cluster)
+async def test_binary_frames_can_carry_init_and_recall(shared_cluster, ws_connect, space_id):
+    ws = await ws_connect(shared_cluster)
     await ws.send(
         pb.ObservationRequest(memory_space_id=space_id, init=pb.StreamInit()).SerializeToString()
     )
@@ -238,8 +240,8 @@ def _get(url: str) -> tuple[int, str, bytes]:
         return e.code, e.headers["Content-Type"], e.read()
 
 
-async def test_demo_page_and_its_files_are_served(ws_cluster):
-    base = f"http://127.0.0.1:{ws_cluster.http_port}"
+async def test_demo_page_and_its_files_are_served(shared_cluster):
+    base = f"http://127.0.0.1:{shared_cluster.http_port}"
     status, ctype, body = await asyncio.to_thread(_get, base + "/demo")
     assert status == 200 and ctype.startswith("text/html")
     assert b"/demo/demo.js" in body
@@ -253,7 +255,7 @@ async def test_demo_page_and_its_files_are_served(ws_cluster):
         assert status == 404, missing
 
 
-async def test_websocket_handshake_elsewhere_is_refused(ws_cluster):
+async def test_websocket_handshake_elsewhere_is_refused(shared_cluster):
     with pytest.raises(InvalidStatus) as info:
-        await connect(f"ws://127.0.0.1:{ws_cluster.http_port}/v1/other", open_timeout=10)
+        await connect(f"ws://127.0.0.1:{shared_cluster.http_port}/v1/other", open_timeout=10)
     assert info.value.response.status_code == 404
