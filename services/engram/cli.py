@@ -54,6 +54,18 @@ def _parser() -> argparse.ArgumentParser:
         "(default: 40%% of memory / shards; env ENGRAM_MEMORY_BUDGET)",
     )
 
+    up.add_argument(
+        "--rebalance",
+        action="store_true",
+        help="move hot spaces between shards while the cluster runs (engram.control.rebalance)",
+    )
+    up.add_argument(
+        "--rebalance-interval",
+        type=float,
+        default=10.0,
+        help="seconds between rebalancing rounds (default 10)",
+    )
+
     status = sub.add_parser("status", help="show the processes and spaces of a local cluster")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
@@ -127,9 +139,16 @@ def _up(args: argparse.Namespace) -> int:
             )
             return 2
         env["ENGRAM_MEMORY_BUDGET"] = args.memory_budget
+    shards, new, draining = _shard_layout(data_dir, args.shards)
+    if draining:
+        print(
+            f"shards {', '.join(f'shard-{i}' for i in sorted(draining))} still hold spaces: "
+            f"running {shards} shards and moving their spaces off first; once they are empty, "
+            f"`engram up --shards {args.shards}` leaves them out"
+        )
     cluster = LocalCluster(
         data_dir,
-        shards=args.shards,
+        shards=shards,
         grpc_port=args.grpc_port,
         http_port=args.http_port,
         redis_port=args.redis_port,
@@ -138,25 +157,59 @@ def _up(args: argparse.Namespace) -> int:
     )
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGINT, _raise_interrupt)
-    print(f"starting Redis, {args.shards} shard(s) and the gateway (logs in {cluster.logs_dir})")
+    print(f"starting Redis, {shards} shard(s) and the gateway (logs in {cluster.logs_dir})")
+    stop_rebalancing = threading.Event()
     try:
         cluster.start()
         _print_endpoints(cluster)
+        if args.rebalance or new or draining:
+            from engram.launcher.rebalancer import Rebalancer, start_thread
+
+            rebalancer = Rebalancer(
+                addresses=lambda: {i: cluster.shard_address(i) for i in range(cluster.shards)},
+                new=set(new),
+                draining=set(draining),
+                interval_s=args.rebalance_interval,
+                until_balanced=not args.rebalance and not draining,
+            )
+            start_thread(rebalancer, stop_rebalancing)
         forever = threading.Event()
         while not forever.wait(1.0):
             pass
     except KeyboardInterrupt:
         pass
     except (ClusterError, RedisNotFoundError) as e:
+        stop_rebalancing.set()
         print(f"error: {e}", file=sys.stderr)
         _ignore_signals()
         cluster.stop()
         return 1
+    stop_rebalancing.set()
     _ignore_signals()
     print("\nstopping: gateway, shards, Redis")
     cluster.stop()
     print("stopped")
     return 0
+
+
+def _shard_layout(data_dir: Path, wanted: int) -> tuple[int, set[int], set[int]]:
+    """(shards to run, new shards, draining shards) for ``--shards wanted`` on ``data_dir``:
+    shards added to a directory whose spaces live on the others are new (they are filled);
+    shards beyond ``wanted`` that still hold spaces keep running, draining."""
+
+    def holds_spaces(i: int) -> bool:
+        spaces = data_dir / f"shard-{i}" / "spaces"
+        return spaces.is_dir() and any(e.is_dir() for e in spaces.iterdir())
+
+    existing = {
+        int(p.name.split("-")[1])
+        for p in data_dir.glob("shard-*")
+        if p.name.split("-")[1].isdigit() and holds_spaces(int(p.name.split("-")[1]))
+    }
+    draining = {i for i in existing if i >= wanted}
+    shards = max([wanted, *(i + 1 for i in draining)])
+    new = {i for i in range(wanted) if i not in existing} if existing else set()
+    return shards, new, draining
 
 
 def _ignore_signals() -> None:

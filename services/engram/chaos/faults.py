@@ -14,6 +14,7 @@ kind                       what happens
 ``net_blackhole``          the proxy forwards nothing for a few seconds (a partition)
 ``wal_fsync_error``        a shard's WAL fsyncs fail (some, or all for a while)
 ``wal_enospc``             a shard's WAL writes fail with ENOSPC (some, or all for a while)
+``move``, ``move_kill``    a space moves; or a move is killed at a step (``chaos/move_faults``)
 =========================  ==================================================================
 
 A WAL fault sometimes ends with a SIGKILL of the shard while the fault is still on, so a batch
@@ -42,6 +43,7 @@ import grpc
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from engram.chaos.move_faults import MoveFaults
 from engram.chaos.proxy import PASS, Mode, ProxyHost
 from engram.control.assignment import default_shard
 from engram.internal.v1 import shard_pb2 as ipb
@@ -61,6 +63,8 @@ KINDS = (
     "net_blackhole",
     "wal_fsync_error",
     "wal_enospc",
+    "move",
+    "move_kill",
 )
 
 
@@ -87,6 +91,7 @@ class Injector:
         short: bool = False,
         recovery_timeout_s: float = 60.0,
         key_prefix: str = "engram",
+        spaces: list[str] | None = None,
     ) -> None:
         self.cluster = cluster
         self.proxies = proxies
@@ -105,6 +110,14 @@ class Injector:
         self._probe_space = {
             i: _owned_name("chaos-probe", i, self.shards) for i in range(self.shards)
         }
+        self.moves = MoveFaults(
+            cluster,
+            list(spaces or []),
+            rng,
+            hold=lambda i, phase: self._write_faults(i, {"hold_move_at": phase} if phase else {}),
+            event=lambda kind, target: FaultEvent(kind, target, time.monotonic()),
+            count=self._count,
+        )
 
     # ------------------------------------------------------------------ entry points
 
@@ -233,6 +246,12 @@ class Injector:
             self._signal(name, signal.SIGCONT)
             self.paused.discard(name)
         return event
+
+    async def _move(self) -> FaultEvent:
+        return await self.moves.move()
+
+    async def _move_kill(self) -> FaultEvent:
+        return await self.moves.move_kill()
 
     async def _gateway_kill(self) -> FaultEvent:
         event = FaultEvent("gateway_kill", "gateway", time.monotonic())

@@ -100,6 +100,7 @@ class ChaosRun:
             long_faults=cfg.long_faults,
             short=cfg.short,
             recovery_timeout_s=cfg.recovery_timeout_s,
+            spaces=self.spaces,
         )
         if not await self.injector.wait_serving(60.0):
             raise RuntimeError("the cluster did not come up")

@@ -176,12 +176,14 @@ def build(
     unrecovered = [k for k, e in enumerate(faults) if not e.recovered]
     observed = extra.get("observed", {})
     not_rebuilt = observed.get("redis_not_rebuilt", 0) + observed.get("redis_assignment_lost", 0)
+    unsettled = observed.get("move_owners_unsettled", 0)
     ok = (
         verified
         and f.violations == 0
         and continuous.violations == 0
         and not unrecovered
         and not not_rebuilt
+        and not unsettled
     )
     return {
         "ok": ok,
@@ -194,6 +196,7 @@ def build(
         "all_fault_kinds": all(counts[k] > 0 for k in KINDS),
         "unrecovered_faults": len(unrecovered),
         "redis_not_rebuilt": not_rebuilt,
+        "move_owners_unsettled": unsettled,
         "acked": f.acked,
         "acked_batches": f.acked_batches,
         "lost": f.lost,
