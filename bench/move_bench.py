@@ -171,7 +171,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"  {args.rows / fill_s:,.0f} obs/s; waiting for the index and a checkpoint")
         index_s = await wait_indexed(addresses, args.rows)
         print(
-            f"== {args.moves} moves under {args.rate:,.0f} obs/s ({args.space_rate:,.0f} into the space)"
+            f"== {args.moves} moves under {args.rate:,.0f} obs/s "
+            f"({args.space_rate:,.0f} into the space)"
         )
         async with EngramClient(cluster.gateway_address) as client:
             writer = Writer(client, args.dim, args.space_rate)
