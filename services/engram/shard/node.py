@@ -111,7 +111,7 @@ class ShardNode:
 
     def new_space(self, name: str) -> Space:
         s = self.settings
-        return Space(
+        space = Space(
             name,
             self.space_dir(name),
             wal=s.shard.wal,
@@ -120,6 +120,8 @@ class ShardNode:
             faults=self.faults,
             admission=self.admission,
         )
+        space.bounded_staleness_s = s.shard.bounded_staleness_ms / 1000
+        return space
 
     def space_dir(self, name: str) -> Path:
         return self.root / "spaces" / name
