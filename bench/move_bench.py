@@ -160,7 +160,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"== disk: {args.disk_mb} MB written, then copied, on {work}")
     disk = disk_copy_rate(work, args.disk_mb)
     print(f"  write {disk['write_mb_s']:.0f} MB/s, copy {disk['copy_mb_s']:.0f} MB/s")
-    env = {"ENGRAM_CHECKPOINT_INTERVAL_S": "5", "ENGRAM_CANARY_INTERVAL_S": "0"}
+    env = {"ENGRAM_CANARY_INTERVAL_S": "0"}
     cluster = LocalCluster(work / "cluster", shards=2, env=env)
     await asyncio.to_thread(cluster.start)
     moves: list[dict[str, Any]] = []
