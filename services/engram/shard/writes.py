@@ -85,13 +85,18 @@ class WritePath(SpaceState):
         def done(f: asyncio.Future[None]) -> None:
             self._inflight -= 1
             sessions.opening.pop(session_id, None)
-            if f.cancelled() or f.exception() is not None:
+            failed = f.cancelled() or f.exception() is not None
+            if failed:
                 sessions.assigned.pop(session_id, None)
-                fut.set_exception(_storage_error(f))
-                self._on_failure()
             else:
                 sessions.durable.setdefault(session_id, 0)
-                fut.set_result(sessions.durable[session_id])
+            if not fut.done():  # done: cancelled, its caller went away
+                if failed:
+                    fut.set_exception(_storage_error(f))
+                else:
+                    fut.set_result(sessions.durable[session_id])
+            if failed:
+                self._on_failure()
 
         wal_fut.add_done_callback(done)
         return fut
@@ -169,7 +174,8 @@ class WritePath(SpaceState):
         if wal_fut.cancelled() or wal_fut.exception() is not None:
             self.admission.settle(p.lane, n, p.nbytes, 0)
             err = _storage_error(wal_fut)
-            p.result.set_exception(err)
+            if not p.result.done():  # done: cancelled, its caller went away
+                p.result.set_exception(err)
             self.sessions.fail(p.session_id, err)
             self._on_failure()
             return
@@ -183,9 +189,10 @@ class WritePath(SpaceState):
         sessions.rows[p.session_id] = self.visible
         if self.visibility.waiting:
             self.visibility.wake(self.visible)
-        p.result.set_result(
-            AppendResult(p.seq, p.first_row + 1, n, False, now_us(), p.ids[0] if p.ids else "")
-        )
+        if not p.result.done():  # done: cancelled, its caller went away
+            p.result.set_result(
+                AppendResult(p.seq, p.first_row + 1, n, False, now_us(), p.ids[0] if p.ids else "")
+            )
         sessions.answer_duplicates(p.session_id, p.seq)
 
     def _check_writable(self) -> None:
