@@ -5,7 +5,9 @@
     engram move SPACE --to shard-2        waits until the move is done; prints the write pause
     engram move SPACE --cancel            cancels the move of SPACE in progress
 
-Shards are found in the cluster's ``cluster.json`` (``--data-dir``, as ``engram up`` wrote it).
+Shards are found in the cluster's ``cluster.json`` (``--data-dir``, as ``engram up`` wrote it),
+or, with ``--redis URL`` (a cluster elsewhere, e.g. on Kubernetes), in the control plane's
+shard registry.
 Exit status: 0 moved (or cancelled), 1 the move aborted (nothing changed), 2 a bad request.
 """
 
@@ -18,6 +20,7 @@ import sys
 
 from engram.contract.errors import EngramError
 from engram.control.moves import PHASES, MoveRefused, cancel_move, move_space
+from engram.control.store import ControlStore
 from engram.internal.v1 import shard_pb2 as ipb
 from engram.launcher.status import NoClusterError, load_cluster_file
 
@@ -31,6 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     what.add_argument("--to", help="target shard: shard-N (or N)")
     what.add_argument("--cancel", action="store_true", help="cancel the move in progress")
     p.add_argument("--data-dir", default="./.engram", help="the cluster's data directory")
+    p.add_argument("--redis", default="", help="find the shards in this Redis instead")
+    p.add_argument("--key-prefix", default="engram", help="with --redis: the cluster's prefix")
     p.add_argument("--quiet", action="store_true", help="print only the result")
     return p.parse_args(argv)
 
@@ -55,11 +60,25 @@ def _show(progress: ipb.MoveProgress) -> None:
     )
 
 
+async def registered_addresses(redis_url: str, prefix: str) -> dict[int, str]:
+    store = ControlStore(redis_url, prefix)
+    try:
+        return {i: info.address for i, info in (await store.registered()).items()}
+    finally:
+        await store.close()
+
+
 async def run(args: argparse.Namespace) -> int:
     try:
-        addresses = shard_addresses(args.data_dir)
+        if args.redis:
+            addresses = await registered_addresses(args.redis, args.key_prefix)
+        else:
+            addresses = shard_addresses(args.data_dir)
     except NoClusterError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # Redis unreachable
+        print(f"error: cannot read the shard registry at {args.redis}: {exc}", file=sys.stderr)
         return 2
     try:
         if args.cancel:

@@ -170,6 +170,18 @@ class ControlStore:
             pipe.pexpire(key, int(ttl_s * 1000))
             await pipe.execute()
 
+    async def registered(self) -> dict[int, ShardInfo]:
+        """Every shard registered now, whatever this store's shard count (for tools)."""
+        out: dict[int, ShardInfo] = {}
+        async for key in self._redis.scan_iter(match=f"{self._p}:shard:*", count=1000):
+            suffix = key.rsplit(":", 1)[1]
+            row = await self._redis.hgetall(key)
+            if suffix.isdigit() and row and "address" in row:
+                out[int(suffix)] = ShardInfo(
+                    int(suffix), row["address"], int(row.get("heartbeat_us", 0))
+                )
+        return dict(sorted(out.items()))
+
     async def shards(self) -> dict[int, ShardInfo]:
         out: dict[int, ShardInfo] = {}
         async with self._redis.pipeline(transaction=False) as pipe:
