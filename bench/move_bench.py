@@ -7,13 +7,16 @@
    fsynced, then copied to a new file (read, write, fsync), as a move's checkpoint copy does.
 2. A local cluster of 2 shards; --rows observations (dim --dim) written into one space, then
    the index built and a checkpoint written (what a move copies as files).
-3. --moves moves of that space back and forth under --rate observations/s of ingest:
-   --space-rate of it into the moving space, the rest into one other space on each shard (so
-   the cluster's memory, not the moving space, takes the growth a long run brings). For each
-   move: its time, the bytes it copied (checkpoint files and WAL records) and its rate, the
-   source's write pause (fence to commit, as the target reports it) and what the clients
-   saw: the slowest ack of the batches sent during the move, on the moving space's stream and
-   on the others, against the median ack before the moves.
+3. --moves moves of that space back and forth while a stream writes into it: --idle-rate
+   observations/s while the checkpoint is copied, --rate from the moment the copy is done
+   (the target catches up on the WAL, held there --load-s seconds so that the fence always
+   comes under full load) through the fence, the commit and the release. (At --rate all the
+   time, two cores cannot index as fast as they take writes: the shards' memory budget fills
+   within minutes and admission control refuses writes, which would be measured instead of
+   the move.) For each move: its time, the bytes it copied (checkpoint files and WAL
+   records), the rate of the files' copy (to the first catch-up round), the source's write
+   pause (fence to commit, as the target reports it) and what the writing client saw at
+   --rate: its slowest ack and its P99, against the median ack before the moves.
 
 Prints a table and writes bench/results/moves-<timestamp>.json. The machine is shared and
 noisy: compare the figures of one run with each other (the copy rate with the disk's).
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -39,8 +43,8 @@ sys.path.insert(0, str(ROOT / "services"))
 sys.path.insert(0, str(ROOT / "clients" / "python"))
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
-from engram.control.assignment import default_shard  # noqa: E402
-from engram.control.moves import move_space, shard_stats, spaces_of  # noqa: E402
+from engram.control.moves import P, move_space, shard_stats, spaces_of  # noqa: E402
+from engram.internal.v1 import shard_pb2 as ipb  # noqa: E402
 from engram.launcher.cluster import LocalCluster  # noqa: E402
 from engram_client import EngramClient  # noqa: E402
 
@@ -73,28 +77,34 @@ def disk_copy_rate(directory: Path, mb: int) -> dict[str, float]:
 
 
 class Writer:
-    """Writes at ``rate`` observations/s into ``space``; records each batch's ack latency."""
+    """Writes at ``rate`` observations/s (changeable) into SPACE; records each batch's ack
+    latency with the time it was sent."""
 
-    def __init__(self, client: EngramClient, dim: int, rate: float, space: str = SPACE) -> None:
+    def __init__(self, client: EngramClient, dim: int, rate: float) -> None:
         self.client = client
-        self.space = space
         self.dim = dim
         self.rate = rate
         self.acks: list[tuple[float, float]] = []  # (sent at, latency)
         self.failed = 0
         self._stop = asyncio.Event()
+        self._changed = asyncio.Event()
         self._vectors = np.random.default_rng(1).standard_normal((BATCH * 4, dim)).astype("<f4")
 
     async def run(self) -> None:
-        stream = await self.client.open_stream(self.space)
+        stream = await self.client.open_stream(SPACE)
         pending: list[asyncio.Task[None]] = []
         n = 0
-        started = time.perf_counter()
+        due = time.perf_counter()
         while not self._stop.is_set():
-            due = started + n * BATCH / self.rate
             delay = due - time.perf_counter()
             if delay > 0:
-                await asyncio.sleep(delay)
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), delay)
+                if self._changed.is_set():
+                    due = time.perf_counter()  # a new rate: start over at it
+                    continue
+            due = max(due, time.perf_counter() - 0.5) + BATCH / self.rate
             sent = time.perf_counter()
             lo = (n % 4) * BATCH
             fut = await stream.send(self._vectors[lo : lo + BATCH])
@@ -111,12 +121,17 @@ class Writer:
             return
         self.acks.append((sent, time.perf_counter() - sent))
 
+    def set_rate(self, rate: float) -> None:
+        self.rate = rate
+        self._changed.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._changed.set()
 
-    def slowest(self, lo: float, hi: float) -> float:
-        inside = [lat for at, lat in self.acks if lo <= at <= hi]
-        return max(inside, default=0.0)
+    def window(self, lo: float, hi: float) -> list[float]:
+        """Ack latencies of the batches sent between ``lo`` and ``hi``."""
+        return [lat for at, lat in self.acks if lo <= at <= hi]
 
 
 async def fill(cluster: LocalCluster, rows: int, dim: int) -> float:
@@ -161,7 +176,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     disk = disk_copy_rate(work, args.disk_mb)
     print(f"  write {disk['write_mb_s']:.0f} MB/s, copy {disk['copy_mb_s']:.0f} MB/s")
     env = {"ENGRAM_CANARY_INTERVAL_S": "0"}
-    cluster = LocalCluster(work / "cluster", shards=2, env=env)
+    faults = {i: work / f"faults-{i}.json" for i in range(2)}
+    for path in faults.values():
+        path.write_text("{}")
+    cluster = LocalCluster(
+        work / "cluster",
+        shards=2,
+        env=env,
+        shard_env={i: {"ENGRAM_FAULT_FILE": str(path)} for i, path in faults.items()},
+    )
     await asyncio.to_thread(cluster.start)
     moves: list[dict[str, Any]] = []
     try:
@@ -172,49 +195,72 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         index_s = await wait_indexed(addresses, args.rows)
         print(
             f"== {args.moves} moves under {args.rate:,.0f} obs/s "
-            f"({args.space_rate:,.0f} into the space)"
+            f"from the end of each copy ({args.idle_rate:,.0f} obs/s before)"
         )
         async with EngramClient(cluster.gateway_address) as client:
-            writer = Writer(client, args.dim, args.space_rate)
-            others = [
-                Writer(client, args.dim, (args.rate - args.space_rate) / 2, _on_shard(i))
-                for i in range(2)
-            ]
-            writing = [asyncio.create_task(w.run()) for w in (writer, *others)]
+            writer = Writer(client, args.dim, args.idle_rate)
+            writing = asyncio.create_task(writer.run())
             await asyncio.sleep(max(args.gap_s, 3.0))
             before = [lat for _, lat in writer.acks]
             for k in range(args.moves):
                 where = spaces_of(await shard_stats(addresses))[SPACE]
+                busy: list[float] = []
+
+                target = 1 - where.owner
+                _hold(faults[target], "catching_up")
+
+                def on_progress(
+                    p: ipb.MoveProgress, busy: list[float] = busy, target: int = target
+                ) -> None:
+                    if p.phase == P.CATCHING_UP and not busy:
+                        writer.set_rate(args.rate)  # the copy is done: full load from here on,
+                        busy.append(time.perf_counter())  # for --load-s before the fence
+                        asyncio.get_running_loop().call_later(
+                            args.load_s, _hold, faults[target], ""
+                        )
+
                 started = time.perf_counter()
-                result = await move_space(addresses, SPACE, 1 - where.owner)
+                result = await move_space(
+                    addresses, SPACE, 1 - where.owner, on_progress=on_progress
+                )
                 ended = time.perf_counter()
+                writer.rate = args.idle_rate
                 await asyncio.sleep(args.gap_s)
+                loaded = writer.window(busy[0] if busy else started, ended)
                 copied = result.copied_bytes + result.wal_bytes
                 row = {
                     "move": k + 1,
                     "rows": result.rows,
                     "seconds": round(result.seconds, 3),
+                    "loaded_seconds": round(ended - (busy[0] if busy else started), 3),
                     "copied_mb": round(copied / 1e6, 1),
                     "checkpoint_mb": round(result.copied_bytes / 1e6, 1),
                     "wal_mb": round(result.wal_bytes / 1e6, 1),
-                    "mb_s": round(copied / 1e6 / result.seconds, 1),
-                    "pause_ms": round(result.pause_ms, 1),
-                    "slowest_ack_ms": round(writer.slowest(started, ended) * 1000, 1),
-                    "others_slowest_ack_ms": round(
-                        max(w.slowest(started, ended) for w in others) * 1000, 1
+                    # the checkpoint files' copy: from the start to the first catch-up round
+                    "copy_s": round((busy[0] if busy else ended) - started, 3),
+                    "mb_s": round(
+                        result.copied_bytes
+                        / 1e6
+                        / max(1e-3, (busy[0] if busy else ended) - started),
+                        1,
                     ),
+                    "pause_ms": round(result.pause_ms, 1),
+                    "batches_at_rate": len(loaded),
+                    "slowest_ack_ms": round(max(loaded, default=0.0) * 1000, 1),
+                    "ack_p99_ms": round(_pct(loaded, 99) * 1000, 1),
                 }
                 moves.append(row)
                 print(
                     f"  move {k + 1:>2}: {row['rows']:>9,} rows in {row['seconds']:6.2f} s, "
-                    f"{row['copied_mb']:8.1f} MB ({row['mb_s']:6.1f} MB/s), pause "
-                    f"{row['pause_ms']:6.1f} ms, slowest ack {row['slowest_ack_ms']:7.1f} ms "
-                    f"(other spaces {row['others_slowest_ack_ms']:7.1f} ms)",
+                    f"{row['copied_mb']:8.1f} MB (files {row['checkpoint_mb']:.0f} MB in "
+                    f"{row['copy_s']:.1f} s: {row['mb_s']:6.1f} MB/s), pause "
+                    f"{row['pause_ms']:6.1f} ms; at {args.rate:,.0f} obs/s for "
+                    f"{row['loaded_seconds']:.1f} s: {row['batches_at_rate']} batches, ack P99 "
+                    f"{row['ack_p99_ms']:.1f} ms, slowest {row['slowest_ack_ms']:.1f} ms",
                     flush=True,
                 )
-            for w in (writer, *others):
-                w.stop()
-            await asyncio.gather(*writing)
+            writer.stop()
+            await writing
     finally:
         await asyncio.to_thread(cluster.stop)
         if not args.keep_data:
@@ -237,20 +283,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "pause_ms_p99": round(_pct(pauses, 99), 1),
         "slowest_ack_ms_p50": round(_pct(spikes, 50), 1),
         "slowest_ack_ms_p99": round(_pct(spikes, 99), 1),
-        "others_slowest_ack_ms_p99": round(
-            _pct([m["others_slowest_ack_ms"] for m in moves], 99), 1
-        ),
+        "slowest_ack_ms_max": round(max(spikes, default=0.0), 1),
         "move_mb_s_median": round(statistics.median(rates), 1),
         "move_vs_disk_copy": round(statistics.median(rates) / disk["copy_mb_s"], 3),
-        "failed_batches": writer.failed + sum(w.failed for w in others),
+        "failed_batches": writer.failed,
     }
     return {"summary": summary, "moves": moves}
 
 
-def _on_shard(shard: int) -> str:
-    return next(
-        f"bench-other-{n}" for n in range(1000) if default_shard(f"bench-other-{n}", 2) == shard
-    )
+def _hold(path: Path, phase: str) -> None:
+    """Moves into the shard of this fault file wait at ``phase`` ("": none)."""
+    path.write_text(json.dumps({"hold_move_at": phase} if phase else {}))
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -264,8 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--rows", type=int, default=1_000_000, help="observations before the moves")
     p.add_argument("--dim", type=int, default=384)
-    p.add_argument("--rate", type=float, default=20_000, help="obs/s written during the moves")
-    p.add_argument("--space-rate", type=float, default=2_000, help="of which into the moving space")
+    p.add_argument("--rate", type=float, default=20_000, help="obs/s from the copy's end on")
+    p.add_argument("--idle-rate", type=float, default=1_000, help="obs/s while files are copied")
+    p.add_argument("--load-s", type=float, default=2.0, help="seconds at --rate before the fence")
     p.add_argument("--moves", type=int, default=20)
     p.add_argument("--gap-s", type=float, default=2.0, help="seconds between moves")
     p.add_argument("--disk-mb", type=int, default=1024, help="size of the disk copy probe")
