@@ -50,6 +50,11 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """Writes ``path`` through ``write(tmp_path)``, then fsync, rename, fsync the directory."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    commit_file(tmp, path)
+
+
+def commit_file(tmp: Path, path: Path) -> None:
+    """Makes the written file ``tmp`` durable as ``path``: fsync, rename, fsync the directory."""
     fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
@@ -198,7 +196,7 @@ class Incoming:
                 raise StorageError(
                     f"copied {tmp.stat().st_size} bytes of {info.name}, the source has {info.size}"
                 )
-            await asyncio.to_thread(_fsync_rename, tmp, final)
+            await asyncio.to_thread(ckpt.commit_file, tmp, final)
 
     async def _catch_up(self, stub: shard_pb2_grpc.ShardStub, after: int) -> int:
         """Applies the source's closed segments after ``after``; returns the last one."""
@@ -297,16 +295,6 @@ class Incoming:
 
     def status(self) -> ipb.MoveStatusResponse:
         return ipb.MoveStatusResponse(state=ipb.MoveStatusResponse.IN_PROGRESS, epoch=self.epoch)
-
-
-def _fsync_rename(tmp: Path, final: Path) -> None:
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, final)
-    ckpt.fsync_dir(final.parent)
 
 
 def _from_source(exc: BaseException, source: int) -> EngramError:
