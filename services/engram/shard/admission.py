@@ -140,6 +140,13 @@ class AdmissionController:
             self.unindexed_bytes += unindexed_bytes
             self._notify(self._update())  # under the lock: listeners see changes in order
 
+    def released(self, unindexed_bytes: int) -> None:
+        """A space left the shard (closed: moved away, or a move's copy discarded): its
+        un-indexed rows no longer take memory here."""
+        with self._lock:
+            self.unindexed_bytes = max(0, self.unindexed_bytes - unindexed_bytes)
+            self._notify(self._update())  # under the lock: listeners see changes in order
+
     def indexed(self, freed_bytes: int) -> None:
         """The builder moved rows into HNSW, freeing ``freed_bytes`` of fresh tier."""
         now = self._clock()

@@ -62,7 +62,10 @@ class Space(Recovery, WritePath, Recall, Maintenance):
         self.wal.start(loop)
 
     async def close(self) -> None:
+        """Stops the WAL; the space's un-indexed rows stop counting against the shard's memory
+        budget (the space leaves the shard, or the shard stops)."""
         await self.wal.close()
+        self.admission.released(self.backlog() * self.dim * 4)
 
     def session_mark(self, session_id: str) -> int | None:
         return self.sessions.durable.get(session_id)
