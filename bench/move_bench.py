@@ -208,6 +208,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
                 target = 1 - where.owner
                 _hold(faults[target], "catching_up")
+                await asyncio.sleep(0.35)  # the shard polls its fault file every 0.1 s
 
                 def on_progress(
                     p: ipb.MoveProgress, busy: list[float] = busy, target: int = target
@@ -293,7 +294,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _hold(path: Path, phase: str) -> None:
     """Moves into the shard of this fault file wait at ``phase`` ("": none)."""
-    path.write_text(json.dumps({"hold_move_at": phase} if phase else {}))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"hold_move_at": phase} if phase else {}))
+    os.replace(tmp, path)  # a new file: the shard sees the change whatever the clock
 
 
 def _pct(values: list[float], q: float) -> float:

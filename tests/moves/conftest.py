@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ import pytest
 
 from engram.control.moves import shard_stats
 from engram.launcher.cluster import LocalCluster
+from engram.shard.faults import SETTLE_S
 from engram_client import EngramClient
 
 DIM = 16
@@ -151,8 +153,17 @@ def fault_files(root: Path, shards: int) -> dict[int, Path]:
 
 
 def hold(path: Path, phase: str) -> None:
-    """Moves into the shard of this fault file wait at ``phase`` ("": none)."""
-    path.write_text(json.dumps({"hold_move_at": phase} if phase else {}))
+    """Moves into the shard of this fault file wait at ``phase`` ("": none); the file is
+    replaced, so the shard sees the change (give it ``SETTLE_S``, see :func:`held`)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"hold_move_at": phase} if phase else {}))
+    os.replace(tmp, path)
+
+
+async def held(path: Path, phase: str) -> None:
+    """:func:`hold`, then waits until the shard has surely applied it."""
+    hold(path, phase)
+    await asyncio.sleep(SETTLE_S)
 
 
 @pytest.fixture

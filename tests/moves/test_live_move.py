@@ -99,7 +99,7 @@ async def test_bad_requests_change_nothing(make_cluster, mv: ModuleType, tmp_pat
         with pytest.raises(MoveRefused, match="is not moving"):
             await cancel_move(addresses, space)
 
-        mv.hold(faults[1 - owner], "catching_up")
+        await mv.held(faults[1 - owner], "catching_up")
         first = asyncio.create_task(move_space(addresses, space, 1 - owner))
         await mv.wait_phase(cluster, space, "catching_up")
         with pytest.raises(MoveRefused, match="already moving"):

@@ -49,7 +49,7 @@ async def test_kill_during_a_move(
         await asyncio.sleep(1.0)
         source, epoch = await mv.settled(cluster, space)
         target = 1 - source
-        mv.hold(faults[target], step)
+        await mv.held(faults[target], step)
         move = asyncio.create_task(move_space(mv.addresses(cluster), space, target))
         try:
             await mv.wait_phase(cluster, space, step)

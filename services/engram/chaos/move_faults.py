@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from engram.contract.errors import EngramError
 from engram.control.moves import move_space, shard_stats, spaces_of
+from engram.shard.faults import SETTLE_S as FAULT_FILE_SETTLE_S
 
 if TYPE_CHECKING:
     from engram.chaos.faults import FaultEvent
@@ -40,7 +41,7 @@ log = logging.getLogger("engram.chaos.moves")
 STEPS = ("copying", "catching_up", "fenced", "committed")
 VICTIMS = ("source", "target", "gateway", "redis")
 MOVE_TIMEOUT_S = 120.0
-SETTLE_S = 90.0
+OWNERS_SETTLE_S = 90.0
 
 
 class MoveFaults:
@@ -100,6 +101,7 @@ class MoveFaults:
         target = self.rng.choice([i for i in range(self.cluster.shards) if i != source])
         event.params.update(step=step, victim=victim, source=source, target=target)
         self._hold(target, step)
+        await asyncio.sleep(FAULT_FILE_SETTLE_S)  # the shard polls its fault file
         move = asyncio.create_task(move_space(self._addresses(), space, target))
         try:
             reached = await self._reach(space, step, move)
@@ -134,7 +136,7 @@ class MoveFaults:
 
     async def _settle(self, space: str, event: FaultEvent) -> None:
         """Waits until exactly one shard claims ``space`` and no move of it is in progress."""
-        deadline = time.monotonic() + SETTLE_S
+        deadline = time.monotonic() + OWNERS_SETTLE_S
         claims: list[tuple[int, int, str]] = []
         while time.monotonic() < deadline:
             stats = await shard_stats(self._addresses())

@@ -5,8 +5,10 @@ Off unless ``ENGRAM_FAULT_FILE`` names a file. The file holds the fields of
 or ``{"persistent_enospc": true}`` (every write fails until the file says otherwise), and
 ``{"hold_move_at": "fenced"}``: a move into this shard waits at that phase (``copying``,
 ``catching_up``, ``fenced``, ``committed``) until the file says otherwise, so a test can kill
-a process at a chosen step of a move. Counts are applied once each time the file changes;
-persistent flags follow the file. Writing ``{}`` clears persistent faults.
+a process at a chosen step of a move. The file is polled every ``POLL_S``: write it by
+replacing it (a new file renamed over the old one), and give the shard ``SETTLE_S`` to see
+it. Counts are applied once each time the file changes; persistent flags follow the file.
+Writing ``{}`` clears persistent faults.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from engram.shard.wal import WalFaults
 log = logging.getLogger("engram.shard.faults")
 
 POLL_S = 0.1
+# Long enough for a change of the file to have been applied (a few polls).
+SETTLE_S = 0.35
 _COUNTS = ("fail_fsync", "fail_write")
 _FLAGS = ("persistent_fsync_error", "persistent_enospc")
 
@@ -50,14 +54,17 @@ def apply(faults: WalFaults, spec: dict[str, object], moves: MoveFaults | None =
 
 async def watch(path: str, faults: WalFaults, moves: MoveFaults | None = None) -> None:
     """Applies the file's faults whenever it changes (runs until cancelled)."""
-    seen: float | None = None
+    seen: tuple[int, int, int] | None = None
     while True:
         try:
-            mtime = os.stat(path).st_mtime_ns
+            st = os.stat(path)
+            # the inode too: two writes within one tick of the clock that stamps files leave
+            # the same mtime, and writers replace the file (a new inode) to be seen
+            version: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_ino, st.st_size)
         except FileNotFoundError:
-            mtime = None
-        if mtime is not None and mtime != seen:
-            seen = mtime
+            version = None
+        if version is not None and version != seen:
+            seen = version
             try:
                 spec = json.loads(await asyncio.to_thread(_read, path))
                 apply(faults, spec, moves)
