@@ -140,3 +140,24 @@ async def test_redis_loss_keeps_one_owner(make_cluster, mv: ModuleType) -> None:
         # the old shard keeps a tombstone: it never serves the space again
         seen = await mv.owners(cluster, space)
         assert [c[0] for c in seen["claims"]] == [1]
+
+
+async def test_a_move_outlives_its_caller(make_cluster, mv: ModuleType, tmp_path) -> None:
+    faults = mv.fault_files(tmp_path / "faults", 2)
+    cluster = make_cluster(
+        shards=2, env=ENV, shard_env={i: {"ENGRAM_FAULT_FILE": str(p)} for i, p in faults.items()}
+    )
+    space = "orphan-space"
+    async with EngramClient(cluster.gateway_address) as client:
+        writer = await mv.Writer(client, space, "o").start()
+        await asyncio.sleep(0.5)
+        owner, epoch = await mv.settled(cluster, space)
+        await mv.held(faults[1 - owner], "catching_up")
+        caller = asyncio.create_task(move_space(mv.addresses(cluster), space, 1 - owner))
+        await mv.wait_phase(cluster, space, "catching_up")
+        caller.cancel()  # the caller goes away (Ctrl-C on engram move)
+        await asyncio.gather(caller, return_exceptions=True)
+        mv.hold(faults[1 - owner], "")
+        assert await mv.settled(cluster, space) == (1 - owner, epoch + 1)
+        acked = await writer.stop()
+        await mv.check_space(client, space, acked, writer.sent)

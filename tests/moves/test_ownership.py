@@ -29,7 +29,7 @@ def test_changes_survive_a_reload(tmp_path: Path) -> None:
     assert again.get("x-space") == Owner(FENCED, 0, "m1", 3)
     assert again.get("y-space") == Owner(OWNED, 4)
     assert again.claimed() == {"x-space": 0, "y-space": 4}
-    again.set("x-space", Owner(FENCED, 0, "m1", 3).moved_to(3, 1))
+    again.set("x-space", Owner(MOVED, 1, peer=3))
     third = Ownership(tmp_path)
     third.load([])
     assert third.get("x-space") == Owner(MOVED, 1, peer=3)

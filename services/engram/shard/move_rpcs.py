@@ -1,10 +1,10 @@
 """The shard's gRPC methods of a move (``engram.internal.v1.Shard``), mixed into its service.
 
-On the target: ``MoveIn`` (runs :class:`~engram.shard.move_target.Incoming`, streaming its
-progress), ``CancelMove``, ``MoveStatus``. On the source, called by the target: ``OpenMoveOut``,
-``FetchFile``, ``ReadWal``, ``Fence``, ``FinishMoveOut``
-(:class:`~engram.shard.move_source.Outgoing`). Refusals are answered in-band (``error``) or,
-for streams, end the call with the error's status.
+On the target: ``MoveIn`` (starts :class:`~engram.shard.move_target.Incoming`, streaming its
+progress for as long as the caller listens), ``CancelMove``, ``MoveStatus``. On the source,
+called by the target: ``OpenMoveOut``, ``FetchFile``, ``ReadWal``, ``Fence``,
+``FinishMoveOut`` (:class:`~engram.shard.move_source.Outgoing`). Refusals are answered
+in-band (``error``) or, for streams, end the call with the error's status.
 """
 
 from __future__ import annotations
@@ -62,8 +62,9 @@ class MoveRpcs:
             node, name, request.source_shard, request.source_address, request.move_id
         )
         node.incoming[name] = incoming
-        async for progress in incoming.run():
-            yield progress
+        progress = incoming.start()  # goes on if this caller goes away
+        while (step := await progress.get()) is not None:
+            yield step
 
     async def CancelMove(  # noqa: N802
         self, request: ipb.CancelMoveRequest, context: Context

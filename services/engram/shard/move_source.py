@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from engram.contract.errors import NotOwnerError, StorageError, ValidationError
 from engram.internal.v1 import shard_pb2 as ipb
 from engram.shard import checkpoint as ckpt
-from engram.shard.ownership import FENCED, Owner
+from engram.shard.ownership import FENCED, MOVED, Owner
 from engram.shard.space import Space
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ class Outgoing:
                     "source was never fenced"
                 )
             await asyncio.to_thread(
-                node.ownership.set, self.name, Owner(FENCED, 0).moved_to(self.target, epoch)
+                node.ownership.set, self.name, Owner(MOVED, epoch, peer=self.target)
             )
             node.outgoing.pop(self.name, None)
             log.info(

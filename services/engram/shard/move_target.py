@@ -20,6 +20,9 @@ here before 5 leaves INCOMING, which the next start discards (the source, if fen
 MoveStatus, hears UNKNOWN and unfences). After 5 the source learns the outcome from
 FinishMoveOut or, if that does not reach it, from MoveStatus. Sessions' high-water marks are
 in the checkpoint and the WAL records, so they move with the data: resends stay exactly-once.
+
+A move runs in a task of its own (:meth:`Incoming.start`): a caller that goes away (Ctrl-C on
+``engram move``) leaves it to finish or abort by itself; ``CancelMove`` stops it.
 """
 
 from __future__ import annotations
@@ -78,6 +81,21 @@ class Incoming:
         self._previous = node.ownership.get(name)
         self._opened = False
         self._progress = P()
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> asyncio.Queue[ipb.MoveProgress | None]:
+        """Runs the move in a task of its own; its progress arrives on the queue, None last."""
+        progress: asyncio.Queue[ipb.MoveProgress | None] = asyncio.Queue()
+
+        async def drive() -> None:
+            try:
+                async for step in self.run():
+                    progress.put_nowait(step)
+            finally:
+                progress.put_nowait(None)
+
+        self.task = asyncio.create_task(drive(), name=f"move-in:{self.name}")
+        return progress
 
     # ------------------------------------------------------------------ the move
 
@@ -156,6 +174,7 @@ class Incoming:
             raise from_proto(fence.error)
         self._progress.phase = P.FENCED
         self._progress.source_lsn = fence.visible
+        yield self._progress
         await self._passing(P.FENCED)
         await self._catch_up(stub, after)
         if space.visible != fence.visible:
@@ -272,25 +291,22 @@ class Incoming:
             raise ServerError(f"move {self.move_id} of memory space {self.name!r} was cancelled")
 
     async def _abort(self, stub: shard_pb2_grpc.ShardStub) -> None:
-        if self.committed:
-            return
-        if self._opened:
-            try:
-                await stub.FinishMoveOut(
-                    ipb.FinishMoveOutRequest(
-                        memory_space_id=self.name, move_id=self.move_id, committed=False
-                    ),
-                    timeout=5.0,
-                )
-            except grpc.aio.AioRpcError as exc:  # it asks MoveStatus once it is back
-                log.info("move %s: the source did not hear the abort: %s", self.move_id, exc)
+        if self.committed or not self._opened:
+            return  # nothing here changed yet (or the move happened)
+        try:
+            await stub.FinishMoveOut(
+                ipb.FinishMoveOutRequest(
+                    memory_space_id=self.name, move_id=self.move_id, committed=False
+                ),
+                timeout=5.0,
+            )
+        except grpc.aio.AioRpcError as exc:  # it asks MoveStatus once it is back
+            log.info("move %s: the source did not hear the abort: %s", self.move_id, exc)
         if self.space is not None:
             await self.space.close()
             self.space = None
         await self.node.delete_space_files(self.name)
-        restore = self._previous
-        if restore is None and self._opened:
-            restore = Owner(MOVED, max(0, self.epoch - 1), peer=self.source)
+        restore = self._previous or Owner(MOVED, max(0, self.epoch - 1), peer=self.source)
         await asyncio.to_thread(self.node.ownership.set, self.name, restore)
 
     def status(self) -> ipb.MoveStatusResponse:

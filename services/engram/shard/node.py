@@ -103,8 +103,11 @@ class ShardNode:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.to_thread(self.background.stop)
+        moves = [i.task for i in self.incoming.values() if i.task is not None]
         for incoming in list(self.incoming.values()):
-            incoming.cancelled.set()
+            incoming.cancelled.set()  # they abort at their next step
+        if moves:
+            await asyncio.wait(moves, timeout=10)
         for space in self.spaces.values():
             await space.close()
         await self.store.close()

@@ -75,9 +75,6 @@ class Owner:
     def unfenced(self) -> Owner:
         return Owner(OWNED, self.epoch)
 
-    def moved_to(self, owner: int, epoch: int) -> Owner:
-        return Owner(MOVED, epoch, peer=owner)
-
 
 class Ownership:
     """The shard's ownership file, loaded once and rewritten whole on every change."""

@@ -28,11 +28,11 @@ import grpc
 
 from engram.common import grpcutil
 from engram.contract.errors import NotOwnerError, UnavailableError
-from engram.control.assignment import default_shard
 from engram.internal.v1 import shard_pb2 as ipb
 from engram.internal.v1 import shard_pb2_grpc
 from engram.shard.move_source import IDLE_S, Outgoing, not_owner
-from engram.shard.ownership import FENCED, INCOMING, MOVED, OWNED, Owner, Ownership
+from engram.shard.ownership import FENCED, INCOMING, MOVED, Owner, Ownership
+from engram.shard.state import wal_directory
 
 if TYPE_CHECKING:
     from engram.shard.move_target import Incoming
@@ -50,7 +50,6 @@ class Placement:
         self.ownership = Ownership(node.root)
         self.outgoing: dict[str, Outgoing] = {}
         self.incoming: dict[str, Incoming] = {}
-        self._published_at = 0.0
 
     # ------------------------------------------------------------------ start
 
@@ -117,25 +116,15 @@ class Placement:
             )
 
     def check_create(self, name: str) -> None:
-        """Raises unless this shard may create ``name`` (see the module docstring)."""
+        """Raises unless this shard may create ``name``, which :meth:`check_route` already
+        found routed here: only once every shard has published (see the module docstring)."""
         table = self.node.assignment
-        node = self.node.shard_id
-        claimed = table.overrides.get(name)
-        if claimed is not None and claimed != node:
-            raise NotOwnerError(
-                f"shard {node} does not own memory space {name!r} (owner: shard {claimed}, "
-                f"epoch {table.space_epoch(name)})"
-            )
-        if claimed is None and default_shard(name, table.shard_count) != node:
-            raise NotOwnerError(
-                f"shard {node} does not own memory space {name!r} (owner: shard "
-                f"{table.owner(name)}, by default)"
-            )
         if not table.complete:
             missing = sorted(set(range(table.shard_count)) - table.published)
             raise UnavailableError(
-                f"shard {node} cannot create memory space {name!r} yet: shards {missing} have "
-                "not reported the spaces they own since the control plane started; retry shortly"
+                f"shard {self.node.shard_id} cannot create memory space {name!r} yet: shards "
+                f"{missing} have not reported the spaces they own since the control plane "
+                "started; retry shortly"
             )
 
     def epoch(self, name: str) -> int:
@@ -150,7 +139,6 @@ class Placement:
         claims = self.ownership.claimed()
         await node.store.publish_owners(node.shard_id, claims)
         node.assignment = table = await node.store.assignment()
-        self._published_at = time.monotonic()
         for name, epoch in claims.items():
             owner = table.overrides.get(name)
             if owner is not None and owner != node.shard_id and table.space_epoch(name) > epoch:
@@ -188,9 +176,11 @@ class Placement:
         if incoming is not None and incoming.move_id == move_id:
             return incoming.status()
         owner = self.ownership.get(name)
-        if owner is not None and owner.state != INCOMING and owner.epoch >= epoch:
-            return S(state=S.COMMITTED, epoch=owner.epoch)
-        if owner is not None and owner.state == INCOMING and owner.epoch > epoch:
+        # this shard held the space at that epoch (an INCOMING record of it is not a commit),
+        # or later: the move committed
+        if owner is not None and (
+            owner.epoch > epoch or (owner.epoch == epoch and owner.state != INCOMING)
+        ):
             return S(state=S.COMMITTED, epoch=owner.epoch)
         return S(state=S.UNKNOWN)
 
@@ -232,11 +222,7 @@ class Placement:
 
     def delete_files_now(self, name: str) -> None:
         """Deletes a space's directory and WAL (blocking)."""
-        node = self.node
-        shutil.rmtree(node.space_dir(name), ignore_errors=True)
-        wal_dir = node.settings.shard.wal.directory
-        if wal_dir:
-            shutil.rmtree(f"{wal_dir}/{name}", ignore_errors=True)
-
-
-__all__ = ["OWNED", "Placement"]
+        directory = self.node.space_dir(name)
+        wal = wal_directory(name, directory, self.node.settings.shard.wal)
+        shutil.rmtree(wal, ignore_errors=True)
+        shutil.rmtree(directory, ignore_errors=True)

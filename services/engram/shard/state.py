@@ -106,7 +106,7 @@ class SpaceState:
         self._index_settings = index
         self._limits = limits
         self._ckpt_dir = directory / "ckpt"
-        self.wal_dir = Path(wal.directory) / name if wal.directory else directory / "wal"
+        self.wal_dir = wal_directory(name, directory, wal)
         self.wal = Wal(self.wal_dir, segment_bytes=wal.segment_bytes, faults=faults)
         self.dim = 0
         self.visible = 0  # rows durable and visible to recall
@@ -184,3 +184,9 @@ class SpaceState:
         if self._loop is None:
             raise RuntimeError(f"space {self.name} was not started")
         return self._loop
+
+
+def wal_directory(name: str, directory: Path, wal: WalSettings) -> Path:
+    """Where the WAL of space ``name`` (whose directory is ``directory``) lives: under
+    ``ENGRAM_WAL_DIR`` if set, else in the space's directory."""
+    return Path(wal.directory) / name if wal.directory else directory / "wal"
