@@ -67,6 +67,17 @@ class Incoming:
 
 
 @dataclass(frozen=True)
+class _Forwarded:
+    """A batch forwarded to the shard, kept until answered (resent if the space moves)."""
+
+    batch: pb.ObservationBatch
+    at: float  # time.perf_counter() when sent
+    n: int
+    dim: int
+    lane: str  # priority lane name, for metrics
+
+
+@dataclass(frozen=True)
 class StreamAbort:
     """The stream must end with this error (the client then resumes on a new stream)."""
 
@@ -87,8 +98,8 @@ class ClientStream:
         self.last_acked = 0
         self._append: AppendStream | None = None
         self._shard_reader: asyncio.Task[None] | None = None
-        # seq -> (sent at, observations, dim, priority lane name)
-        self._sent_at: dict[int, tuple[float, int, int, str]] = {}
+        # batches forwarded to the shard and not answered yet, by sequence number
+        self._sent: dict[int, _Forwarded] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_session_write = 0.0
         self._closing = False
@@ -97,8 +108,6 @@ class ClientStream:
         self._rejected_from: int | None = None  # first refused sequence still to be resent
         self._retry_after_ms = 0
         self._shard_status = pb.StreamStatus(state=pb.StreamStatus.ACTIVE)
-        # forwarded batches until answered, to resend them if the space moves
-        self._retained: dict[int, pb.ObservationBatch] = {}
         self._routed = asyncio.Event()  # clear while the stream follows a moved space
         self._routed.set()
         self._reroute_task: asyncio.Task[None] | None = None
@@ -177,7 +186,7 @@ class ClientStream:
     async def _drain(self) -> None:
         """Waits for the acks of everything forwarded (so a close answers them all)."""
         deadline = time.monotonic() + 30
-        while self._sent_at and (
+        while self._sent and (
             not self._routed.is_set()
             or (self._shard_reader is not None and not self._shard_reader.done())
         ):
@@ -348,9 +357,9 @@ class ClientStream:
                 code=pb.STREAM_PAUSED,
             )
         credits = self.gw.settings.limits.max_in_flight_batches
-        if len(self._sent_at) >= credits and seq not in self._sent_at:
+        if len(self._sent) >= credits and seq not in self._sent:
             raise FlowControlError(
-                f"{len(self._sent_at)} batches are already in flight, the limit is {credits}: "
+                f"{len(self._sent)} batches are already in flight, the limit is {credits}: "
                 "wait for acks before sending more",
                 code=pb.CREDITS_EXCEEDED,
             )
@@ -367,8 +376,7 @@ class ClientStream:
         await self._routed.wait()
         append = await self._shard_stream()
         lane = _LANE_NAMES.get(batch.priority, "normal")
-        self._sent_at[seq] = (time.perf_counter(), checked.n, checked.dim, lane)
-        self._retained[seq] = batch
+        self._sent[seq] = _Forwarded(batch, time.perf_counter(), checked.n, checked.dim, lane)
         if seq == self.next_expected:
             self.next_expected += 1
         metrics.batch_size.observe(checked.n)
@@ -392,15 +400,13 @@ class ClientStream:
             if stream is self._append:
                 self._shard_lost(exc.message)
             return
-        if self._sent_at and stream is self._append:
+        if self._sent and stream is self._append:
             self._shard_lost("the shard ended the stream with batches unanswered")
 
     def _follow_move(self) -> None:
         if self._reroute_task is None or self._reroute_task.done():
             self._routed.clear()
-            self._reroute_task = asyncio.create_task(self._reroute())
-            self._tasks.add(self._reroute_task)
-            self._reroute_task.add_done_callback(self._tasks.discard)
+            self._reroute_task = self._spawn(self._reroute())
 
     async def _reroute(self) -> None:
         """The space moved: reopen the session at its new owner and resend what is unanswered."""
@@ -414,8 +420,8 @@ class ClientStream:
                 self.space, self.session_id, create=False, timeout_s=_REROUTE_S
             )
             append = await self._shard_stream()
-            for seq in sorted(self._retained):
-                await append.write(seq, self._retained[seq])
+            for seq in sorted(self._sent):
+                await append.write(seq, self._sent[seq].batch)
         except EngramError as exc:
             self._shard_lost(f"following memory space {self.space!r} to its new owner: {exc}")
             return
@@ -443,15 +449,14 @@ class ClientStream:
         if resp.HasField("error") and resp.error.code == pb.NOT_OWNER and not resp.rejected:
             self._follow_move()  # the batch stays in flight: it is resent to the new owner
             return
-        sent = self._sent_at.pop(seq, None)
-        self._retained.pop(seq, None)
+        sent = self._sent.pop(seq, None)
         if resp.rejected or (
             resp.HasField("error")
             and resp.error.code == pb.SEQUENCE_GAP
             and self._rejected_from is not None
             and resp.error.expected_sequence <= self._rejected_from
         ):
-            self._reject(seq, resp, sent[1] if sent else 0)
+            self._reject(seq, resp, sent.n if sent else 0)
             return
         if resp.HasField("error"):
             err = from_proto(resp.error)
@@ -461,18 +466,18 @@ class ClientStream:
                 self.next_expected = min(self.next_expected, seq)
             metrics.observations_rejected_total.labels(
                 self.space, pb.ErrorCode.Name(resp.error.code)
-            ).inc(sent[1] if sent else 0)
+            ).inc(sent.n if sent else 0)
             self._error(err, seq)
             return
         self.last_acked = max(self.last_acked, seq)
         if self._rejected_from is not None and seq >= self._rejected_from:
             self._rejected_from = None
         if sent is not None:
-            metrics.observation_latency.observe(time.perf_counter() - sent[0])
+            metrics.observation_latency.observe(time.perf_counter() - sent.at)
             if self.dim == 0 and not resp.duplicate:
-                self.dim = sent[2]
+                self.dim = sent.dim
         if not resp.duplicate:
-            lane = sent[3] if sent is not None else "normal"
+            lane = sent.lane if sent is not None else "normal"
             metrics.observations_total.labels(self.space, lane).inc(resp.count)
             metrics.batches_processed_total.inc()
         ack = pb.ObservationAck(
@@ -566,13 +571,14 @@ class ClientStream:
         if self._paused:
             status.state = pb.StreamStatus.PAUSED
             status.message = "paused by the client; batches are refused until RESUME"
-        status.queue_depth = len(self._sent_at)
+        status.queue_depth = len(self._sent)
         status.queue_capacity = self.gw.settings.limits.max_in_flight_batches
         status.last_acked_sequence = self.last_acked
         status.preferred_rate = self._bucket.rate if self._bucket else 0
         return status
 
-    def _spawn(self, coro: object) -> None:
+    def _spawn(self, coro: object) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
