@@ -52,6 +52,7 @@ class SpaceState:
     state: str  # owned, fenced (moving out)
     rows: int
     bytes: int
+    indexed: int = 0
     move_id: str = ""
     # while moving: the other shard
     peer: int = -1
@@ -92,7 +93,15 @@ def spaces_of(stats: Mapping[int, ipb.StatsResponse]) -> dict[str, SpaceState]:
             if s.state not in ("owned", "fenced"):
                 continue
             state = SpaceState(
-                s.memory_space_id, shard, s.epoch, s.state, s.count, s.bytes, s.move_id, s.peer
+                s.memory_space_id,
+                shard,
+                s.epoch,
+                s.state,
+                s.count,
+                s.bytes,
+                s.indexed,
+                s.move_id,
+                s.peer,
             )
             old = found.get(s.memory_space_id)
             if old is None or state.epoch > old.epoch:
@@ -100,10 +109,11 @@ def spaces_of(stats: Mapping[int, ipb.StatsResponse]) -> dict[str, SpaceState]:
     return found
 
 
-def incoming_of(stats: Mapping[int, ipb.StatsResponse]) -> dict[str, tuple[int, str]]:
-    """Spaces being copied into a shard: space -> (target shard, move id)."""
+def incoming_of(stats: Mapping[int, ipb.StatsResponse]) -> dict[str, tuple[int, ipb.SpaceStats]]:
+    """Spaces being copied into a shard: space -> (target shard, what it reports of the move:
+    ``move_id``, ``peer`` (the source), ``move_phase``, ``epoch``)."""
     return {
-        s.memory_space_id: (shard, s.move_id)
+        s.memory_space_id: (shard, s)
         for shard, reply in stats.items()
         for s in reply.spaces
         if s.state == "incoming"

@@ -115,20 +115,15 @@ class Rebalancer:
                 spaces.append(
                     rb.SpaceState(s.memory_space_id, shard, load, last_moved.get(s.memory_space_id))
                 )
-        shards = tuple(
-            rb.ShardState(
-                i,
-                rb.ShardStatus.DRAINING
-                if i in self.draining
-                else rb.ShardStatus.NEW
-                if i in self.new
-                else rb.ShardStatus.ACTIVE,
-            )
-            for i in sorted(addresses)
-        )
+        shards = tuple(rb.ShardState(i, self._status(i)) for i in sorted(addresses))
         last_round = self._state.last_round if self._state else None
         unfinished = self._state.unfinished if self._state else False
         return rb.Cluster(shards, tuple(spaces), last_round=last_round, unfinished=unfinished)
+
+    def _status(self, shard: int) -> rb.ShardStatus:
+        if shard in self.draining:
+            return rb.ShardStatus.DRAINING
+        return rb.ShardStatus.NEW if shard in self.new else rb.ShardStatus.ACTIVE
 
     async def run(self, stop: threading.Event) -> None:
         while not stop.is_set():

@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 
+from engram.control.moves import incoming_of, spaces_of
 from engram.internal.v1 import shard_pb2, shard_pb2_grpc
 from engram.launcher import procs, redis_server
 from engram.launcher.cluster import CLUSTER_FILE, grpc_healthy
@@ -37,7 +38,8 @@ def load_cluster_file(data_dir: Path | str) -> dict[str, Any]:
 
 
 def shard_stats(address: str, timeout: float = RPC_TIMEOUT_S) -> dict[str, Any]:
-    """Calls Shard.Stats; returns {"up": True, "spaces": [...]} or {"up": False, "error": ...}."""
+    """Calls Shard.Stats; returns {"up": True, "spaces": [...]} or {"up": False, "error": ...}
+    (with the reply itself under "reply", for :func:`space_table`)."""
     with grpc.insecure_channel(address) as channel:
         try:
             reply = shard_pb2_grpc.ShardStub(channel).Stats(
@@ -68,48 +70,42 @@ def shard_stats(address: str, timeout: float = RPC_TIMEOUT_S) -> dict[str, Any]:
         {"memory_space_id": m.memory_space_id, "owner": m.owner, "epoch": m.epoch}
         for m in reply.moved
     ]
-    return {"up": True, "shard_id": reply.shard_id, "spaces": spaces, "moved": moved}
+    return {
+        "up": True,
+        "shard_id": reply.shard_id,
+        "spaces": spaces,
+        "moved": moved,
+        "reply": reply,
+    }
 
 
-def space_table(processes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Every space a shard reports, with its owner and epoch, and any move in progress
-    (where two shards claim a space, the higher epoch is the owner)."""
+def space_table(stats: dict[int, shard_pb2.StatsResponse]) -> dict[str, dict[str, Any]]:
+    """Every space a shard claims, with its owner and epoch (the higher epoch where two claim
+    it), and any move in progress."""
     table: dict[str, dict[str, Any]] = {}
-    for p in processes:
-        if p["role"] != "shard" or not p.get("up"):
-            continue
-        for s in p["spaces"]:
-            name = s["memory_space_id"]
-            if s["state"] == "incoming":
-                move = {
-                    "id": s["move_id"],
-                    "from": f"shard-{s['peer']}",
-                    "to": p["name"],
-                    "phase": s["move_phase"],
-                    "epoch": s["epoch"],
-                }
-                table.setdefault(name, {})["move"] = move
-                continue
-            entry = table.setdefault(name, {})
-            if entry.get("epoch", -1) >= s["epoch"] and "owner" in entry:
-                continue
-            entry.update(
-                owner=p["name"],
-                epoch=s["epoch"],
-                state=s["state"],
-                count=s["count"],
-                indexed=s["indexed"],
-            )
-            if s["state"] == "fenced":
-                entry.setdefault(
-                    "move",
-                    {
-                        "id": s["move_id"],
-                        "from": p["name"],
-                        "to": f"shard-{s['peer']}",
-                        "phase": "fenced",
-                    },
-                )
+    for name, s in spaces_of(stats).items():
+        table[name] = {
+            "owner": f"shard-{s.owner}",
+            "epoch": s.epoch,
+            "state": s.state,
+            "count": s.rows,
+            "indexed": s.indexed,
+        }
+        if s.state == "fenced":
+            table[name]["move"] = {
+                "id": s.move_id,
+                "from": f"shard-{s.owner}",
+                "to": f"shard-{s.peer}",
+                "phase": "fenced",
+            }
+    for name, (target, m) in incoming_of(stats).items():
+        table.setdefault(name, {})["move"] = {
+            "id": m.move_id,
+            "from": f"shard-{m.peer}",
+            "to": f"shard-{target}",
+            "phase": m.move_phase,
+            "epoch": m.epoch,
+        }
     return dict(sorted(table.items()))
 
 
@@ -118,6 +114,7 @@ def collect(data_dir: Path | str) -> dict[str, Any]:
     info = load_cluster_file(data_dir)
     launcher_pid = int(info.get("launcher_pid") or 0)
     processes: list[dict[str, Any]] = []
+    replies: dict[int, shard_pb2.StatsResponse] = {}
     for p in info.get("processes", []):
         pid = p.get("pid")
         entry: dict[str, Any] = {
@@ -135,6 +132,9 @@ def collect(data_dir: Path | str) -> dict[str, Any]:
             stats = (
                 shard_stats(p["grpc"]) if entry["alive"] else {"up": False, "error": "no process"}
             )
+            reply = stats.pop("reply", None)
+            if reply is not None:
+                replies[int(p["name"].split("-")[1])] = reply
             entry.update(stats)
         else:
             entry["up"] = entry["alive"] and grpc_healthy(p["grpc"], timeout=RPC_TIMEOUT_S)
@@ -149,7 +149,7 @@ def collect(data_dir: Path | str) -> dict[str, Any]:
         "shard_count": info.get("shard_count"),
         "healthy": all(p["up"] for p in processes) and bool(processes),
         "processes": processes,
-        "spaces": space_table(processes),
+        "spaces": space_table(replies),
     }
 
 

@@ -31,6 +31,7 @@ from engram.internal.v1 import shard_pb2_grpc
 from engram.shard import admission
 from engram.shard.move_rpcs import MoveRpcs
 from engram.shard.node import ShardNode
+from engram.shard.ownership import MOVED
 from engram.shard.space import AppendResult, Filters, Snapshot, Space
 from engram.v1 import streaming_pb2 as pb
 
@@ -267,7 +268,7 @@ class ShardService(MoveRpcs, shard_pb2_grpc.ShardServicer):
                 count=incoming.space.visible if incoming.space is not None else 0,
             )
         for name, owner in node.ownership.items():
-            if owner.state == "moved":
+            if owner.state == MOVED:
                 out.moved.add(memory_space_id=name, owner=owner.peer, epoch=owner.epoch)
         return out
 
