@@ -171,3 +171,8 @@ def test_settings_are_frozen() -> None:
     loaded = load({})
     with pytest.raises(dataclasses.FrozenInstanceError):
         loaded.shard.listen = "x"  # type: ignore[misc]
+
+
+def test_every_default_described_in_words_is_computed_and_no_other() -> None:
+    described = {e.path for e in catalog() if e.setting.derived}
+    assert described == set(settings._DERIVED), "a `derived` doc without its function, or back"

@@ -64,8 +64,6 @@ def setting(
     if choices:
         kind = "choice"
     meta = Setting(env, kind, doc, lo, hi, choices, derived)
-    if default is dataclasses.MISSING:
-        return field(metadata={"setting": meta})
     return field(default=default, metadata={"setting": meta})
 
 
