@@ -57,10 +57,7 @@ class Assignment:
         return set(range(self.shard_count)) <= self.published
 
 
-def encode_claim(shard: int, epoch: int) -> str:
-    return f"{shard}:{epoch}"
-
-
 def decode_claim(value: str) -> tuple[int, int]:
+    """``"<shard>:<epoch>"`` (the routing table's value in Redis) -> (shard, epoch)."""
     shard, _, epoch = value.partition(":")
     return int(shard), int(epoch or 0)

@@ -75,6 +75,7 @@ class ControlStore:
         self._redis = aioredis.Redis.from_url(
             redis_url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0
         )
+        self._publish = self._redis.register_script(_PUBLISH)  # EVALSHA after the first
         self._p = prefix
         self.shard_count = shard_count
 
@@ -159,7 +160,7 @@ class ControlStore:
             f"{self._p}:assign:epoch",
             f"{self._p}:assign:published",
         ]
-        return int(await self._redis.eval(_PUBLISH, 3, *keys, *args))
+        return int(await self._publish(keys=keys, args=args))
 
     # ------------------------------------------------------------ shard registry
 
