@@ -33,8 +33,6 @@ import grpc
 
 from engram.v1 import streaming_pb2 as pb
 
-Code = pb.ErrorCode
-
 
 class EngramError(Exception):
     code: int = pb.INTERNAL

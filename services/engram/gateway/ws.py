@@ -40,13 +40,13 @@ log = logging.getLogger("engram.gateway.ws")
 
 PATH = "/v1/stream"
 
-# WebSocket close codes (RFC 6455 section 7.4.1).
+# WebSocket close codes (RFC 6455 section 7.4.1); those of a stream ended by an error are the
+# contract's (engram.contract.errors.CODES).
 NORMAL = 1000
 GOING_AWAY = 1001
-POLICY = 1008
+POLICY = errors.WS_POLICY
 TOO_BIG = 1009
-SERVER_ERROR = 1011
-TRY_AGAIN_LATER = 1013
+SERVER_ERROR = errors.WS_SERVER_ERROR
 
 
 def close_reason(text: str) -> str:
