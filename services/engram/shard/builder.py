@@ -11,10 +11,12 @@ takes away). Started and stopped by :class:`~engram.shard.node.ShardNode`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from engram.common import metrics
@@ -59,13 +61,15 @@ class Background:
     def busy_with(self, space: Space) -> bool:
         return any(s is space for s in self.working.values())
 
-    def _claim(self, role: str, space: Space) -> bool:
-        """Names ``space`` as worked on, then checks it is still served (see the module)."""
+    @contextlib.contextmanager
+    def _working_on(self, role: str, space: Space) -> Iterator[bool]:
+        """Names ``space`` as worked on by ``role`` for the block, which is told whether the
+        space is still served (else it must leave it alone; see the module)."""
         self.working[role] = space
-        if space.name in self.node.spaces and self.node.spaces[space.name] is space:
-            return True
-        self.working[role] = None
-        return False
+        try:
+            yield self.node.spaces.get(space.name) is space
+        finally:
+            self.working[role] = None
 
     def _pick(self, spaces: list[Space]) -> Space | None:
         """Strict priority (the space whose un-indexed rows include the most urgent lane),
@@ -114,33 +118,25 @@ class Background:
             if space is None:
                 self.node.admission.idle()
                 for s in spaces:
-                    if s.checkpoint_due() and self._claim("builder", s):
-                        try:
+                    with self._working_on("builder", s) as served:
+                        if served and s.checkpoint_due():
                             self._checkpoint(s)
-                        finally:
-                            self.working["builder"] = None
                 if not idle:
                     # the backlog is gone: let go of the fresh tier's spare and last blocks
                     # (up to 50 MB a space) and hand back the memory freed blocks and copies
                     # left in the allocator's arenas
                     for s in spaces:
-                        if self._claim("builder", s):
-                            try:
+                        with self._working_on("builder", s) as served:
+                            if served:
                                 s.release_idle_memory()
-                            finally:
-                                self.working["builder"] = None
                     trim_heap()
                     idle = True
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
             idle = False
-            if not self._claim("builder", space):
-                continue
-            try:
-                rest = self._build_step(space)
-            finally:
-                self.working["builder"] = None
+            with self._working_on("builder", space) as served:
+                rest = self._build_step(space) if served else 0.0
             if rest:
                 self._stop.wait(rest)
 
@@ -173,16 +169,17 @@ class Background:
         while not self._stop.is_set():
             worked = False
             for space in self.node.working_spaces():
-                if not self._claim("partitioner", space):
-                    continue
-                try:
-                    worked = space.partition_step() or worked
-                    space.prepare_spare()
-                except Exception:  # recalls then scan the block exactly: slower, still right
-                    log.exception("space %s: partitioning failed", space.name)
+                failed = False
+                with self._working_on("partitioner", space) as served:
+                    try:
+                        if served:
+                            worked = space.partition_step() or worked
+                            space.prepare_spare()
+                    except Exception:  # recalls then scan the block exactly: slower, still right
+                        log.exception("space %s: partitioning failed", space.name)
+                        failed = True
+                if failed:
                     self._stop.wait(1.0)
-                finally:
-                    self.working["partitioner"] = None
             if not worked:
                 self._stop.wait(0.02)
 
