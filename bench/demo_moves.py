@@ -48,6 +48,7 @@ async def run(args: argparse.Namespace) -> int:
     cluster = LocalCluster(work, shards=2, env={"ENGRAM_CANARY_INTERVAL_S": "0"})
     await asyncio.to_thread(cluster.start)
     moved, pauses = 0, []
+    demo: asyncio.subprocess.Process | None = None
     try:
         addresses = {i: cluster.shard_address(i) for i in range(2)}
         demo = await asyncio.create_subprocess_exec(
@@ -75,6 +76,9 @@ async def run(args: argparse.Namespace) -> int:
         text = stdout.decode()
         print(text[-1500:])
     finally:
+        if demo is not None and demo.returncode is None:
+            demo.kill()  # by its PID; this script failed before the demo ended
+            await demo.wait()
         await asyncio.to_thread(cluster.stop)
     verdict = re.search(r"verify (OK|FAILED): lost (\d+), duplicated (\d+)", text)
     result = {
@@ -87,7 +91,7 @@ async def run(args: argparse.Namespace) -> int:
     }
     print(json.dumps(result))
     ok = verdict is not None and verdict.group(1) == "OK" and moved == args.moves
-    return 0 if ok and demo.returncode == 0 else 1
+    return 0 if ok and demo is not None and demo.returncode == 0 else 1
 
 
 def main(argv: list[str] | None = None) -> int:
