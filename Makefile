@@ -31,6 +31,11 @@ PROTO_STAMP := $(VENV)/.proto-generated
 
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o=Dpkg::Use-Pty=0
 
+TEST_DEPS :=
+
+# Each part's own targets (and what `make test` needs of them: TEST_DEPS).
+include helm/chart.mk operator/operator.mk dashboards/observe.mk
+
 .PHONY: help setup venv proto redis run test test-fast test-moves lint demo chaos clean FORCE
 
 help:
@@ -123,7 +128,7 @@ redis: $(INSTALLED)
 run: setup
 	$(VENV)/bin/engram up $(UP_ARGS)
 
-test: setup browser-deps
+test: setup browser-deps $(TEST_DEPS)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 	@$(MAKE) --no-print-directory test-ts
 

@@ -1,0 +1,1 @@
+# dashboards/observe.mk: targets of this part (included by the top-level Makefile).

@@ -1,0 +1,1 @@
+# helm/chart.mk: targets of this part (included by the top-level Makefile).

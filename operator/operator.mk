@@ -1,0 +1,1 @@
+# operator/operator.mk: targets of this part (included by the top-level Makefile).
