@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engram.control.assignment import default_shard
+from engram.control.restarts import Policy
 from engram.corpus import Corpus
 from engram.launcher.cluster import HOST, LocalCluster
-from engram.launcher.supervisor import Policy
 from engram_client import EngramClient, ObservationStream, StreamEvent
 
 DIM = 64

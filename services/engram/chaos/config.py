@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from engram.chaos.workload import WorkloadShape
-from engram.launcher.supervisor import Policy
+from engram.control.restarts import Policy
 
 # Tunables for the chaos cluster: frequent checkpoints and small WAL segments, so that kills
 # also land in checkpoints, segment rotation and WAL trimming.

@@ -2,8 +2,8 @@
 
 :class:`LocalCluster` starts every service as a child process on given or free ports, waits
 until each is healthy, records the topology in ``<data_dir>/cluster.json``, restarts children
-that die (with the same environment and ports, backoff from :mod:`.supervisor`) and stops
-them in order: gateway, shards, Redis. ``engram up`` and the integration tests use it::
+that die (with the same environment and ports, backoff from :mod:`engram.control.restarts`)
+and stops them in order: gateway, shards, Redis. ``engram up`` and the integration tests use it::
 
     with LocalCluster(tmp_path, shards=2) as cluster:
         channel = grpc.insecure_channel(cluster.gateway_address)
@@ -34,9 +34,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import engram
-from engram.launcher import procs, redis_server, supervisor
+from engram.control import restarts
+from engram.control.restarts import GiveUp, Policy, ProcessState, Restart
+from engram.launcher import procs, redis_server
 from engram.launcher.procs import free_port
-from engram.launcher.supervisor import GiveUp, Policy, ProcessState, Restart
 
 __all__ = ["ClusterError", "LocalCluster", "PortInUseError", "free_port", "grpc_healthy"]
 
@@ -252,13 +253,13 @@ class LocalCluster:
         """Stops ``name`` (SIGTERM, then SIGKILL) and keeps it down until start_process()."""
         with self._lock:
             proc = self._get(name)
-            proc.state = supervisor.hold(proc.state)
+            proc.state = restarts.hold(proc.state)
             popen = proc.popen
         if popen is None:
             return None
         code = procs.stop(popen, self.stop_timeout if timeout is None else timeout)
         with self._lock:
-            proc.state = supervisor.record_exit(proc.state, code, time.monotonic())
+            proc.state = restarts.record_exit(proc.state, code, time.monotonic())
             self._write_cluster_file()
         return code
 
@@ -268,7 +269,7 @@ class LocalCluster:
             proc = self._get(name)
             if not proc.running():
                 self._spawn(proc)
-                proc.state = supervisor.record_start(proc.state, time.monotonic())
+                proc.state = restarts.record_start(proc.state, time.monotonic())
                 self._write_cluster_file()
         self.wait_healthy(name, self.startup_timeout if timeout is None else timeout)
 
@@ -341,7 +342,7 @@ class LocalCluster:
         self._stopping.set()
         with self._lock:
             for proc in self._procs.values():
-                proc.state = supervisor.hold(proc.state)
+                proc.state = restarts.hold(proc.state)
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -353,7 +354,7 @@ class LocalCluster:
         with self._lock:
             for proc in self._procs.values():
                 if proc.popen is not None:
-                    proc.state = supervisor.record_exit(proc.state, proc.popen.returncode, now)
+                    proc.state = restarts.record_exit(proc.state, proc.popen.returncode, now)
         self.cluster_file.unlink(missing_ok=True)
         self._started = False
         _LIVE.discard(self)
@@ -499,7 +500,7 @@ class LocalCluster:
             for name in names:
                 proc = self._procs[name]
                 self._spawn(proc)
-                proc.state = supervisor.record_start(proc.state, now)
+                proc.state = restarts.record_start(proc.state, now)
             self._write_cluster_file()
         deadline = now + self.startup_timeout
         for name in names:
@@ -521,10 +522,10 @@ class LocalCluster:
             changed = False
             for proc in self._procs.values():
                 if proc.state.alive and proc.popen is not None and proc.popen.poll() is not None:
-                    proc.state = supervisor.record_exit(proc.state, proc.popen.returncode, now)
+                    proc.state = restarts.record_exit(proc.state, proc.popen.returncode, now)
                     if not proc.state.held:
-                        delay = supervisor.backoff_delay(
-                            supervisor.effective_streak(proc.state, self.policy), self.policy
+                        delay = restarts.backoff_delay(
+                            restarts.effective_streak(proc.state, self.policy), self.policy
                         )
                         log.warning(
                             "%s (pid %d) exited with code %s; restarting in %.1f s",
@@ -533,18 +534,18 @@ class LocalCluster:
                             proc.popen.returncode,
                             delay,
                         )
-            for action in supervisor.decide(
+            for action in restarts.decide(
                 [p.state for p in self._procs.values()], now, self.policy
             ):
                 proc = self._procs[action.name]
                 if isinstance(action, Restart) and action.delay_s <= 0:
                     self._spawn(proc)
-                    proc.state = supervisor.record_restart(proc.state, now, self.policy)
+                    proc.state = restarts.record_restart(proc.state, now, self.policy)
                     assert proc.popen is not None
                     log.warning("restarted %s (pid %d)", proc.name, proc.popen.pid)
                     changed = True
                 elif isinstance(action, GiveUp):
-                    proc.state = supervisor.give_up(proc.state)
+                    proc.state = restarts.give_up(proc.state)
                     log.error(
                         "giving up on %s: %s\n%s",
                         proc.name,

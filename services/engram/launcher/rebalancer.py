@@ -3,8 +3,8 @@
 ``engram up --rebalance`` runs it for as long as the cluster runs; ``engram up --shards N``
 on a data directory that had fewer shards runs it until the new shards are filled. Every
 ``interval_s`` it asks each shard for its Stats, turns two successive answers into each
-space's load (observations and recalls per second, bytes on disk, un-indexed rows), builds a
-:class:`~engram.control.rebalance.Cluster`, calls :func:`~engram.control.rebalance.plan` and
+space's load and a :class:`~engram.control.rebalance.Cluster` (:mod:`engram.control.loads`),
+calls :func:`~engram.control.rebalance.plan` and
 moves what the plan says, one space at a time, through :mod:`engram.control.moves`: exactly
 what the Kubernetes operator does with the same functions.
 """
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 from engram.contract.errors import EngramError
 from engram.control import rebalance as rb
+from engram.control.loads import Sample, cluster_of
 from engram.control.moves import move_space, shard_stats
-from engram.internal.v1 import shard_pb2 as ipb
 
 log = logging.getLogger("engram.launcher.rebalancer")
 
@@ -38,18 +38,26 @@ class Rebalancer:
     # Stop once a plan is empty and the new shards are filled (False: run until stopped).
     until_balanced: bool = False
     moves_done: int = 0
-    _previous: tuple[float, dict[int, ipb.StatsResponse]] | None = None
+    _previous: Sample | None = None
     _state: rb.Cluster | None = None
 
     async def round(self) -> rb.Plan | None:
         """One measurement, plan and its moves; None until two measurements exist."""
         addresses = dict(self.addresses())
         now = time.monotonic()
-        stats = await shard_stats(addresses)
-        previous, self._previous = self._previous, (now, stats)
-        if previous is None or len(stats) < len(addresses):
+        sample = Sample(now, await shard_stats(addresses))
+        previous, self._previous = self._previous, sample
+        if previous is None or len(sample.stats) < len(addresses):
             return None
-        cluster = self._cluster(previous, now, stats, addresses)
+        state = self._state or rb.Cluster(shards=(), spaces=())
+        cluster = cluster_of(
+            previous,
+            sample,
+            {i: self._status(i) for i in addresses},
+            last_moved={s.space: s.last_moved for s in state.spaces if s.last_moved is not None},
+            last_round=state.last_round,
+            unfinished=state.unfinished,
+        )
         plan = rb.plan(cluster, now, self.policy)
         for skip in plan.skips:
             log.info("rebalance: %s stays on shard-%d: %s", skip.space, skip.shard, skip.reason)
@@ -86,39 +94,6 @@ class Rebalancer:
         if not plan.moves and not plan.unfinished:
             self.new.clear()  # filled (or nothing could go there): they are ordinary now
         return plan
-
-    def _cluster(
-        self,
-        previous: tuple[float, dict[int, ipb.StatsResponse]],
-        now: float,
-        stats: Mapping[int, ipb.StatsResponse],
-        addresses: Mapping[int, str],
-    ) -> rb.Cluster:
-        before_t, before = previous
-        dt = max(1e-3, now - before_t)
-        old = {
-            s.memory_space_id: s for reply in before.values() for s in reply.spaces
-        }  # counts a space had at the last measurement
-        spaces = []
-        last_moved = {s.space: s.last_moved for s in self._state.spaces} if self._state else {}
-        for shard, reply in stats.items():
-            for s in reply.spaces:
-                if s.state != "owned":
-                    continue
-                was = old.get(s.memory_space_id)
-                load = rb.Load(
-                    ingest=max(0, s.count - (was.count if was else s.count)) / dt,
-                    recall=max(0, s.recalls - (was.recalls if was else s.recalls)) / dt,
-                    bytes=s.bytes,
-                    backlog=s.count - s.indexed,
-                )
-                spaces.append(
-                    rb.SpaceState(s.memory_space_id, shard, load, last_moved.get(s.memory_space_id))
-                )
-        shards = tuple(rb.ShardState(i, self._status(i)) for i in sorted(addresses))
-        last_round = self._state.last_round if self._state else None
-        unfinished = self._state.unfinished if self._state else False
-        return rb.Cluster(shards, tuple(spaces), last_round=last_round, unfinished=unfinished)
 
     def _status(self, shard: int) -> rb.ShardStatus:
         if shard in self.draining:

@@ -7,7 +7,7 @@ from dataclasses import replace
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engram.launcher.supervisor import (
+from engram.control.restarts import (
     GiveUp,
     Policy,
     ProcessState,
