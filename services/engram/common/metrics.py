@@ -90,7 +90,24 @@ shard_checkpoints_total = Counter(
 )
 shard_wal_failures_total = Counter(
     "engram_shard_wal_failures_total",
-    "Failed WAL commits (fsync or write errors)",
+    "Times the space's WAL failed a commit (fsync or write error) and began refusing writes",
+    ["memory_space"],
+)
+# Observed by the WAL's committer thread once per group-commit round (never per record).
+shard_wal_fsync_seconds = Histogram(
+    "engram_shard_wal_fsync_seconds",
+    "Time of one WAL fdatasync (one group commit); every ack of its round waited for it",
+    buckets=_LATENCY_BUCKETS,
+)
+shard_wal_group_records = Histogram(
+    "engram_shard_wal_group_records",
+    "WAL records (batches, session opens) made durable by one fdatasync",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+shard_checkpoint_age = Gauge(
+    "engram_shard_checkpoint_age_seconds",
+    "Seconds since the space's last checkpoint while it holds rows no checkpoint covers "
+    "(a restart replays them from the WAL); 0 when the checkpoint covers every row",
     ["memory_space"],
 )
 shard_memory_bytes = Gauge(
@@ -119,9 +136,43 @@ queue_memory_bytes = Gauge(
     "engram_streaming_queue_memory_bytes", "Bytes of admitted, not yet durable batches"
 )
 
+# ------------------------------------------------------------------------- shard: moves
+shard_moves_total = Counter(
+    "engram_shard_moves_total",
+    "Moves into this shard that ended: committed (the space lives here now) or aborted",
+    ["result"],
+)
+shard_move_pause = Histogram(
+    "engram_shard_move_pause_seconds",
+    "Write pause of a committed move into this shard: from the source's fence to the commit",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+shard_move_oldest = Gauge(
+    "engram_shard_move_oldest_seconds",
+    "Age of the oldest move in progress on this shard, as source or target (0: none)",
+)
+
 # ------------------------------------------------------------------------------ every process
+control_store_up = Gauge(
+    "engram_control_store_up",
+    "1 while the control store (Redis) answered the process's last periodic call, else 0",
+)
 event_loop_lag = Histogram(
     "engram_event_loop_lag_seconds",
     "How late the process's event loop ran a timer: time other work (or the GIL) kept it busy",
     buckets=_LATENCY_BUCKETS,
 )
+
+
+# The per-space gauges a shard sets; a space that leaves the shard takes its series along.
+_SPACE_GAUGES = (shard_rows, shard_index_backlog, shard_checkpoint_age, backpressure_state)
+
+
+def forget_space(name: str) -> None:
+    """Drops ``name``'s per-space gauges (it moved away or was deleted): a frozen last value
+    would otherwise be summed with the new owner's on every dashboard."""
+    for gauge in _SPACE_GAUGES:
+        try:
+            gauge.remove(name)
+        except KeyError:
+            pass

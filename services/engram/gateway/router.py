@@ -13,7 +13,7 @@ import logging
 
 import grpc
 
-from engram.common import grpcutil
+from engram.common import grpcutil, metrics
 from engram.common.settings import Settings
 from engram.contract.errors import UnavailableError
 from engram.control.assignment import Assignment
@@ -50,8 +50,10 @@ class Router:
             self.assignment = await self._store.assignment()
             shards = await self._store.shards()
         except Exception as exc:
+            metrics.control_store_up.set(0)
             log.debug("control store unreachable, routing from cache: %s", exc)
             return
+        metrics.control_store_up.set(1)
         for shard_id, info in shards.items():
             self._addresses[shard_id] = info.address
 

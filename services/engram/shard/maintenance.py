@@ -157,6 +157,11 @@ class Maintenance(SpaceState):
             return True
         return time.monotonic() - self.last_checkpoint >= self._index_settings.checkpoint_interval_s
 
+    def checkpoint_age(self, now: float) -> float:
+        """Seconds (wall clock ``now``) the rows no checkpoint covers have waited for one: how
+        stale the state a restart starts from is; 0 when the checkpoint covers every row."""
+        return max(0.0, now - self.checkpointed_at) if self.visible > self.checkpoint_rows else 0.0
+
     def checkpoint(self) -> int:
         """Writes a checkpoint of the indexed rows and drops the WAL it covers; builder thread.
 
@@ -210,6 +215,7 @@ class Maintenance(SpaceState):
         self.checkpoint_rows, self._checkpoint_index_file = rows, index_file
         self._checkpoint_meta = meta
         self.last_checkpoint = time.monotonic()
+        self.checkpointed_at = manifest.created_us / 1e6
         if old_index and old_index != index_file:
             (self._ckpt_dir / old_index).unlink(missing_ok=True)
 

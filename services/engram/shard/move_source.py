@@ -53,7 +53,7 @@ class Outgoing:
         self.target = target
         self.fenced = False
         self.final_lsn = 0
-        self.touched = time.monotonic()
+        self.started = self.touched = time.monotonic()
         self.files: list[str] = []
 
     @property

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from engram.common import grpcutil
+from engram.common import grpcutil, metrics
 from engram.contract.errors import (
     EngramError,
     ServerError,
@@ -81,6 +81,7 @@ class Incoming:
         self._previous = node.ownership.get(name)
         self._opened = False
         self._progress = P()
+        self.started = time.monotonic()
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> asyncio.Queue[ipb.MoveProgress | None]:
@@ -110,6 +111,7 @@ class Incoming:
         except (EngramError, grpc.aio.AioRpcError, OSError) as exc:
             err = exc if isinstance(exc, EngramError) else _from_source(exc, self.source)
             log.warning("move %s of space %s aborted: %s", self.move_id, self.name, err)
+            metrics.shard_moves_total.labels("aborted").inc()
             await self._abort(stub)
             yield P(phase=P.ABORTED, error=err.to_proto(), message=str(err))
         finally:
@@ -187,7 +189,10 @@ class Incoming:
         self._progress.phase = P.COMMITTED
         self._progress.epoch = self.epoch
         self._progress.lsn = space.visible
-        self._progress.pause_us = int((time.monotonic() - fenced_at) * 1e6)
+        pause = time.monotonic() - fenced_at
+        self._progress.pause_us = int(pause * 1e6)
+        metrics.shard_moves_total.labels("committed").inc()
+        metrics.shard_move_pause.observe(pause)
         yield self._progress
         await self._passing(P.COMMITTED)
         await self._release(stub)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 from engram.common import metrics, validation
@@ -162,6 +163,7 @@ class ShardNode:
         """Stops serving ``name``: out of the map, background work off it, closed; its files
         deleted if ``delete``."""
         space = self.spaces.pop(name, None)
+        metrics.forget_space(name)
         if space is not None:
             while self.background.busy_with(space):  # noqa: ASYNC110 (threads hold no event)
                 await asyncio.sleep(0.005)
@@ -187,7 +189,9 @@ class ShardNode:
             try:
                 await self.store.heartbeat(self.shard_id, advertise, ttl_s=5 * HEARTBEAT_S)
                 await self.placement.publish()
+                metrics.control_store_up.set(1)
             except Exception as exc:  # Redis down: keep serving with the cached assignment
+                metrics.control_store_up.set(0)
                 log.debug("heartbeat failed: %s", exc)
             try:
                 await self.placement.resolve_silent_moves()
@@ -206,7 +210,11 @@ class ShardNode:
         metrics.shard_memory_bytes.set(snap.memory_bytes)
         metrics.shard_memory_budget_bytes.set(snap.budget_bytes)
         metrics.shard_pressure.set(snap.pressure)
+        now = time.time()
         for space in self.spaces.values():
             metrics.shard_rows.labels(space.name).set(space.visible)
             metrics.shard_index_backlog.labels(space.name).set(space.backlog())
+            metrics.shard_checkpoint_age.labels(space.name).set(space.checkpoint_age(now))
             metrics.backpressure_state.labels(space.name).set(snap.level)
+        started = [m.started for m in (*self.incoming.values(), *self.outgoing.values())]
+        metrics.shard_move_oldest.set(time.monotonic() - min(started) if started else 0.0)

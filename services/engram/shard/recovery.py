@@ -94,6 +94,7 @@ class Recovery(SpaceState):
         self.visible = manifest.rows
         self.sessions.durable = dict(manifest.sessions)
         self.checkpoint_rows = manifest.rows
+        self.checkpointed_at = manifest.created_us / 1e6
         self._checkpoint_index_file = manifest.index_file
         self._checkpoint_meta = list(manifest.meta_files)
         self.fresh = FreshTier(manifest.dim, manifest.rows)

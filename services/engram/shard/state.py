@@ -131,6 +131,8 @@ class SpaceState:
         self._checkpoint_index_file = ""
         self._checkpoint_meta: list[str] = []
         self.last_checkpoint = time.monotonic()
+        # wall-clock time of the checkpoint on disk (of the space's opening while it has none)
+        self.checkpointed_at = time.time()
         # the fresh tier's quantiser, learnt once the backlog is large (again if rows drift)
         self.partitioning: Partitioning | None = None
         # un-indexed rows per priority lane, for the builder's pick

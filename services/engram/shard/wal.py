@@ -17,7 +17,8 @@ where ``crc`` is CRC32C over the first 16 header bytes and the payload.
 One committer thread per Wal does all writing: it takes everything queued, computes the CRCs,
 writes the records with ``pwritev``, calls ``fdatasync`` once and then settles every future of
 that round on the event loop (group commit; records arriving during an fsync form the next
-round). The event loop thread only queues records and reads counters.
+round). The event loop thread only queues records and reads counters. Each round records its
+fsync time and size (``engram_shard_wal_fsync_seconds``, ``engram_shard_wal_group_records``).
 
 Once synced, the written pages are dropped from the page cache (``POSIX_FADV_DONTNEED``): the
 WAL is read back only when a space is opened, so keeping them would grow the cache by every
@@ -50,6 +51,7 @@ from typing import Final
 
 import google_crc32c
 
+from engram.common import metrics
 from engram.common.threads import name_os_thread
 from engram.contract.errors import StorageError
 
@@ -656,6 +658,8 @@ class Wal:
                 self._write(group)
                 self._sync()
                 done += len(group)
+                if group:
+                    metrics.shard_wal_group_records.observe(len(group))
                 if rotate:
                     self._next_segment()
         except _IOFailure as exc:
@@ -721,10 +725,12 @@ class Wal:
         """fdatasyncs the current segment if anything was written since the last sync."""
         if self._written == self._durable:
             return
+        started = time.perf_counter()
         try:
             self._fdatasync()
         except OSError as exc:
             raise _IOFailure(_describe("fdatasync", self._current_path(), exc)) from exc
+        metrics.shard_wal_fsync_seconds.observe(time.perf_counter() - started)
         last = self._written_lsn
         self._drop_cached(self._written)
         with self._lock:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engram.common import validation, wire
+from engram.common import metrics, validation, wire
 from engram.contract.errors import NotOwnerError, SequenceError, SessionError, StorageError
 from engram.internal.v1 import shard_pb2 as ipb
 from engram.shard.admission import lane_of
@@ -207,6 +207,7 @@ class WritePath(SpaceState):
     def _on_failure(self) -> None:
         """After a failed WAL round: roll back once every in-flight record has settled."""
         if not self._recovering:
+            metrics.shard_wal_failures_total.labels(self.name).inc()
             log.error(
                 "space %s: WAL write failed; refusing writes until the WAL recovers", self.name
             )
