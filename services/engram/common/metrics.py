@@ -142,6 +142,8 @@ shard_moves_total = Counter(
     "Moves into this shard that ended: committed (the space lives here now) or aborted",
     ["result"],
 )
+for _result in ("committed", "aborted"):  # exported at 0: increase() misses a series born at 1
+    shard_moves_total.labels(_result)
 shard_move_pause = Histogram(
     "engram_shard_move_pause_seconds",
     "Write pause of a committed move into this shard: from the source's fence to the commit",

@@ -125,6 +125,8 @@ class ShardNode:
             admission=self.admission,
         )
         space.bounded_staleness_s = s.shard.bounded_staleness_ms / 1000
+        # exported at 0 from the start: an alert's increase() misses a series born at 1
+        metrics.shard_wal_failures_total.labels(name)
         return space
 
     def space_dir(self, name: str) -> Path:
