@@ -1,0 +1,192 @@
+{{/* Names, labels and the pieces every workload shares. */}}
+
+{{- define "engram.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "engram.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The name of one component's objects: (dict "ctx" $ "component" "shard"). */}}
+{{- define "engram.component" -}}
+{{- printf "%s-%s" (include "engram.fullname" .ctx | trunc 55 | trimSuffix "-") .component -}}
+{{- end -}}
+
+{{- define "engram.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "engram.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "engram.labels" -}}
+{{ include "engram.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/part-of: engram-stream
+helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{- define "engram.image" -}}
+{{- $img := .Values.image -}}
+{{- if $img.digest -}}
+{{- printf "%s@%s" $img.repository $img.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $img.repository (default .Chart.AppVersion $img.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "engram.redisImage" -}}
+{{- $img := .Values.redis.image -}}
+{{- if $img.digest -}}
+{{- printf "%s@%s" $img.repository $img.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $img.repository $img.tag -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Restricted Pod Security: the same for every pod and every container. */}}
+{{- define "engram.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .uid }}
+runAsGroup: {{ .uid }}
+fsGroup: {{ .uid }}
+fsGroupChangePolicy: OnRootMismatch
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- define "engram.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+runAsUser: {{ .uid }}
+runAsGroup: {{ .uid }}
+capabilities:
+  drop: [ALL]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/* Redis: where its password lives (Secret name and key), "" when there is none. */}}
+{{- define "engram.redisSecretName" -}}
+{{- if .Values.redis.enabled -}}
+{{- default (include "engram.component" (dict "ctx" . "component" "redis")) .Values.redis.auth.existingSecret -}}
+{{- else -}}
+{{- .Values.redis.external.passwordSecret.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "engram.redisSecretKey" -}}
+{{- if .Values.redis.enabled -}}
+{{- .Values.redis.auth.existingSecretKey -}}
+{{- else -}}
+{{- .Values.redis.external.passwordSecret.key -}}
+{{- end -}}
+{{- end -}}
+
+{{/* ENGRAM_REDIS_URL without credentials (the EngramCluster's spec.redis.url). */}}
+{{- define "engram.redisUrl" -}}
+{{- if .Values.redis.enabled -}}
+{{- printf "redis://%s.%s.svc.%s:6379/0" (include "engram.component" (dict "ctx" . "component" "redis")) .Release.Namespace .Values.clusterDomain -}}
+{{- else -}}
+{{- required "redis.external.url is required when redis.enabled is false" .Values.redis.external.url -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The Redis variables of a container: REDIS_PASSWORD from its Secret (not a setting: only
+expanded by the kubelet into the URL, which must come after it) and ENGRAM_REDIS_URL.
+*/}}
+{{- define "engram.redisEnv" -}}
+{{- $secret := include "engram.redisSecretName" . -}}
+{{- if $secret }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ include "engram.redisSecretKey" . }}
+- name: ENGRAM_REDIS_URL
+  value: {{ regexReplaceAll "^(rediss?://)" (include "engram.redisUrl" .) "${1}:$(REDIS_PASSWORD)@" | quote }}
+{{- else }}
+- name: ENGRAM_REDIS_URL
+  value: {{ include "engram.redisUrl" . | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* ENGRAM_* variables from a dict {NAME: value}; null values are left unset. */}}
+{{- define "engram.settingsEnv" -}}
+{{- range $name, $value := . }}
+{{- if not (kindIs "invalid" $value) }}
+- name: {{ $name }}
+  {{- /* values files give every number as a float64: 67108864 must not become 6.7108864e+07 */}}
+  {{- if and (kindIs "float64" $value) (eq $value (floor $value)) }}
+  value: {{ $value | int64 | toString | quote }}
+  {{- else }}
+  value: {{ $value | toString | quote }}
+  {{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* What gateways and shards both read. */}}
+{{- define "engram.commonSettings" -}}
+{{- $s := .Values.settings -}}
+{{- include "engram.redisEnv" . }}
+{{- include "engram.settingsEnv" (dict
+  "ENGRAM_SHARD_COUNT" .Values.shards.count
+  "ENGRAM_KEY_PREFIX" $s.keyPrefix
+  "ENGRAM_LOG_LEVEL" $s.logLevel
+  "ENGRAM_MAX_BATCH_OBSERVATIONS" $s.maxBatchObservations
+  "ENGRAM_MAX_BATCH_BYTES" $s.maxBatchBytes
+  "ENGRAM_GRPC_MAX_MESSAGE_BYTES" $s.grpcMaxMessageBytes
+  "ENGRAM_MAX_DIM" $s.maxDim
+  "ENGRAM_MAX_K" $s.maxK
+  "ENGRAM_MAX_IN_FLIGHT_BATCHES" $s.maxInFlightBatches) }}
+{{- end -}}
+
+{{/* Spread constraints: the values' own, or over nodes (hard) and zones (soft). */}}
+{{- define "engram.spread" -}}
+{{- $selector := include "engram.selectorLabels" (dict "ctx" .ctx "component" .component) | fromYaml -}}
+{{- if .constraints }}
+{{- range .constraints }}
+- {{ toYaml (merge (dict "labelSelector" (dict "matchLabels" $selector)) .) | nindent 2 | trim }}
+{{- end }}
+{{- else }}
+- maxSkew: 1
+  topologyKey: kubernetes.io/hostname
+  whenUnsatisfiable: {{ .nodes }}
+  labelSelector:
+    matchLabels: {{- toYaml $selector | nindent 6 }}
+- maxSkew: 1
+  topologyKey: topology.kubernetes.io/zone
+  whenUnsatisfiable: ScheduleAnyway
+  labelSelector:
+    matchLabels: {{- toYaml $selector | nindent 6 }}
+{{- end }}
+{{- end -}}
+
+{{/* nodeSelector, tolerations, affinity, priority class of a pod (from a values block). */}}
+{{- define "engram.scheduling" -}}
+{{- with .nodeSelector }}
+nodeSelector: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .tolerations }}
+tolerations: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .affinity }}
+affinity: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- end -}}
