@@ -154,7 +154,7 @@ class FakeShard:
         return stream
 
     async def recall(
-        self, space: str, req: pb.RecallRequest, session_id: str = ""
+        self, space: str, req: pb.RecallRequest, session_id: str = "", traceparent: str = ""
     ) -> AsyncIterator[pb.RecallResponse]:
         self._reachable(space)
         self.recalls.append((space, session_id))
@@ -228,7 +228,7 @@ class FakeAppendStream:
         self._out: asyncio.Queue[ipb.AppendResponse | EngramError | None] = asyncio.Queue()
         self._closed = False
 
-    async def write(self, sequence: int, batch: pb.ObservationBatch) -> None:
+    async def write(self, sequence: int, batch: pb.ObservationBatch, traceparent: str = "") -> None:
         if self._closed:
             raise UnavailableError("writing to the shard failed: the stream is closed")
         self.shard.writes.append((self.session_id, sequence))

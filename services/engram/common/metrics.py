@@ -164,6 +164,17 @@ event_loop_lag = Histogram(
     "How late the process's event loop ran a timer: time other work (or the GIL) kept it busy",
     buckets=_LATENCY_BUCKETS,
 )
+tracing_spans_exported_total = Counter(
+    "engram_tracing_spans_exported_total", "Sampled spans the OTLP collector accepted"
+)
+tracing_spans_dropped_total = Counter(
+    "engram_tracing_spans_dropped_total",
+    "Sampled spans never delivered: the export queue was full (the collector slow or "
+    "unreachable) or the export failed",
+    ["reason"],
+)
+for _reason in ("queue_full", "export_failed"):  # exported at 0, like every alerting counter
+    tracing_spans_dropped_total.labels(_reason)
 
 
 # The per-space gauges a shard sets; a space that leaves the shard takes its series along.

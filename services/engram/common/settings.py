@@ -428,11 +428,23 @@ class GatewaySettings:
 
 
 @dataclass(frozen=True)
+class TracingSettings:
+    # The rest of tracing's configuration is the standard OTEL_* variables (common/tracing.py).
+    client_context: bool = setting(
+        "ENGRAM_OTEL_CLIENT_CONTEXT",
+        True,
+        "Continue the trace a client names (traceparent in its stream's gRPC metadata or "
+        "WebSocket handshake), its sampling decision included (0: ignore it).",
+    )
+
+
+@dataclass(frozen=True)
 class Settings:
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     shard: ShardSettings = field(default_factory=ShardSettings)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
     log_level: str = setting(
         "ENGRAM_LOG_LEVEL", "INFO", "Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR")
     )

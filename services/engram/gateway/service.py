@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator
 import grpc
 from google.protobuf.message import DecodeError
 
-from engram.common import validation
+from engram.common import tracing, validation
 from engram.contract.errors import EngramError, abort_details, grpc_status
 from engram.gateway.context import GatewayContext
-from engram.gateway.stream import ClientStream, Incoming, StreamAbort
+from engram.gateway.stream import ClientStream, Incoming, StreamAbort, recall_span
 from engram.v1 import streaming_pb2 as pb
 
 SERVICE = "engram.v1.EngramStream"
@@ -34,7 +34,10 @@ class EngramStreamService:
     async def ObserveStream(  # noqa: N802
         self, requests: AsyncIterator[Incoming], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ObservationResponse]:
-        async for item in ClientStream(self.gw).run(requests):
+        parent = None
+        if tracing.active and tracing.client_context:
+            parent = tracing.parent_from_headers(context.invocation_metadata())
+        async for item in ClientStream(self.gw, parent).run(requests):
             if isinstance(item, StreamAbort):
                 await context.abort(grpc_status(item.error), abort_details(item.error))
             yield item
@@ -42,6 +45,7 @@ class EngramStreamService:
     async def RecallStream(  # noqa: N802
         self, request: pb.StreamingRecallRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamingRecallResponse]:
+        span = None
         try:
             space = validation.space_id(request.memory_space_id)
             recall = pb.RecallRequest(
@@ -55,14 +59,26 @@ class EngramStreamService:
                 if request.HasField(name):
                     setattr(recall, name, getattr(request, name))
             validation.recall(recall, self.gw.settings.limits)
-            async for chunk in self.gw.shards.recall(space, recall, request.session_id):
+            if tracing.active:
+                parent = None
+                if tracing.client_context:
+                    parent = tracing.parent_from_headers(context.invocation_metadata())
+                span = recall_span(space, recall, parent)
+            traceparent = tracing.traceparent(span) if span is not None else ""
+            async for chunk in self.gw.shards.recall(
+                space, recall, request.session_id, traceparent
+            ):
                 yield pb.StreamingRecallResponse(
                     results=chunk.results,
                     more_results=chunk.more_results,
                     metadata=chunk.metadata,
                     snapshot_sequence=chunk.snapshot_sequence,
                 )
+            if span is not None:
+                span.end()
         except EngramError as exc:
+            if span is not None:
+                tracing.fail(span, exc)
             await context.abort(grpc_status(exc), abort_details(exc))
 
     async def ListObservations(  # noqa: N802

@@ -46,8 +46,9 @@ class OpenedSession:
 class AppendStream(Protocol):
     """One session's stream of batches to the shard that owns its space."""
 
-    async def write(self, sequence: int, batch: pb.ObservationBatch) -> None:
-        """Sends batch ``sequence``; raises UnavailableError if the stream is broken."""
+    async def write(self, sequence: int, batch: pb.ObservationBatch, traceparent: str = "") -> None:
+        """Sends batch ``sequence`` (with the W3C context of its span, if it is traced);
+        raises UnavailableError if the stream is broken."""
         ...
 
     def responses(self) -> AsyncIterator[ipb.AppendResponse]:
@@ -76,9 +77,10 @@ class Shards(Protocol):
         ...
 
     def recall(
-        self, space: str, req: pb.RecallRequest, session_id: str = ""
+        self, space: str, req: pb.RecallRequest, session_id: str = "", traceparent: str = ""
     ) -> AsyncIterator[pb.RecallResponse]:
-        """The owning shard's answer, chunk by chunk (best first)."""
+        """The owning shard's answer, chunk by chunk (best first); ``traceparent``: the W3C
+        context of the recall's span, if it is traced."""
         ...
 
     def scan(self, space: str, chunk_size: int = 0) -> AsyncIterator[pb.ListObservationsResponse]:
@@ -144,11 +146,14 @@ class GrpcShards:
         return _GrpcAppendStream(call, self.router, space, session_id)
 
     async def recall(
-        self, space: str, req: pb.RecallRequest, session_id: str = ""
+        self, space: str, req: pb.RecallRequest, session_id: str = "", traceparent: str = ""
     ) -> AsyncIterator[pb.RecallResponse]:
         timeout = (req.deadline_ms or 5000) / 1000 + self._recall_timeout_s
         shard_req = ipb.ShardRecallRequest(memory_space_id=space, recall=req, session_id=session_id)
-        async for chunk in self._read(space, lambda stub: stub.Recall(shard_req, timeout=timeout)):
+        metadata = (("traceparent", traceparent),) if traceparent else None
+        async for chunk in self._read(
+            space, lambda stub: stub.Recall(shard_req, timeout=timeout, metadata=metadata)
+        ):
             yield chunk
 
     async def scan(
@@ -190,15 +195,18 @@ class _GrpcAppendStream:
         self._session_id = session_id
         self._cancelled = False
 
-    async def write(self, sequence: int, batch: pb.ObservationBatch) -> None:
-        # AppendRequest(..., batch=batch, epoch=...) as bytes, without copying the batch
+    async def write(self, sequence: int, batch: pb.ObservationBatch, traceparent: str = "") -> None:
+        # AppendRequest(..., batch=batch, epoch=..., traceparent=...) as bytes, without
+        # copying the batch
         data = wire.with_message(
             ipb.AppendRequest(
                 memory_space_id=self._space, session_id=self._session_id, sequence_number=sequence
             ),
             ipb.AppendRequest.BATCH_FIELD_NUMBER,
             batch,
-            ipb.AppendRequest(epoch=self._router.assignment.space_epoch(self._space)),
+            ipb.AppendRequest(
+                epoch=self._router.assignment.space_epoch(self._space), traceparent=traceparent
+            ),
         )
         try:
             await self._call.write(data)

@@ -32,8 +32,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from google.protobuf.timestamp_pb2 import Timestamp
+from opentelemetry.context import Context
+from opentelemetry.trace import Span
 
-from engram.common import metrics, validation
+from engram.common import metrics, tracing, validation
 from engram.contract.errors import (
     EngramError,
     FlowControlError,
@@ -75,6 +77,8 @@ class _Forwarded:
     n: int
     dim: int
     lane: str  # priority lane name, for metrics
+    span: Span | None = None  # the batch's span when it is sampled (tracing on)
+    traceparent: str = ""  # that span's W3C context, sent with the batch to the shard
 
 
 @dataclass(frozen=True)
@@ -88,8 +92,11 @@ _DONE = object()
 
 
 class ClientStream:
-    def __init__(self, gw: GatewayContext) -> None:
+    def __init__(self, gw: GatewayContext, trace_parent: Context | None = None) -> None:
+        """``trace_parent``: the trace the client named when it opened the stream (if it is
+        continued: ``ENGRAM_OTEL_CLIENT_CONTEXT``); each batch's and recall's span is its child."""
         self.gw = gw
+        self._trace_parent = trace_parent if tracing.client_context else None
         self.out: asyncio.Queue[object] = asyncio.Queue()
         self.session_id = ""
         self.space = ""
@@ -197,6 +204,9 @@ class ClientStream:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _teardown(self) -> None:
+        for sent in self._sent.values():
+            if sent.span is not None:
+                tracing.fail(sent.span, UnavailableError("the stream ended before the answer"))
         for task in list(self._tasks):
             task.cancel()
         if self._append is not None:
@@ -337,6 +347,20 @@ class ClientStream:
     # ------------------------------------------------------------------ writes
 
     async def _batch(self, seq: int, batch: pb.ObservationBatch) -> None:
+        """Checks and forwards one batch; with tracing on, under a span if it is sampled."""
+        if not tracing.active:
+            await self._forward(seq, batch, None)
+            return
+        span = tracing.start("engram.gateway.batch", self._trace_parent)
+        try:
+            await self._forward(seq, batch, span)
+        except EngramError as exc:
+            if span is not None:
+                tracing.fail(span, exc)
+            raise
+
+    async def _forward(self, seq: int, batch: pb.ObservationBatch, span: Span | None) -> None:
+        """``span`` ends when the batch is answered (or here, on an error raised)."""
         if seq == 0:
             raise ValidationError(
                 "sequence_number is missing: batches are numbered 1, 2, 3, ...",
@@ -345,6 +369,9 @@ class ClientStream:
         if seq > self.next_expected and self._rejected_from is not None:
             # sent before the client learnt that an earlier batch was refused
             self._reject(seq, None, len(batch.vectors) // (4 * batch.dim) if batch.dim else 0)
+            if span is not None:
+                span.set_attribute("engram.rejected", "behind_rejected")
+                span.end()
             return
         if seq > self.next_expected:
             raise SequenceError(
@@ -373,18 +400,38 @@ class ClientStream:
                 f"batch {seq} was waiting when the stream was paused (send RESUME first)",
                 code=pb.STREAM_PAUSED,
             )
-        await self._routed.wait()
-        append = await self._shard_stream()
         lane = _LANE_NAMES.get(batch.priority, "normal")
-        self._sent[seq] = _Forwarded(batch, time.perf_counter(), checked.n, checked.dim, lane)
-        if seq == self.next_expected:
-            self.next_expected += 1
-        metrics.batch_size.observe(checked.n)
+        forward = None
+        if span is not None:
+            span.set_attributes(
+                {
+                    "engram.memory_space": self.space,
+                    "engram.session": self.session_id,
+                    "engram.sequence": seq,
+                    "engram.batch.size": checked.n,
+                    "engram.lane": lane,
+                    "engram.pressure_level": self._shard_status.level,
+                }
+            )
+            forward = tracing.child("engram.gateway.forward", span)
         try:
-            await append.write(seq, batch)
-        except UnavailableError as exc:
-            if append is self._append:  # else the stream is following a move: it resends
-                self._shard_lost(exc.message)
+            await self._routed.wait()
+            append = await self._shard_stream()
+            parent = tracing.traceparent(span) if span is not None else ""
+            self._sent[seq] = _Forwarded(
+                batch, time.perf_counter(), checked.n, checked.dim, lane, span, parent
+            )
+            if seq == self.next_expected:
+                self.next_expected += 1
+            metrics.batch_size.observe(checked.n)
+            try:
+                await append.write(seq, batch, parent)
+            except UnavailableError as exc:
+                if append is self._append:  # else the stream is following a move: it resends
+                    self._shard_lost(exc.message)
+        finally:
+            if forward is not None:
+                forward.end()
 
     async def _shard_stream(self) -> AppendStream:
         if self._append is None:
@@ -421,7 +468,8 @@ class ClientStream:
             )
             append = await self._shard_stream()
             for seq in sorted(self._sent):
-                await append.write(seq, self._sent[seq].batch)
+                sent = self._sent[seq]
+                await append.write(seq, sent.batch, sent.traceparent)
         except EngramError as exc:
             self._shard_lost(f"following memory space {self.space!r} to its new owner: {exc}")
             return
@@ -457,9 +505,14 @@ class ClientStream:
             and resp.error.expected_sequence <= self._rejected_from
         ):
             self._reject(seq, resp, sent.n if sent else 0)
+            if sent is not None and sent.span is not None:
+                sent.span.set_attribute("engram.rejected", resp.reject_reason or "behind_rejected")
+                sent.span.end()
             return
         if resp.HasField("error"):
             err = from_proto(resp.error)
+            if sent is not None and sent.span is not None:
+                tracing.fail(sent.span, err)
             if resp.error.code == pb.SEQUENCE_GAP:
                 self.next_expected = resp.error.expected_sequence
             else:  # refused before it was sequenced: the number is free again
@@ -476,6 +529,8 @@ class ClientStream:
             metrics.observation_latency.observe(time.perf_counter() - sent.at)
             if self.dim == 0 and not resp.duplicate:
                 self.dim = sent.dim
+            if sent.span is not None:
+                _acked(sent.span, resp)
         if not resp.duplicate:
             lane = sent.lane if sent is not None else "normal"
             metrics.observations_total.labels(self.space, lane).inc(resp.count)
@@ -531,12 +586,18 @@ class ClientStream:
 
     async def _do_recall(self, req: pb.RecallRequest) -> None:
         started = time.perf_counter()
+        span = recall_span(self.space, req, self._trace_parent) if tracing.active else None
+        parent = tracing.traceparent(span) if span is not None else ""
         try:
-            async for chunk in self.gw.shards.recall(self.space, req, self.session_id):
+            async for chunk in self.gw.shards.recall(self.space, req, self.session_id, parent):
                 self._send(pb.ObservationResponse(recall=chunk))
         except EngramError as exc:
+            if span is not None:
+                tracing.fail(span, exc)
             self._error(exc, request_id=req.request_id)
             return
+        if span is not None:
+            span.end()
         metrics.recall_latency.observe(time.perf_counter() - started)
 
     # -------------------------------------------------------------------- flow
@@ -582,3 +643,28 @@ class ClientStream:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+def _acked(span: Span, resp: ipb.AppendResponse) -> None:
+    span.set_attributes(
+        {
+            "engram.lsn.first": resp.first_lsn,
+            "engram.batch.stored": resp.count,
+            "engram.duplicate": resp.duplicate,
+        }
+    )
+    span.end()
+
+
+def recall_span(space: str, req: pb.RecallRequest, parent: Context | None) -> Span | None:
+    """A sampled recall's span on the gateway (None if unsampled); the caller ends it."""
+    span = tracing.start("engram.gateway.recall", parent)
+    if span is not None:
+        span.set_attributes(
+            {
+                "engram.memory_space": space,
+                "engram.recall.k": req.k,
+                "engram.recall.consistency": pb.Consistency.Name(req.consistency),
+            }
+        )
+    return span

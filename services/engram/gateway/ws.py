@@ -29,6 +29,7 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from engram.common import tracing
 from engram.contract import errors
 from engram.gateway import ws_frames
 from engram.gateway.context import GatewayContext
@@ -90,7 +91,10 @@ class _Connection:
     def __init__(self, endpoint: WebSocketEndpoint, conn: ServerConnection) -> None:
         self.endpoint = endpoint
         self.conn = conn
-        self.stream = ClientStream(endpoint.gw)
+        parent = None
+        if tracing.active and tracing.client_context and conn.request is not None:
+            parent = tracing.parent_from_headers(conn.request.headers.raw_items())
+        self.stream = ClientStream(endpoint.gw, parent)
         self.last_rx = time.monotonic()
         self.close_requested = False
 

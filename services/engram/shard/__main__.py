@@ -11,14 +11,18 @@ import sys
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from engram.common import logs, settings
+from engram.common import logs, settings, tracing
 from engram.common.settings import SettingsError
 from engram.shard.server import run
 
 if __name__ == "__main__":
     try:
         cfg = settings.load()
+        logs.setup(f"shard-{cfg.shard.shard_id}", cfg.log_level)
+        tracing.configure("engram-shard", cfg.tracing, instance=f"shard-{cfg.shard.shard_id}")
     except SettingsError as exc:
         sys.exit(f"engram shard: invalid setting: {exc}")
-    logs.setup(f"shard-{cfg.shard.shard_id}", cfg.log_level)
-    run(cfg)
+    try:
+        run(cfg)
+    finally:
+        tracing.shutdown()

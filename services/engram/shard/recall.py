@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engram.common import validation
+from engram.common.tracing import Timeline
 from engram.contract.errors import ConsistencyTimeout, SessionError
 from engram.shard.fresh import Block, scan
 from engram.shard.index import HnswTier
@@ -137,9 +138,15 @@ class Recall(SpaceState):
         return accept
 
     def recall(
-        self, snap: Snapshot, cue: np.ndarray, k: int, filters: Filters | float | None = None
+        self,
+        snap: Snapshot,
+        cue: np.ndarray,
+        k: int,
+        filters: Filters | float | None = None,
+        timeline: Timeline | None = None,
     ) -> pb.RecallResponse:
-        """Top-``k`` of the snapshot by cosine similarity; runs in a worker thread."""
+        """Top-``k`` of the snapshot by cosine similarity; runs in a worker thread. A traced
+        recall's ``timeline`` gets the end of each tier: index (HNSW), fresh, merge."""
         started = time.perf_counter()
         self.last_recall = time.monotonic()
         if not isinstance(filters, Filters):
@@ -168,10 +175,14 @@ class Recall(SpaceState):
             parts_rows.append(rows)
             parts_scores.append(scores)
         t_fresh = time.perf_counter()
+        if timeline is not None:
+            timeline.end("index")
         rows, scores = scan(snap.blocks, q, snap.indexed, snap.visible, k, accept)
         parts_rows.append(rows)
         parts_scores.append(scores)
         t_merge = time.perf_counter()
+        if timeline is not None:
+            timeline.end("fresh")
         rows = np.concatenate(parts_rows)
         scores = np.concatenate(parts_scores)
         keep = rows < snap.visible
@@ -193,6 +204,8 @@ class Recall(SpaceState):
             )
             m.when.FromMicroseconds(int(ts[row]))
         done = time.perf_counter()
+        if timeline is not None:
+            timeline.end("merge")
         out.metadata.latency_us = int((done - started) * 1e6)
         out.metadata.index_us = int((t_fresh - t_index) * 1e6)
         out.metadata.fresh_us = int((t_merge - t_fresh) * 1e6)

@@ -15,8 +15,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
+from opentelemetry.trace import Span
 
-from engram.common import metrics, validation
+from engram.common import metrics, tracing, validation
 from engram.common.threads import name_os_thread
 from engram.contract.errors import (
     EngramError,
@@ -115,6 +116,9 @@ class ShardService(MoveRpcs, shard_pb2_grpc.ShardServicer):
             await asyncio.gather(task, return_exceptions=True)
 
     def _begin(self, req: ipb.AppendRequest) -> asyncio.Future[AppendResult] | EngramError:
+        span = None
+        if req.traceparent and tracing.active:  # the gateway traces this batch
+            span = tracing.start("engram.shard.append", tracing.parent_from(req.traceparent))
         try:
             space = self.node.space(req.memory_space_id, create=False)
             if space is not None and req.epoch > self.node.placement.epoch(space.name):
@@ -126,8 +130,22 @@ class ShardService(MoveRpcs, shard_pb2_grpc.ShardServicer):
                 raise SessionError(
                     f"memory space {req.memory_space_id!r} has no session open on this shard"
                 )
-            return space.begin_append(req.session_id, req.sequence_number, req.batch)
+            if span is None:
+                return space.begin_append(req.session_id, req.sequence_number, req.batch)
+            span.set_attributes(
+                {
+                    "engram.memory_space": space.name,
+                    "engram.session": req.session_id,
+                    "engram.sequence": req.sequence_number,
+                    "engram.pressure_level": admission.LEVEL_NAMES[self._level],
+                }
+            )
+            timeline = tracing.Timeline()
+            fut = space.begin_append(req.session_id, req.sequence_number, req.batch, timeline)
+            return asyncio.ensure_future(_traced(span, timeline, fut))
         except EngramError as exc:
+            if span is not None:
+                tracing.fail(span, exc)
             return exc
 
     async def OpenSession(  # noqa: N802
@@ -155,6 +173,11 @@ class ShardService(MoveRpcs, shard_pb2_grpc.ShardServicer):
     ) -> AsyncIterator[pb.RecallResponse]:
         """Recall at the requested consistency; results in chunks of ``chunk_size``, best first."""
         r = request.recall
+        span = None
+        if tracing.active:
+            parent = tracing.parent_from_headers(context.invocation_metadata())
+            if parent is not None:  # the gateway traces this recall
+                span = tracing.start("engram.shard.recall", parent)
         try:
             cue = validation.recall(r, self.node.settings.limits)
             space = self.node.space(request.memory_space_id, create=False)
@@ -167,10 +190,15 @@ class ShardService(MoveRpcs, shard_pb2_grpc.ShardServicer):
                 empty = pb.RecallResponse()
                 empty.metadata.consistency = r.consistency or pb.BOUNDED
                 chunks = [empty]
+                if span is not None:
+                    span.end()
             else:
                 deadline = (r.deadline_ms or 5000) / 1000
                 self._recalls[space.name] = self._recalls.get(space.name, 0) + 1
+                timeline = tracing.Timeline() if span is not None else None
                 snap = await space.consistent_snapshot(r.consistency, request.session_id, deadline)
+                if timeline is not None:
+                    timeline.end("snapshot")
                 queued_at = time.perf_counter()
                 out = await self._loop.run_in_executor(
                     self._recall_pool,
@@ -181,10 +209,15 @@ class ShardService(MoveRpcs, shard_pb2_grpc.ShardServicer):
                     r.k,
                     Filters.of(r),
                     queued_at,
+                    timeline,
                 )
                 self._note_slow(request.memory_space_id, out, time.perf_counter() - queued_at)
                 chunks = split(out, r.chunk_size)
+                if span is not None and timeline is not None:
+                    _recalled(span, timeline, space.name, out)
         except EngramError as exc:
+            if span is not None:
+                tracing.fail(span, exc)
             await context.abort(grpc_status(exc), abort_details(exc))
         for chunk in chunks:
             chunk.request_id = r.request_id
@@ -192,10 +225,18 @@ class ShardService(MoveRpcs, shard_pb2_grpc.ShardServicer):
 
     @staticmethod
     def _timed_recall(
-        space: Space, snap: Snapshot, cue: np.ndarray, k: int, filters: Filters, queued_at: float
+        space: Space,
+        snap: Snapshot,
+        cue: np.ndarray,
+        k: int,
+        filters: Filters,
+        queued_at: float,
+        timeline: tracing.Timeline | None,
     ) -> pb.RecallResponse:
         queued_us = int((time.perf_counter() - queued_at) * 1e6)
-        out = space.recall(snap, cue, k, filters)
+        if timeline is not None:
+            timeline.end("queued")
+        out = space.recall(snap, cue, k, filters, timeline)
         out.metadata.queued_us = queued_us
         return out
 
@@ -291,6 +332,45 @@ def status_message(snap: admission.Snapshot) -> pb.StreamStatus:
         recommended_batch_size=admission.RECOMMENDED_BATCH[snap.level],
         retry_after_ms=snap.retry_after_ms,
     )
+
+
+async def _traced(
+    span: Span, timeline: tracing.Timeline, fut: asyncio.Future[AppendResult]
+) -> AppendResult:
+    """``fut``'s result, after ending the batch's span with a child span per step."""
+    try:
+        r = await fut
+    except EngramError as exc:
+        tracing.fail(span, exc)
+        raise
+    except BaseException:  # cancelled: the gateway's stream went away
+        span.end()
+        raise
+    tracing.end_steps(span, timeline, "engram.shard.")
+    span.set_attributes(
+        {
+            "engram.batch.size": r.count,
+            "engram.lsn.first": r.first_lsn,
+            "engram.duplicate": r.duplicate,
+        }
+    )
+    span.end()
+    return r
+
+
+def _recalled(span: Span, timeline: tracing.Timeline, space: str, out: pb.RecallResponse) -> None:
+    tracing.end_steps(span, timeline, "engram.shard.recall.")
+    m = out.metadata
+    span.set_attributes(
+        {
+            "engram.memory_space": space,
+            "engram.recall.snapshot_lsn": out.snapshot_sequence,
+            "engram.recall.indexed_rows": m.indexed_count,
+            "engram.recall.fresh_rows": m.fresh_count,
+            "engram.recall.results": len(out.results),
+        }
+    )
+    span.end()
 
 
 def _rejected(seq: int, exc: OverloadedError) -> ipb.AppendResponse:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engram.common import metrics, validation, wire
+from engram.common.tracing import Timeline
 from engram.contract.errors import NotOwnerError, SequenceError, SessionError, StorageError
 from engram.internal.v1 import shard_pb2 as ipb
 from engram.shard.admission import lane_of
@@ -55,6 +56,7 @@ class _Pending:
     result: asyncio.Future[AppendResult]
     lane: int
     nbytes: int
+    timeline: Timeline | None  # a traced batch's steps (admit, wal_commit, publish)
 
 
 class WritePath(SpaceState):
@@ -102,12 +104,18 @@ class WritePath(SpaceState):
         return fut
 
     def begin_append(
-        self, session_id: str, seq: int, batch: pb.ObservationBatch
+        self,
+        session_id: str,
+        seq: int,
+        batch: pb.ObservationBatch,
+        timeline: Timeline | None = None,
     ) -> asyncio.Future[AppendResult]:
         """Starts appending a batch; the future resolves once it is durable and visible.
 
         Raises at once (before anything is queued) for bad input, an unknown session, a
-        sequence gap or a WAL that is recovering from a failure.
+        sequence gap or a WAL that is recovering from a failure. A traced batch's
+        ``timeline`` gets the end of each step: admit (checked, admitted, queued for the
+        WAL), wal_commit (durable), publish (visible).
         """
         loop = self._require_loop()
         sessions = self.sessions
@@ -159,8 +167,11 @@ class WritePath(SpaceState):
             result=result,
             lane=lane,
             nbytes=nbytes,
+            timeline=timeline,
         )
         wal_fut = self.wal.append(record, first_row + n)
+        if timeline is not None:
+            timeline.end("admit")
         self._next_row += n
         sessions.assigned[session_id] = seq
         self._inflight += 1
@@ -180,6 +191,8 @@ class WritePath(SpaceState):
             self._on_failure()
             return
         assert p.first_row == self.visible, (p.first_row, self.visible)
+        if p.timeline is not None:
+            p.timeline.end("wal_commit")
         self.last_write = time.monotonic()
         self._make_visible(p.vectors, p.ids, p.contents, p.confidences, p.timestamps_us, p.norms)
         self.lanes.add(self.visible, p.lane, n)
@@ -189,6 +202,8 @@ class WritePath(SpaceState):
         sessions.rows[p.session_id] = self.visible
         if self.visibility.waiting:
             self.visibility.wake(self.visible)
+        if p.timeline is not None:
+            p.timeline.end("publish")
         if not p.result.done():  # done: cancelled, its caller went away
             p.result.set_result(
                 AppendResult(p.seq, p.first_row + 1, n, False, now_us(), p.ids[0] if p.ids else "")
