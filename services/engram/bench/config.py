@@ -55,6 +55,8 @@ class BenchConfig:
     corpus: str = "synthetic"
     minilm_count: int = 15_000
     plots: bool = True
+    trace_ratio: float | None = None  # tracing on in the own cluster at this ratio (None: off)
+    trace_endpoint: str = ""  # where its spans go; empty: an OTLP sink the bench runs
 
     @property
     def results_root(self) -> Path:
@@ -153,6 +155,22 @@ def parser() -> argparse.ArgumentParser:
     )
     a("--minilm-count", type=int, default=15_000, help="sentences to embed for --corpus minilm")
     a("--no-plots", action="store_true", help="skip the PNG plots")
+    a(
+        "--trace-ratio",
+        type=float,
+        default=None,
+        metavar="RATIO",
+        help="run the cluster it starts with tracing on, sampling this share of batches "
+        "(parent-based ratio), exporting to an OTLP collector the benchmark runs (default: "
+        "tracing off)",
+    )
+    a(
+        "--trace-endpoint",
+        default="",
+        metavar="URL",
+        help="with --trace-ratio: export there instead (a closed port such as "
+        "http://127.0.0.1:9 measures the worst case: every export fails)",
+    )
     return p
 
 
@@ -166,6 +184,12 @@ def parse(argv: list[str] | None) -> BenchConfig:
     for kv in ns.cluster_env:
         if "=" not in kv or not kv.split("=", 1)[0].isidentifier():
             p.error(f"--cluster-env expects NAME=VALUE, got {kv!r}")
+    if ns.trace_ratio is not None and not 0.0 <= ns.trace_ratio <= 1.0:
+        p.error("--trace-ratio must be in 0..1")
+    if (ns.trace_ratio is not None or ns.trace_endpoint) and ns.target:
+        p.error("--trace-ratio configures the cluster the benchmark starts: not with --target")
+    if ns.trace_endpoint and ns.trace_ratio is None:
+        p.error("--trace-endpoint needs --trace-ratio")
     if ns.corpus == "minilm" and ns.dim != 384:
         p.error("--corpus minilm gives dimension 384; drop --dim or pass --dim 384")
     pool = max(ns.batch, ns.pool // ns.batch * ns.batch)
@@ -208,4 +232,6 @@ def parse(argv: list[str] | None) -> BenchConfig:
         corpus=ns.corpus,
         minilm_count=ns.minilm_count,
         plots=not ns.no_plots,
+        trace_ratio=ns.trace_ratio,
+        trace_endpoint=ns.trace_endpoint,
     )

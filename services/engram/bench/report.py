@@ -497,6 +497,7 @@ def build(cfg: BenchConfig, data: dict[str, Any]) -> dict[str, Any]:
         "processes": _proc_summary(samples, load.t0, load.t_stop),
         "profile": load.profiles,
         "stream_events": [list(e) for e in tel.events[:50]],
+        "tracing": data.get("tracing"),  # None: tracing off
     }  # fmt: skip
     if cfg.find_max:
         passing = [s for s in load.steps if s["keeps_up"]]
@@ -539,6 +540,10 @@ def _notes(
         )
     if cfg.dim != 384:
         notes.append(f"the targets are stated for dim 384; this run used dim {cfg.dim}")
+    if r["tracing"] is not None:
+        t = r["tracing"]
+        received = "" if t["spans_received"] is None else f", {t['spans_received']} spans received"
+        notes.append(f"tracing on: ratio {t['ratio']:g}, spans to {t['endpoint']}{received}")
     if cfg.profile_seconds > 0:
         notes.append(
             f"py-spy sampled the gateway and shard-0 at {cfg.profile_rate} Hz for "

@@ -25,6 +25,7 @@ from engram.bench import compare, limits, machine, report
 from engram.bench.config import BenchConfig, parse
 from engram.bench.load import run_load
 from engram.bench.monitor import Monitor
+from engram.bench.otlp_sink import OtlpSink
 from engram.bench.peers import Unavailable, minilm_corpus
 from engram.bench.quality import recall_at_10
 from engram.bench.target import Target, attach, start_own
@@ -152,6 +153,7 @@ def run(cfg: BenchConfig) -> int:
     query_start = _align(compare_start + compare_rows)
     target: Target | None = None
     monitor: Monitor | None = None
+    sink: OtlpSink | None = None
     phases = _Phases()
     try:
         phases.next("limits (measured here, before any load)")
@@ -190,7 +192,13 @@ def run(cfg: BenchConfig) -> int:
             target = attach(cfg)
             print(f"  using {target.address}; {target.note}", flush=True)
         else:
-            target = start_own(cfg, work / "cluster")
+            trace_env: dict[str, str] = {}
+            if cfg.trace_ratio is not None:
+                if not cfg.trace_endpoint:
+                    sink = OtlpSink(keep=False).start()
+                trace_env = _trace_env(cfg.trace_ratio, cfg.trace_endpoint or sink.endpoint)
+                print(f"  tracing on: {trace_env}", flush=True)
+            target = start_own(cfg, work / "cluster", trace_env)
             print(
                 f"  started: gateway {target.address}, {target.shard_count} shards, "
                 f"data in {target.data_dir}",
@@ -259,6 +267,14 @@ def run(cfg: BenchConfig) -> int:
         if target is not None and target.cluster is not None:
             phases.next("stopping the cluster")
             target.stop()
+        if cfg.trace_ratio is not None:
+            data["tracing"] = {
+                "ratio": cfg.trace_ratio,
+                "endpoint": cfg.trace_endpoint or "an OTLP sink in the benchmark process",
+                "spans_received": sink.count if sink is not None else None,
+            }
+        if sink is not None:
+            sink.stop()
             logs = target.cluster.logs_dir
             if logs.is_dir():
                 shutil.copytree(logs, out_dir / "logs", dirs_exist_ok=True)
@@ -273,6 +289,15 @@ def run(cfg: BenchConfig) -> int:
     print(report.table(result), flush=True)
     print(f"\nresults: {out_dir}", flush=True)
     return 0
+
+
+def _trace_env(ratio: float, endpoint: str) -> dict[str, str]:
+    """The services' tracing variables: parent-based ratio sampling, OTLP to ``endpoint``."""
+    return {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": f"{ratio:g}",
+    }
 
 
 def _one_per_shard(plans: list[Any], n: int) -> list[int]:

@@ -54,8 +54,9 @@ class Target:
             self.cluster.stop()
 
 
-def start_own(cfg: BenchConfig, data_dir: Path) -> Target:
-    env = dict(kv.split("=", 1) for kv in cfg.cluster_env)
+def start_own(cfg: BenchConfig, data_dir: Path, extra_env: dict[str, str] | None = None) -> Target:
+    """``extra_env``: variables for the services beyond ``--cluster-env`` (tracing's)."""
+    env = {**dict(kv.split("=", 1) for kv in cfg.cluster_env), **(extra_env or {})}
     engram_settings.load({**os.environ, **env})  # refuse bad settings before starting
     cluster = LocalCluster(data_dir, shards=cfg.shards, env=env)
     cluster.start()
