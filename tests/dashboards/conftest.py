@@ -5,6 +5,7 @@ is run from there, not installed), and what they share, reached through the ``da
 * ``require(tool)``: skips the test when a binary is missing (``make prometheus-deps``);
 * ``scrape(address)``: the text of a ``/metrics`` page;
 * ``cluster_scrapes(cluster)``: job -> the series names every process of that job exports;
+* ``value(text, name, **labels)``: one sample of a scraped page (None if absent);
 * ``wait_for(predicate, timeout, what)``: polls until true, fails naming ``what``.
 """
 
@@ -12,14 +13,15 @@ from __future__ import annotations
 
 import shutil
 import sys
-from types import ModuleType
 import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 DASHBOARDS = Path(__file__).resolve().parents[2] / "dashboards"
 sys.path.insert(0, str(DASHBOARDS))
@@ -44,6 +46,14 @@ def cluster_scrapes(cluster: Any) -> dict[str, list[set[str]]]:
     for job, addresses in prometheus.cluster_targets(cluster.endpoints()).items():
         found[job] = [promql.exported_names(scrape(a)) for a in addresses]
     return found
+
+
+def value(text: str, name: str, **labels: str) -> float | None:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return None
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:

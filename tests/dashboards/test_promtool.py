@@ -8,7 +8,6 @@ from types import ModuleType
 
 import pytest
 import yaml
-
 from engram_dashboards import build
 
 pytestmark = pytest.mark.cluster  # runs promtool
