@@ -35,6 +35,7 @@ TEST_DEPS :=
 
 # Each part's own targets (and what `make test` needs of them: TEST_DEPS).
 include helm/chart.mk operator/operator.mk dashboards/observe.mk
+TEST_DEPS += image-deps
 
 .PHONY: help setup venv proto redis run test test-fast test-moves lint demo chaos clean FORCE
 
@@ -143,8 +144,8 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not cluster and not slow" $(PYTEST_ARGS)
 
 lint: $(INSTALLED)
-	$(VENV)/bin/ruff check services clients tests
-	$(VENV)/bin/ruff format --check services clients tests
+	$(VENV)/bin/ruff check services clients operator tests
+	$(VENV)/bin/ruff format --check services clients operator tests
 	$(VENV)/bin/lint-imports
 
 demo: proto
@@ -247,3 +248,91 @@ bench: setup
 # The 10-second CI version (tests/bench): checks the benchmark works, not its speed.
 bench-smoke: setup
 	$(PY) -m pytest -q tests/bench
+
+# ---------------------------------------------------------------------------- container image
+
+# `make image` builds engram-stream:<version> from Containerfile with podman, else a docker
+# whose daemon answers (ENGINE=docker to choose). BASE_IMAGE=... builds from that base; without
+# it, the public Python slim image when it can be pulled, else a local Debian base made once by
+# mmdebstrap. The build's settings for the tests go to .engram/image/build.env (docs/container.md).
+IMAGE_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE := engram-stream:$(IMAGE_VERSION)
+IMAGE_DIR := .engram/image
+IMAGE_CONF := $(abspath $(IMAGE_DIR))/containers.conf
+PUBLIC_BASE := docker.io/library/python:3.11-slim
+LOCAL_BASE_PKGS := python3,python3-venv,tini
+LOCAL_BASE := localhost/engram-base:bookworm-$(shell echo $(LOCAL_BASE_PKGS) | cksum | cut -d' ' -f1)
+CA_BUNDLE ?= /etc/ssl/certs/ca-certificates.crt
+BASE_IMAGE ?=
+ENGINE ?=
+
+.PHONY: image image-deps
+
+# podman (with buildah, runc, skopeo) and mmdebstrap when there is no engine, as root with
+# apt-get; hadolint (the dev extra) for the Containerfile's lint.
+image-deps: $(INSTALLED)
+	@have() { [ -x "$$(command -v "$$1" 2>/dev/null)" ]; }; \
+	pkgs=""; \
+	if ! have podman && ! { have docker && docker info >/dev/null 2>&1; }; then \
+	  pkgs="podman buildah runc skopeo"; \
+	fi; \
+	have mmdebstrap || pkgs="$$pkgs mmdebstrap"; \
+	if [ -n "$$pkgs" ]; then \
+	  if [ "$$(id -u)" = 0 ] && have apt-get; then \
+	    echo "==> installing$$pkgs (apt-get)"; \
+	    apt-get update -qq && $(APT_INSTALL) $$pkgs >/dev/null || exit 1; \
+	  elif ! have podman && ! have docker; then \
+	    echo "error: no container engine: install podman (sudo apt-get install podman) or docker"; \
+	    exit 1; \
+	  fi; \
+	fi
+	@[ -x $(VENV)/bin/hadolint ] || { \
+	  echo "==> installing hadolint (pip, the 'dev' extra)"; \
+	  $(PIP) install -q --disable-pip-version-check -e '.[dev]'; }
+
+image: image-deps
+	@set -e; have() { [ -x "$$(command -v "$$1" 2>/dev/null)" ]; }; \
+	engine="$(ENGINE)"; \
+	if [ -z "$$engine" ]; then \
+	  if have podman; then engine=podman; \
+	  elif have docker && docker info >/dev/null 2>&1; then engine=docker; \
+	  else echo "error: neither podman nor a running docker found (make image-deps)"; exit 1; fi; \
+	fi; \
+	mkdir -p $(IMAGE_DIR); \
+	if [ "$$engine" = podman ]; then \
+	  { echo "# Settings podman needs here (docs/container.md); written by make image."; \
+	    echo "[containers]"; \
+	    echo 'default_ulimits = ["nofile=20000:20000", "nproc=4096:4096"]'; \
+	    echo "[engine]"; \
+	    echo 'cgroup_manager = "cgroupfs"'; \
+	    if have runc; then echo 'runtime = "runc"'; fi; } > $(IMAGE_CONF); \
+	  export CONTAINERS_CONF=$(IMAGE_CONF); \
+	else \
+	  export DOCKER_BUILDKIT=1; \
+	fi; \
+	echo "==> linting Containerfile (hadolint)"; \
+	$(VENV)/bin/hadolint Containerfile; \
+	base="$(BASE_IMAGE)"; \
+	if [ -z "$$base" ]; then \
+	  if $$engine image inspect $(PUBLIC_BASE) >/dev/null 2>&1 || \
+	     $$engine pull -q $(PUBLIC_BASE) >/dev/null 2>&1; then \
+	    base=$(PUBLIC_BASE); \
+	  else \
+	    base=$(LOCAL_BASE); \
+	    if ! $$engine image inspect $$base >/dev/null 2>&1; then \
+	      have mmdebstrap || { echo "error: $(PUBLIC_BASE) cannot be pulled and mmdebstrap is missing (make image-deps)"; exit 1; }; \
+	      echo "==> $(PUBLIC_BASE) cannot be pulled: making a local Debian base with mmdebstrap ($(LOCAL_BASE_PKGS); ~30 s)"; \
+	      mmdebstrap --quiet --variant=minbase --include=$(LOCAL_BASE_PKGS) bookworm $(IMAGE_DIR)/base.tar; \
+	      echo "==> importing it as $$base"; \
+	      $$engine import -q $(IMAGE_DIR)/base.tar $$base >/dev/null; \
+	      rm -f $(IMAGE_DIR)/base.tar; \
+	    fi; \
+	  fi; \
+	fi; \
+	echo "==> building $(IMAGE) from $$base with $$engine (first build ~2 min: hnswlib compiles)"; \
+	secret=""; [ -f "$(CA_BUNDLE)" ] && secret="--secret id=ca,src=$(CA_BUNDLE)"; \
+	$$engine build -q $$secret --build-arg BASE_IMAGE=$$base -t $(IMAGE) -f Containerfile . >/dev/null; \
+	{ echo "ENGINE=$$engine"; \
+	  if [ "$$engine" = podman ]; then echo "CONTAINERS_CONF=$(IMAGE_CONF)"; fi; \
+	  echo "IMAGE=$(IMAGE)"; echo "BASE_IMAGE=$$base"; } > $(IMAGE_DIR)/build.env; \
+	echo "==> $(IMAGE) built ($$engine; settings in $(IMAGE_DIR)/build.env)"
