@@ -134,7 +134,7 @@ async def test_batch_and_recall_traces_cross_processes(make_cluster, sink, space
     assert append.service == "engram-shard" and append.instance == "shard-0"
     assert append.parent_id == batch.span_id, "the shard's span is the gateway's child"
     assert append.attributes["engram.lsn.first"] == first_lsn
-    assert append.attributes["engram.pressure_level"] == "NORMAL"
+    assert append.attributes["engram.pressure_level"] == 0  # NORMAL
     steps = [_one(trace, f"engram.shard.{step}") for step in ("admit", "wal_commit", "publish")]
     assert all(s.parent_id == append.span_id for s in steps)
     assert [s.start_ns for s in steps] == sorted(s.start_ns for s in steps)
@@ -182,6 +182,17 @@ async def test_ratio_zero_exports_nothing(make_cluster, sink, space_id) -> None:
     await _raw_batch(cluster, f"{space_id}-c", (("traceparent", sampled),))
     spans = await _wait_for(sink, lambda s: any(x.name == "engram.shard.publish" for x in s))
     assert spans and {s.trace_id for s in spans} == {"ab" * 16}
+
+
+async def test_a_client_context_can_be_ignored(make_cluster, sink, space_id) -> None:
+    env = _env(sink.endpoint, "1", ENGRAM_OTEL_CLIENT_CONTEXT="0")
+    cluster = make_cluster(shards=1, env=env)
+    # honoured, this unsampled context would keep the batch out of every trace
+    unsampled = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-00"
+    await _raw_batch(cluster, space_id, (("traceparent", unsampled),))
+    spans = await _wait_for(sink, lambda s: any(x.name == "engram.shard.publish" for x in s))
+    batch = _one(spans, "engram.gateway.batch")
+    assert batch.parent_id == "" and batch.trace_id != CLIENT_TRACE
 
 
 def _blackhole() -> socket.socket:

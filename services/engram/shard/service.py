@@ -137,7 +137,7 @@ class ShardService(MoveRpcs, shard_pb2_grpc.ShardServicer):
                     "engram.memory_space": space.name,
                     "engram.session": req.session_id,
                     "engram.sequence": req.sequence_number,
-                    "engram.pressure_level": admission.LEVEL_NAMES[self._level],
+                    "engram.pressure_level": self._level,
                 }
             )
             timeline = tracing.Timeline()
