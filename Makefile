@@ -144,8 +144,8 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not cluster and not slow" $(PYTEST_ARGS)
 
 lint: $(INSTALLED)
-	$(VENV)/bin/ruff check services clients operator tests
-	$(VENV)/bin/ruff format --check services clients operator tests
+	$(VENV)/bin/ruff check services clients operator tests dashboards
+	$(VENV)/bin/ruff format --check services clients operator tests dashboards
 	$(VENV)/bin/lint-imports
 
 demo: proto
