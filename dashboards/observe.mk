@@ -6,7 +6,7 @@
 #   make prometheus-deps  Debian's prometheus (and promtool) when missing, the Python extras
 
 OBSERVE_ARGS ?=
-DASHBOARDS_PY := cd dashboards && ../$(PY)
+DASHBOARDS_PY := PYTHONPATH=dashboards $(PY)
 
 .PHONY: dashboards observe dashboard-plots prometheus-deps
 
@@ -16,7 +16,7 @@ dashboards: $(INSTALLED)
 # Reads the cluster's process list (.engram/cluster.json, as `engram status --json` shows
 # it); Ctrl-C stops Prometheus. OBSERVE_ARGS='--port 9091 --data-dir /path' to change them.
 observe: prometheus-deps
-	@$(DASHBOARDS_PY) -m engram_dashboards.observe --data-dir ../.engram $(OBSERVE_ARGS)
+	@$(DASHBOARDS_PY) -m engram_dashboards.observe --data-dir .engram $(OBSERVE_ARGS)
 
 dashboard-plots: prometheus-deps proto
 	@$(PY) -c 'import matplotlib' >/dev/null 2>&1 || { \

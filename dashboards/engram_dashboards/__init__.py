@@ -1,6 +1,6 @@
 """Engram Stream's Grafana dashboards and Prometheus alerts, as code.
 
-Modules (run from the ``dashboards/`` directory, or with it on ``PYTHONPATH``):
+Modules (run with ``dashboards/`` on ``PYTHONPATH``, as the make targets do):
 
 * :mod:`.panels`: the shared pieces every dashboard uses (the datasource and instance
   variables, a time-series panel with its unit and legend, the job selectors);
