@@ -57,6 +57,7 @@ class ClusterLoop:
                 timestamp(s.get("downSince")) or None,
                 tuple(timestamp(t) for t in s.get("recentRestarts") or ()),
                 int(s.get("restarts") or 0),
+                int(s.get("containerRestarts") or 0),
             )
             for s in self.status.get("shards") or ()
         }
@@ -87,12 +88,18 @@ class ClusterLoop:
         ids = set(range(max(spec.shards, obs.replicas or 0))) | set(obs.pods)
         health = {
             s: decide.shard_health(
-                s, obs.pods.get(s), obs.heartbeat_age.get(s), spec.heartbeat_timeout_s, now
+                s,
+                obs.pods.get(s),
+                obs.heartbeat_age.get(s),
+                spec.heartbeat_timeout_s,
+                now,
+                self.memory[s].pod_restarts if s in self.memory else None,
             )
             for s in sorted(ids)
         }
         self.memory = {
-            s: decide.remember(self.memory.get(s, ShardMemory()), h, now) for s, h in health.items()
+            s: decide.remember(self.memory.get(s, ShardMemory()), h, obs.pods.get(s), now)
+            for s, h in health.items()
         }
         deletions = decide.pod_deletions(health, self.memory, now, spec.restart_policy)
         if not spec.paused:
@@ -258,6 +265,7 @@ class ClusterLoop:
                 "role": role,
                 "message": h.message,
                 "restarts": mem.restarts,
+                "containerRestarts": mem.pod_restarts,
                 "recentRestarts": [iso(t) for t in mem.restart_times],
                 "downSince": iso(mem.down_since) if mem.down_since else None,
             }

@@ -15,7 +15,7 @@ Nothing here does I/O or reads a clock: the loop in :mod:`.act` passes ``now`` i
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from engram.control import rebalance as rb
@@ -53,6 +53,8 @@ class ShardMemory:
     # When the operator deleted its pod, the last few times.
     restart_times: tuple[float, ...] = ()
     restarts: int = 0
+    # The pod's container restarts when last seen (the kubelet's own restarts).
+    pod_restarts: int = 0
 
 
 def shard_health(
@@ -61,8 +63,11 @@ def shard_health(
     heartbeat_age: float | None,
     heartbeat_timeout_s: float,
     now: float,
+    restarts_seen: int | None = None,
 ) -> ShardHealth:
-    """A shard serves when its pod is Ready and its Redis heartbeat is fresh."""
+    """A shard serves when its pod is Ready and its Redis heartbeat is fresh. A container
+    restarted since the last look (``restarts_seen``) counts as down once, even if it serves
+    again: a crash the kubelet repaired in a second is still reported."""
     if pod is None:
         return ShardHealth(shard, MISSING, "PodMissing", f"shard-{shard} has no pod yet")
     fresh = heartbeat_age is not None and heartbeat_age <= heartbeat_timeout_s
@@ -83,15 +88,22 @@ def shard_health(
     if not fresh:
         why = f"pod {pod.name} is ready but the shard is silent in Redis ({beat})"
         return ShardHealth(shard, DOWN, "HeartbeatMissing", why, stuck=True)
+    if restarts_seen is not None and pod.restarts > restarts_seen:
+        why = f"pod {pod.name} restarted (container restarts {restarts_seen} -> {pod.restarts})"
+        return ShardHealth(shard, DOWN, "Restarted", why)
     return ShardHealth(shard, SERVING)
 
 
-def remember(memory: ShardMemory, health: ShardHealth, now: float) -> ShardMemory:
-    """The memory after this observation: when a shard went down, cleared once it serves."""
+def remember(
+    memory: ShardMemory, health: ShardHealth, pod: PodView | None, now: float
+) -> ShardMemory:
+    """The memory after this observation: when a shard went down (cleared once it serves),
+    and the pod's restart count."""
+    seen = pod.restarts if pod is not None else memory.pod_restarts
     if health.phase == SERVING:
-        return ShardMemory(None, memory.restart_times, memory.restarts)
+        return replace(memory, down_since=None, pod_restarts=seen)
     since = memory.down_since if memory.down_since is not None else now
-    return ShardMemory(since, memory.restart_times, memory.restarts)
+    return replace(memory, down_since=since, pod_restarts=seen)
 
 
 @dataclass(frozen=True)
@@ -143,7 +155,7 @@ def pod_deletions(
 
 def record_deletion(memory: ShardMemory, now: float, policy: restarts.Policy) -> ShardMemory:
     recent = tuple(t for t in memory.restart_times if now - t < policy.window_s)
-    return ShardMemory(memory.down_since, (*recent, now), memory.restarts + 1)
+    return replace(memory, restart_times=(*recent, now), restarts=memory.restarts + 1)
 
 
 @dataclass(frozen=True)
