@@ -182,15 +182,16 @@ def is_true(obj: Mapping[str, Any], kind: str, reason: str | None = None) -> boo
     return c.get("status") == "True" and (reason is None or c.get("reason") == reason)
 
 
-@pytest.fixture
-async def api(kmock: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Api]:
+async def start_api(emulator: Any, kubeconfig: Path) -> Api:
+    """Declares the CRDs and the built-in kinds in ``emulator``, writes a kubeconfig for it
+    (point $KUBECONFIG at it for the operator) and returns a client."""
     with warnings.catch_warnings():  # kmock 0.8 reads its bundle with a deprecated call
         warnings.simplefilter("ignore", DeprecationWarning)
-        kmock.resources.load_bundled()
+        emulator.resources.load_bundled()
     for crd_file in ("engramclusters.yaml", "kopfpeerings.yaml"):
         crd = yaml.safe_load((CRDS / crd_file).read_text())["spec"]
         for version in crd["versions"]:
-            kmock.resources[f"{crd['group']}/{version['name']}/{crd['names']['plural']}"] = (
+            emulator.resources[f"{crd['group']}/{version['name']}/{crd['names']['plural']}"] = (
                 kmock.ResourceInfo(
                     kind=crd["names"]["kind"],
                     namespaced=True,
@@ -198,32 +199,25 @@ async def api(kmock: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> As
                     subresources=set(version.get("subresources") or ()),
                 )
             )
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [
-                    {
-                        "name": "kmock",
-                        "cluster": {"server": str(kmock.url), "insecure-skip-tls-verify": True},
-                    }
-                ],
-                "users": [{"name": "test", "user": {"token": "test"}}],
-                "contexts": [
-                    {
-                        "name": "kmock",
-                        "context": {"cluster": "kmock", "user": "test", "namespace": NS},
-                    }
-                ],
-                "current-context": "kmock",
-            }
-        )
-    )
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    server = {"server": str(emulator.url), "insecure-skip-tls-verify": True}
+    context = {"cluster": "kmock", "user": "test", "namespace": NS}
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "kmock", "cluster": server}],
+        "users": [{"name": "test", "user": {"token": "test"}}],
+        "contexts": [{"name": "kmock", "context": context}],
+        "current-context": "kmock",
+    }
+    await asyncio.to_thread(kubeconfig.write_text, yaml.safe_dump(config))
+    return Api(str(emulator.url))
+
+
+@pytest.fixture
+async def api(kmock: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Api]:
+    client = await start_api(kmock, tmp_path / "kubeconfig")
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
     monkeypatch.delenv("ENGRAM_REDIS_URL", raising=False)
-    client = Api(str(kmock.url))
     try:
         yield client
     finally:
