@@ -258,6 +258,8 @@ bench-smoke: setup
 IMAGE_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE := engram-stream:$(IMAGE_VERSION)
 IMAGE_DIR := .engram/image
+# podman: the builder stage is tagged too, so removing superseded layers keeps its cache.
+IMAGE_BUILDER := engram-stream-builder:$(IMAGE_VERSION)
 IMAGE_CONF := $(abspath $(IMAGE_DIR))/containers.conf
 PUBLIC_BASE := docker.io/library/python:3.11-slim
 LOCAL_BASE_PKGS := python3,python3-venv,tini
@@ -331,7 +333,14 @@ image: image-deps
 	fi; \
 	echo "==> building $(IMAGE) from $$base with $$engine (first build ~2 min: hnswlib compiles)"; \
 	secret=""; [ -f "$(CA_BUNDLE)" ] && secret="--secret id=ca,src=$(CA_BUNDLE)"; \
-	$$engine build -q $$secret --build-arg BASE_IMAGE=$$base -t $(IMAGE) -f Containerfile . >/dev/null; \
+	build() { $$engine build -q $$secret --build-arg BASE_IMAGE=$$base -f Containerfile "$$@" . >/dev/null; }; \
+	if [ "$$engine" = podman ]; then \
+	  build --target builder -t $(IMAGE_BUILDER); \
+	  build -t $(IMAGE); \
+	  $$engine image prune -f --filter label=io.engramstream.image >/dev/null; \
+	else \
+	  build -t $(IMAGE); \
+	fi; \
 	{ echo "ENGINE=$$engine"; \
 	  if [ "$$engine" = podman ]; then echo "CONTAINERS_CONF=$(IMAGE_CONF)"; fi; \
 	  echo "IMAGE=$(IMAGE)"; echo "BASE_IMAGE=$$base"; } > $(IMAGE_DIR)/build.env; \
