@@ -92,7 +92,6 @@ def _parsed(e: Entry, raw: str) -> Any:
 
 # Settings whose value constrains another: a test value of theirs needs its partner.
 _PARTNERS = {
-    "ENGRAM_SHARD_ID": {"ENGRAM_SHARD_COUNT": "1024"},
     "ENGRAM_WS_HEARTBEAT_S": {"ENGRAM_WS_IDLE_TIMEOUT_S": "86400"},
     "ENGRAM_WS_IDLE_TIMEOUT_S": {"ENGRAM_WS_HEARTBEAT_S": "0.05"},
     "ENGRAM_GRPC_MAX_MESSAGE_BYTES": {"ENGRAM_MAX_BATCH_BYTES": "1024"},
@@ -154,7 +153,6 @@ def test_lane_limits_are_read_per_lane() -> None:
 @pytest.mark.parametrize(
     ("env", "names"),
     [
-        ({"ENGRAM_SHARD_COUNT": "2", "ENGRAM_SHARD_ID": "2"}, "ENGRAM_SHARD_ID"),
         (
             {"ENGRAM_MAX_BATCH_BYTES": str(1 << 28), "ENGRAM_GRPC_MAX_MESSAGE_BYTES": "4096"},
             "ENGRAM_MAX_BATCH_BYTES",
@@ -165,6 +163,13 @@ def test_lane_limits_are_read_per_lane() -> None:
 def test_rules_across_settings(env: dict[str, str], names: str) -> None:
     with pytest.raises(SettingsError, match=names):
         load(env)
+
+
+def test_a_shard_id_beyond_the_count_is_an_extra_shard() -> None:
+    loaded = load({"ENGRAM_SHARD_COUNT": "2", "ENGRAM_SHARD_ID": "5"})
+    assert (loaded.shard.shard_id, loaded.cluster.shard_count) == (5, 2)
+    with pytest.raises(SettingsError, match="ENGRAM_SHARD_ID"):
+        load({"ENGRAM_SHARD_ID": "-1"})
 
 
 def test_settings_are_frozen() -> None:

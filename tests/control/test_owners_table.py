@@ -6,7 +6,6 @@ the table is complete once every shard published since the store started empty.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -19,15 +18,6 @@ from engram.control.store import ControlStore
 @pytest.fixture
 def memory_store() -> MemoryControlStore:
     return MemoryControlStore(shard_count=3)
-
-
-@pytest.fixture
-async def redis_store(redis_url: str) -> AsyncIterator[ControlStore]:
-    store = ControlStore(redis_url, "t", shard_count=3)
-    try:
-        yield store
-    finally:
-        await store.close()
 
 
 def test_only_a_higher_epoch_wins() -> None:

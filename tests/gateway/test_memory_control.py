@@ -33,10 +33,11 @@ async def test_assignment_and_shards_drive_the_router() -> None:
 
     await store.heartbeat(0, "127.0.0.1:5000", ttl_s=3)
     await store.heartbeat(1, "127.0.0.1:5001", ttl_s=3)
-    await store.heartbeat(7, "127.0.0.1:5007", ttl_s=3)  # beyond the shard count: not listed
+    await store.heartbeat(7, "127.0.0.1:5007", ttl_s=3)  # an extra shard: listed too
     assert {i: s.address for i, s in (await store.shards()).items()} == {
         0: "127.0.0.1:5000",
         1: "127.0.0.1:5001",
+        7: "127.0.0.1:5007",
     }
 
     router = Router(load({"ENGRAM_SHARD_COUNT": "2"}), store)
@@ -45,5 +46,8 @@ async def test_assignment_and_shards_drive_the_router() -> None:
         assert (router.owner(space), router.assignment.epoch) == (other, 2)
         shard_id, _ = await router.channel(space)
         assert shard_id == other
+        await store.publish_owners(7, {"moved-out": 3})  # a space moved to the extra shard
+        await router.refresh()
+        assert (await router.channel("moved-out"))[0] == 7
     finally:
         await router.close()

@@ -91,7 +91,9 @@ class ClusterSettings:
     shard_count: int = setting(
         "ENGRAM_SHARD_COUNT",
         2,
-        "Number of shards; spaces are spread over shard ids 0..count-1.",
+        "Number of home shards: a new space's owner is a hash of its id over shard ids "
+        "0..count-1. A shard with a higher id is an extra one: it serves only the spaces moved "
+        "to it.",
         lo=1,
         hi=1024,
     )
@@ -316,7 +318,12 @@ class AdmissionSettings:
 @dataclass(frozen=True)
 class ShardSettings:
     shard_id: int = setting(
-        "ENGRAM_SHARD_ID", 0, "This shard's id, 0..ENGRAM_SHARD_COUNT-1.", lo=0, hi=1023
+        "ENGRAM_SHARD_ID",
+        0,
+        "This shard's id: 0..ENGRAM_SHARD_COUNT-1 a home shard, higher an extra shard (it "
+        "owns no space by default; it serves the spaces moved to it).",
+        lo=0,
+        hi=1023,
     )
     listen: str = setting("ENGRAM_SHARD_LISTEN", "127.0.0.1:50061", "gRPC listen address.")
     advertise: str = setting(
@@ -577,14 +584,6 @@ _DERIVED: dict[str, Callable[[Settings], Any]] = {
 }
 
 
-def _check_shard_id(s: Settings) -> None:
-    if s.shard.shard_id >= s.cluster.shard_count:
-        raise SettingsError(
-            f"ENGRAM_SHARD_ID={s.shard.shard_id} is out of range "
-            f"0..{s.cluster.shard_count - 1} (ENGRAM_SHARD_COUNT={s.cluster.shard_count})"
-        )
-
-
 def _check_batch_bytes(s: Settings) -> None:
     lim = s.limits
     if lim.max_batch_bytes > lim.grpc_max_message_bytes:
@@ -605,7 +604,6 @@ def _check_ws_timeouts(s: Settings) -> None:
 
 # Rules that involve more than one setting, checked after every variable is read.
 _CHECKS: list[Callable[[Settings], None]] = [
-    _check_shard_id,
     _check_batch_bytes,
     _check_ws_timeouts,
 ]

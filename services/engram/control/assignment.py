@@ -5,12 +5,19 @@ Each shard records the spaces it owns, with their *epoch*, in its own data direc
 those claims is what gateways route by. A claim replaces another only with a higher epoch
 (:func:`wins`), so a shard that comes back with stale knowledge cannot take a space back.
 A space nobody has claimed (a new one) belongs to its default shard, a stable hash of its id
-over the shard count. ``version`` rises with every change of the table, so a reader can tell
+over the shard count: the *home* shards are 0..count-1. A shard with a higher id is an *extra*
+shard: no space is its by default, it owns exactly the spaces moves gave it (and claims them
+here like any shard). ``version`` rises with every change of the table, so a reader can tell
 whose view is newer. ``published`` names the shards that have published their claims since
-the control plane last started empty: until every shard has (:attr:`Assignment.complete`), a
-space missing from the table may live on a shard that has not spoken yet, so no shard creates
-a new space. Used by the gateway (routing), the shard (creating spaces), the stores and the
-rebalancer.
+the control plane last started empty: until every home shard has
+(:attr:`Assignment.complete`), a space missing from the table may live on a shard that has not
+spoken yet, so no shard creates a new space. Extra shards are not waited for (nothing durable
+says which exist): a space one holds was moved there, and the shard it came from keeps a MOVED
+record and refuses to create it again (``engram.shard.ownership``). The exception is a space
+created on a shard while it was a home one, before the count was lowered: if the control
+plane loses everything before it is drained, its hash may name a shard that would create it
+in the heartbeat or so until the extra shard publishes it. Used by the gateway (routing), the
+shard (creating spaces), the stores and the rebalancer.
 """
 
 from __future__ import annotations
@@ -53,7 +60,8 @@ class Assignment:
 
     @property
     def complete(self) -> bool:
-        """Whether every shard has published its claims (a space not in the table is new)."""
+        """Whether every home shard has published its claims (a space not in the table is
+        new; see the module docstring for the extra shards)."""
         return set(range(self.shard_count)) <= self.published
 
 

@@ -4,8 +4,9 @@ Used where a control plane is needed without a Redis server: the gateway's unit 
 simulations that drive the assignment table (moving spaces) without processes. It implements
 :class:`~engram.control.store.ControlPlane` and the rest of
 :class:`~engram.control.store.ControlStore` (owners, heartbeats, counting sessions) with the
-same semantics, with one difference: **TTLs are ignored**. A session record or a shard's
-registration stays until the store is dropped, where Redis would let it expire.
+same semantics, with one difference: **a session's TTL is ignored** (the record stays until the
+store is dropped, where Redis would let it expire). A shard's registration expires as in Redis,
+on ``clock`` (monotonic seconds; a test may pass its own).
 
 Like Redis, an ``update_session`` of an unknown session leaves a partial record that
 ``get_session`` does not return until a ``put_session`` names its space.
@@ -14,7 +15,7 @@ Like Redis, an ``update_session`` of an unknown session leaves a partial record 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from engram.control.assignment import Assignment, wins
@@ -37,13 +38,14 @@ def _now_us() -> int:
 class MemoryControlStore:
     """One process's control plane in dicts; not shared between processes."""
 
-    def __init__(self, shard_count: int = 1) -> None:
+    def __init__(self, shard_count: int = 1, clock: Callable[[], float] = time.monotonic) -> None:
         self.shard_count = shard_count
+        self._clock = clock
         self._sessions: dict[str, _Session] = {}
         self._epoch = 0
         self._owners: dict[str, tuple[int, int]] = {}
         self._published: set[int] = set()
-        self._shards: dict[int, ShardInfo] = {}
+        self._shards: dict[int, tuple[ShardInfo, float]] = {}  # id -> (info, expires at)
 
     async def close(self) -> None:
         pass
@@ -103,7 +105,9 @@ class MemoryControlStore:
     # ------------------------------------------------------------ shard registry
 
     async def heartbeat(self, shard_id: int, address: str, ttl_s: float) -> None:
-        self._shards[shard_id] = ShardInfo(shard_id, address, _now_us())
+        self._shards[shard_id] = (ShardInfo(shard_id, address, _now_us()), self._clock() + ttl_s)
 
     async def shards(self) -> dict[int, ShardInfo]:
-        return {i: info for i, info in self._shards.items() if 0 <= i < self.shard_count}
+        """Every shard registered now (home and extra), as the Redis store answers."""
+        now = self._clock()
+        return {i: info for i, (info, until) in sorted(self._shards.items()) if until > now}

@@ -18,6 +18,9 @@ Keys (``P`` is the configured prefix):
   P:assign:owners      hash space -> "<shard>:<epoch>"
   P:assign:published   set of the shard ids that published their owners since Redis started
   P:shard:<id>         hash {address, heartbeat_us}, with a TTL a few heartbeats long
+  P:shards             set of the shard ids that ever registered (home and extra shards):
+                       :meth:`ControlStore.shards` reads the hashes of these ids and of
+                       0..count-1; an id whose hash expired is left out
 """
 
 from __future__ import annotations
@@ -169,6 +172,7 @@ class ControlStore:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping={"address": address, "heartbeat_us": _now_us()})
             pipe.pexpire(key, int(ttl_s * 1000))
+            pipe.sadd(f"{self._p}:shards", shard_id)
             await pipe.execute()
 
     async def registered(self) -> dict[int, ShardInfo]:
@@ -184,15 +188,19 @@ class ControlStore:
         return dict(sorted(out.items()))
 
     async def shards(self) -> dict[int, ShardInfo]:
-        out: dict[int, ShardInfo] = {}
+        """Every shard registered now: the home shards (0..count-1) and the extra shards
+        (higher ids) alike. Two round trips, no SCAN: the gateways call it every second."""
+        members = await self._redis.smembers(f"{self._p}:shards")
+        ids = sorted(set(range(self.shard_count)) | {int(m) for m in members if m.isdigit()})
         async with self._redis.pipeline(transaction=False) as pipe:
-            for i in range(self.shard_count):
+            for i in ids:
                 pipe.hgetall(f"{self._p}:shard:{i}")
             rows = await pipe.execute()
-        for i, row in enumerate(rows):
-            if row and "address" in row:
-                out[i] = ShardInfo(i, row["address"], int(row.get("heartbeat_us", 0)))
-        return out
+        return {
+            i: ShardInfo(i, row["address"], int(row.get("heartbeat_us", 0)))
+            for i, row in zip(ids, rows, strict=True)
+            if row and "address" in row
+        }
 
 
 # KEYS: owners hash, version counter, published set. ARGV: shard, then space, epoch pairs.

@@ -86,6 +86,13 @@ class ShardNode:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        count = self.settings.cluster.shard_count
+        if self.shard_id >= count:
+            log.info(
+                "shard %d is beyond ENGRAM_SHARD_COUNT=%d: it serves only spaces moved to it",
+                self.shard_id,
+                count,
+            )
         for space in self.spaces.values():
             space.start(self._loop)
         self.ready = True
