@@ -149,6 +149,7 @@ def _up(args: argparse.Namespace) -> int:
     cluster = LocalCluster(
         data_dir,
         shards=shards,
+        home_shards=args.shards,  # the draining ones run as extra shards: no new space there
         grpc_port=args.grpc_port,
         http_port=args.http_port,
         redis_port=args.redis_port,
@@ -168,7 +169,7 @@ def _up(args: argparse.Namespace) -> int:
             rebalancer = Rebalancer(
                 addresses=lambda: {i: cluster.shard_address(i) for i in range(cluster.shards)},
                 new=set(new),
-                draining=set(draining),
+                draining=set(range(args.shards, shards)),  # none receives a space
                 interval_s=args.rebalance_interval,
                 until_balanced=not args.rebalance and not draining,
             )

@@ -34,6 +34,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import engram
+from engram.common.settings import default_memory_budget
 from engram.control import restarts
 from engram.control.restarts import GiveUp, Policy, ProcessState, Restart
 from engram.launcher import procs, redis_server
@@ -120,6 +121,9 @@ class LocalCluster:
     ``ENGRAM_FAULT_FILE``. ``shard_advertise`` overrides the address a shard advertises to
     gateways (by shard id; default: its listen address), e.g. a proxy in front of it.
     ``commands`` maps a role ("shard", "gateway") to the command that starts it.
+    ``home_shards`` is every service's ``ENGRAM_SHARD_COUNT`` (default: ``shards``): fewer
+    make shards ``home_shards``..``shards - 1`` extra shards, which serve only the spaces moved
+    to them (a shrink in progress, or shards added without changing where new spaces go).
     """
 
     def __init__(
@@ -140,12 +144,16 @@ class LocalCluster:
         commands: Mapping[str, Sequence[str]] | None = None,
         shard_env: Mapping[int, Mapping[str, str]] | None = None,
         shard_advertise: Mapping[int, str] | None = None,
+        home_shards: int | None = None,
     ) -> None:
         if shards < 1:
             raise ValueError("a cluster needs at least one shard")
+        if home_shards is not None and not 1 <= home_shards <= shards:
+            raise ValueError(f"home_shards must be 1..{shards}, got {home_shards}")
         self.data_dir = Path(data_dir).resolve()
         self.logs_dir = self.data_dir / "logs"
         self.shards = shards
+        self.home_shards = shards if home_shards is None else home_shards
         self.supervise = supervise
         self.policy = policy or Policy()
         self.startup_timeout = startup_timeout
@@ -439,7 +447,10 @@ class LocalCluster:
         env["PYTHONPATH"] = services_dir + (os.pathsep + path if path else "")
         env["PYTHONUNBUFFERED"] = "1"
         env["ENGRAM_REDIS_URL"] = self.redis_url
-        env["ENGRAM_SHARD_COUNT"] = str(self.shards)
+        env["ENGRAM_SHARD_COUNT"] = str(self.home_shards)
+        if self.home_shards < self.shards and "ENGRAM_MEMORY_BUDGET" not in env:
+            # the default divides the machine by the count: here every process shares it
+            env["ENGRAM_MEMORY_BUDGET"] = str(default_memory_budget(self.shards))
         env["ENGRAM_LOG_LEVEL"] = self._log_level
         return env
 
