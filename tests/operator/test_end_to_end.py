@@ -9,6 +9,8 @@ addresses in Redis, their Stats and moves over gRPC.
   shard 1 idles; the operator moves one of them while the demo streams. Lost 0, duplicated 0.
 * A kill -9 of a shard is reported in the status (Degraded) and the shard serves again.
 * Scaling down drains the leaving shard before the StatefulSet shrinks.
+* Scaling up (spec.shards 2 -> 3) starts shard 2 as an extra shard (its pod keeps
+  ENGRAM_SHARD_COUNT=2) and moves spaces onto it while a demo streams.
 """
 
 from __future__ import annotations
@@ -66,10 +68,12 @@ def prefix_on(shard: int, shards: int, spaces: int) -> str:
     raise AssertionError("no prefix found")
 
 
-async def demo(cluster: LocalCluster, prefix: str, count: int) -> asyncio.subprocess.Process:
+async def demo(
+    cluster: LocalCluster, prefix: str, count: int, spaces: int = 2
+) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "engram.cli", "demo", "--target", cluster.gateway_address,
-        "--spaces", "2", "--count", str(count), "--dim", "64", "--batch", "500",
+        "--spaces", str(spaces), "--count", str(count), "--dim", "64", "--batch", "500",
         "--prefix", prefix, "--verify",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
@@ -132,3 +136,43 @@ async def test_hot_space_moves_under_demo_kill_and_drain(api: Api, make_cluster:
         off = {m["space"] for m in obj["status"]["moves"]["recent"] if m["source"] == 2}
         assert off == {f"{leaving}-0", f"{leaving}-1"}
         assert any(m["reason"].startswith("drain") for m in obj["status"]["moves"]["recent"])
+
+
+async def test_scale_up_starts_an_extra_shard_and_fills_it(api: Api, make_cluster: Any) -> None:
+    """spec.shards 2 -> 3 without a new pod template: the new pod keeps ENGRAM_SHARD_COUNT=2,
+    so shard 2 starts as an extra shard; the operator moves spaces onto it while a demo
+    streams to six spaces."""
+    cluster = make_cluster(shards=3, home_shards=2, env={"ENGRAM_CANARY_INTERVAL_S": "0"})
+    await asyncio.to_thread(cluster.stop_process, "shard-2")  # no pod 2 yet
+    home_pods = shard_pods(cluster)
+
+    async def state(ordinal: int, incarnation: int) -> dict[str, Any]:
+        if ordinal == 2 and not await asyncio.to_thread(cluster.healthy, "shard-2", 0.5):
+            await asyncio.to_thread(cluster.start_process, "shard-2")  # the kubelet starts it
+        return await home_pods(ordinal, incarnation)
+
+    await install_workloads(api, replicas=2)
+    await api.create(EC, cluster_resource(cluster.redis_url, 2, **FAST))
+    async with Kubelet(api, state, interval=0.5), operator():
+        await api.wait(lambda o: is_true(o, "Ready"), "Ready", seconds=60)
+        proc = await demo(cluster, "grow", 200_000, spaces=6)
+        try:
+            await asyncio.sleep(2.0)  # some load on the home shards first
+            await api.patch(f"{EC}/engram", {"metadata": {"generation": 2}, "spec": {"shards": 3}})
+            obj = await api.wait(
+                lambda o: any(
+                    m.get("result") == "Done" and m.get("target") == 2
+                    for m in o["status"].get("moves", {}).get("recent", ())
+                ),
+                "a space moved onto shard 2",
+                seconds=90,
+            )
+        finally:
+            out, _ = await proc.communicate()
+        assert b"verify OK: lost 0, duplicated 0" in out, out.decode()[-2000:]
+    assert "beyond ENGRAM_SHARD_COUNT=2" in cluster.log_tail("shard-2", 200)
+    move = next(m for m in obj["status"]["moves"]["recent"] if m.get("target") == 2)
+    stats = await shard_stats({2: cluster.shard_address(2)})
+    assert move["space"] in [x.memory_space_id for x in stats[2].spaces if x.state == "owned"]
+    sts = await api.get(f"{APPS}/statefulsets/{STS}")
+    assert sts["spec"]["replicas"] == 3
