@@ -1,6 +1,7 @@
 """The visibility canary: measures, continuously, how soon an acknowledged write is recallable.
 
-For every shard, a probe space it owns (``_canary-s<shard>-<n>``) receives one observation
+For every home shard (an extra shard owns no space by default, so it has no probe space), a
+probe space it owns (``_canary-s<shard>-<n>``) receives one observation
 every ``ENGRAM_CANARY_INTERVAL_S`` seconds through the same internal path client batches take
 (OpenSession, Append, Recall); the canary then polls recall (EVENTUAL) until the probe comes
 back. ``engram_recall_visibility_latency_seconds{shard}`` records write -> first recall that
