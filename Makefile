@@ -255,6 +255,7 @@ bench-smoke: setup
 # whose daemon answers (ENGINE=docker to choose). BASE_IMAGE=... builds from that base; without
 # it, the public Python slim image when it can be pulled, else a local Debian base made once by
 # mmdebstrap. The build's settings for the tests go to .engram/image/build.env (docs/container.md).
+# IMAGE_ARCHIVE=FILE also saves the image there (podman: an OCI archive).
 IMAGE_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE := engram-stream:$(IMAGE_VERSION)
 IMAGE_DIR := .engram/image
@@ -267,6 +268,7 @@ LOCAL_BASE := localhost/engram-base:bookworm-$(shell echo $(LOCAL_BASE_PKGS) | c
 CA_BUNDLE ?= /etc/ssl/certs/ca-certificates.crt
 BASE_IMAGE ?=
 ENGINE ?=
+IMAGE_ARCHIVE ?=
 
 .PHONY: image image-deps
 
@@ -331,7 +333,7 @@ image: image-deps
 	    fi; \
 	  fi; \
 	fi; \
-	echo "==> building $(IMAGE) from $$base with $$engine (first build ~2 min: hnswlib compiles)"; \
+	echo "==> building $(IMAGE) from $$base with $$engine (the first build compiles hnswlib: ~2 min)"; \
 	secret=""; [ -f "$(CA_BUNDLE)" ] && secret="--secret id=ca,src=$(CA_BUNDLE)"; \
 	build() { $$engine build -q $$secret --build-arg BASE_IMAGE=$$base -f Containerfile "$$@" . >/dev/null; }; \
 	if [ "$$engine" = podman ]; then \
@@ -344,4 +346,9 @@ image: image-deps
 	{ echo "ENGINE=$$engine"; \
 	  if [ "$$engine" = podman ]; then echo "CONTAINERS_CONF=$(IMAGE_CONF)"; fi; \
 	  echo "IMAGE=$(IMAGE)"; echo "BASE_IMAGE=$$base"; } > $(IMAGE_DIR)/build.env; \
+	if [ -n "$(IMAGE_ARCHIVE)" ]; then \
+	  echo "==> saving $(IMAGE) to $(IMAGE_ARCHIVE)"; rm -f $(IMAGE_ARCHIVE); \
+	  if [ "$$engine" = podman ]; then format="--format oci-archive"; else format=""; fi; \
+	  $$engine save -q $$format -o $(IMAGE_ARCHIVE) $(IMAGE) >/dev/null; \
+	fi; \
 	echo "==> $(IMAGE) built ($$engine; settings in $(IMAGE_DIR)/build.env)"
