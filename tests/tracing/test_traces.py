@@ -63,6 +63,11 @@ async def _wait_for(
     return spans
 
 
+def _has(*names: str) -> Callable[[list[ReceivedSpan]], bool]:
+    """Whether spans of each name have arrived (each process exports on its own schedule)."""
+    return lambda spans: set(names) <= {s.name for s in spans}
+
+
 def _vectors(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, DIM)).astype("<f4")
 
@@ -114,12 +119,11 @@ async def test_batch_and_recall_traces_cross_processes(make_cluster, sink, space
     cluster = make_cluster(shards=1, env=_env(sink.endpoint, "1"))
     [first_lsn] = await _write(cluster, space_id, 1)
 
-    def whole(spans: list[ReceivedSpan]) -> bool:
-        return {"engram.gateway.batch", "engram.shard.append", "engram.shard.publish"} <= {
-            s.name for s in spans
-        }
-
-    spans = await _wait_for(sink, whole)
+    step_names = [f"engram.shard.{step}" for step in ("admit", "wal_commit", "publish")]
+    spans = await _wait_for(
+        sink,
+        _has("engram.gateway.batch", "engram.gateway.forward", "engram.shard.append", *step_names),
+    )
     batch = _one(spans, "engram.gateway.batch")
     trace = [s for s in spans if s.trace_id == batch.trace_id]
     assert {s.trace_id for s in spans} == {batch.trace_id}, "one batch, one trace"
@@ -135,7 +139,7 @@ async def test_batch_and_recall_traces_cross_processes(make_cluster, sink, space
     assert append.parent_id == batch.span_id, "the shard's span is the gateway's child"
     assert append.attributes["engram.lsn.first"] == first_lsn
     assert append.attributes["engram.pressure_level"] == 0  # NORMAL
-    steps = [_one(trace, f"engram.shard.{step}") for step in ("admit", "wal_commit", "publish")]
+    steps = [_one(trace, name) for name in step_names]
     assert all(s.parent_id == append.span_id for s in steps)
     assert [s.start_ns for s in steps] == sorted(s.start_ns for s in steps)
     assert batch.start_ns <= append.start_ns <= append.end_ns <= batch.end_ns
@@ -143,14 +147,15 @@ async def test_batch_and_recall_traces_cross_processes(make_cluster, sink, space
     async with EngramClient(cluster.gateway_address) as client:
         result = await client.recall(space_id, _vectors(1)[0], k=3)
     assert len(result.hits) == 3
-    spans = await _wait_for(sink, lambda s: any(x.name == "engram.shard.recall.merge" for x in s))
+    tier_names = [
+        f"engram.shard.recall.{t}" for t in ("snapshot", "queued", "index", "fresh", "merge")
+    ]
+    spans = await _wait_for(sink, _has("engram.gateway.recall", "engram.shard.recall", *tier_names))
     recall = _one(spans, "engram.gateway.recall")
     on_shard = _one(spans, "engram.shard.recall")
     assert on_shard.parent_id == recall.span_id and on_shard.trace_id == recall.trace_id
     tiers = {s.name: s for s in spans if s.parent_id == on_shard.span_id}
-    assert {
-        f"engram.shard.recall.{t}" for t in ("snapshot", "queued", "index", "fresh", "merge")
-    } <= set(tiers)
+    assert set(tier_names) <= set(tiers)
     assert on_shard.attributes["engram.recall.results"] == 3
 
 
@@ -161,7 +166,9 @@ async def test_a_client_traceparent_is_continued(make_cluster, sink, space_id) -
     traceparent = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
     ack = await _raw_batch(cluster, space_id, (("traceparent", traceparent),))
 
-    spans = await _wait_for(sink, lambda s: any(x.name == "engram.shard.publish" for x in s))
+    spans = await _wait_for(
+        sink, _has("engram.gateway.batch", "engram.shard.append", "engram.shard.publish")
+    )
     assert {s.trace_id for s in spans} == {CLIENT_TRACE}, "ratio 0 exported other traces"
     batch = _one(spans, "engram.gateway.batch")
     assert batch.parent_id == CLIENT_SPAN
@@ -180,7 +187,7 @@ async def test_ratio_zero_exports_nothing(make_cluster, sink, space_id) -> None:
     await _raw_batch(cluster, f"{space_id}-b", (("traceparent", unsampled),))
     sampled = f"00-{'ab' * 16}-{CLIENT_SPAN}-01"
     await _raw_batch(cluster, f"{space_id}-c", (("traceparent", sampled),))
-    spans = await _wait_for(sink, lambda s: any(x.name == "engram.shard.publish" for x in s))
+    spans = await _wait_for(sink, _has("engram.gateway.batch", "engram.shard.publish"))
     assert spans and {s.trace_id for s in spans} == {"ab" * 16}
 
 
@@ -190,7 +197,7 @@ async def test_a_client_context_can_be_ignored(make_cluster, sink, space_id) -> 
     # honoured, this unsampled context would keep the batch out of every trace
     unsampled = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-00"
     await _raw_batch(cluster, space_id, (("traceparent", unsampled),))
-    spans = await _wait_for(sink, lambda s: any(x.name == "engram.shard.publish" for x in s))
+    spans = await _wait_for(sink, _has("engram.gateway.batch", "engram.shard.publish"))
     batch = _one(spans, "engram.gateway.batch")
     assert batch.parent_id == "" and batch.trace_id != CLIENT_TRACE
 
