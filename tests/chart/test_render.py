@@ -204,6 +204,23 @@ def test_redis_in_cluster_or_external(chart) -> None:
     assert env["ENGRAM_REDIS_URL"] == "redis://r:6379" and "REDIS_PASSWORD" not in env
 
 
+def test_tracing_only_when_a_collector_is_named(chart) -> None:
+    def pods(values: dict[str, Any]) -> list[dict[str, Any]]:
+        docs = chart.render(values)
+        return [
+            chart.env_of(chart.one(docs, kind, part)["spec"]["template"]["spec"]["containers"][0])
+            for kind, part in (("Deployment", "gateway"), ("StatefulSet", "shard"))
+        ]
+
+    assert all(not any(k.startswith("OTEL_") for k in env) for env in pods({}))
+    for env in pods({"tracing": {"endpoint": "http://collector:4317", "sampleRatio": 0.05}}):
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://collector:4317"
+        assert env["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
+        assert env["OTEL_TRACES_SAMPLER_ARG"] == "0.05"
+    with pytest.raises(Exception, match="tracing/endpoint"):
+        chart.render({"tracing": {"endpoint": "collector:4317"}})
+
+
 def test_ingresses(chart) -> None:
     docs = chart.render(chart.SCENARIOS["ingress"])
     by_name = {d["metadata"]["name"]: d for d in chart.find(docs, "Ingress")}

@@ -152,6 +152,21 @@ expanded by the kubelet into the URL, which must come after it) and ENGRAM_REDIS
   "ENGRAM_MAX_DIM" $s.maxDim
   "ENGRAM_MAX_K" $s.maxK
   "ENGRAM_MAX_IN_FLIGHT_BATCHES" $s.maxInFlightBatches) }}
+{{- include "engram.tracingEnv" . }}
+{{- end -}}
+
+{{/* OpenTelemetry's standard variables, only when a collector is named. */}}
+{{- define "engram.tracingEnv" -}}
+{{- with .Values.tracing }}
+{{- if .endpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ .endpoint | quote }}
+- name: OTEL_TRACES_SAMPLER
+  value: parentbased_traceidratio
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ .sampleRatio | toString | quote }}
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{/* Spread constraints: the values' own, or over nodes (hard) and zones (soft). */}}
