@@ -45,7 +45,7 @@ BUILD_TIMEOUT = pytest.mark.timeout(900)
 # Run inside the container as its user: what it may write to, whether the root filesystem is
 # mounted read-only, and which compilers and entry points are on it.
 INSPECT = r"""
-import glob, json, os, shutil
+import glob, importlib.util, json, os, shutil
 writable = []
 for top in sorted(os.listdir("/")):
     if top in ("proc", "sys", "dev"):
@@ -62,6 +62,8 @@ print(json.dumps({
     "uid": os.getuid(), "gid": os.getgid(), "writable": writable,
     "root_options": mounts["/"], "compilers": compilers,
     "tools": {name: shutil.which(name) for name in ("python", "engram", "kopf", "tini")},
+    "operator": importlib.util.find_spec("engram_operator") is not None,
+    "build_only": [m for m in ("grpc_tools",) if importlib.util.find_spec(m)],
 }))
 """
 
@@ -246,6 +248,7 @@ def test_shard_and_gateway_from_the_image_stream_verify_and_drain(
     assert sorted(inside["writable"]) == ["/data", "/tmp"], inside["writable"]
     assert inside["compilers"] == []
     assert all(inside["tools"].values()), inside["tools"]
+    assert inside["operator"] and inside["build_only"] == [], inside
     # The shard wrote its spaces to the volume, as the image's user.
     assert {p.stat().st_uid for p in data.rglob("*")} == {APP_UID}
     assert len(list((data / "spaces").iterdir())) == 2
