@@ -261,6 +261,8 @@ def test_shard_and_gateway_from_the_image_stream_verify_and_drain(
     _wait_serving(containers, again, shard_grpc)
     status, body = _http_get(shard_http, "/healthz")
     assert (status, body.strip()) == (200, "shard 0: 2 spaces")
+    logs = containers.logs(again)
+    assert logs.index("space demo-1 recovered") < logs.index("shard 0 serving"), logs
     _stop_and_check_drain(containers, again, ["shard 0 stopped"])
 
 
