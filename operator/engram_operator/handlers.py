@@ -45,7 +45,10 @@ def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
     client uses the same credentials."""
     info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
     if info is not None:
-        memo["kube"] = Kube(info)
+        if memo.get("kube") is None:
+            memo["kube"] = Kube(info)
+        else:
+            memo["kube"].use(info)
     return info
 
 

@@ -28,6 +28,13 @@ class KubeError(RuntimeError):
 
 class Kube:
     def __init__(self, info: kopf.ConnectionInfo) -> None:
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+        self.use(info)
+
+    def use(self, info: kopf.ConnectionInfo) -> None:
+        """Sends the next requests with ``info``'s server and credentials (kopf logs in again
+        when a token rotates): one client session for the operator's life, never one per login."""
         self._server = info.server.rstrip("/")
         headers = {"Accept": "application/json"}
         if info.token:
@@ -37,16 +44,16 @@ class Kube:
             headers["Authorization"] = f"Basic {base64.b64encode(pair).decode()}"
         self._headers = headers
         self._ssl = _ssl_context(info)
-        self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
+        if self._closed:  # a handler still running at shutdown must not open a new session
+            raise KubeError("the Kubernetes API client is closed: the operator is stopping")
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                headers=self._headers, timeout=aiohttp.ClientTimeout(total=30)
-            )
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
         return self._session
 
     async def close(self) -> None:
+        self._closed = True
         if self._session is not None:
             await self._session.close()
 
@@ -54,7 +61,9 @@ class Kube:
         self, method: str, path: str, body: Any = None, content_type: str = "application/json"
     ) -> dict[str, Any] | None:
         data = None if body is None else json.dumps(body)
-        headers = {"Content-Type": content_type} if data is not None else {}
+        headers = dict(self._headers)
+        if data is not None:
+            headers["Content-Type"] = content_type
         async with self._client().request(
             method, self._server + path, data=data, headers=headers, ssl=self._ssl
         ) as rsp:
