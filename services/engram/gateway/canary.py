@@ -25,7 +25,9 @@ from engram.v1 import streaming_pb2 as pb
 
 log = logging.getLogger("engram.gateway.canary")
 
-_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# 75 and 150 ms on either side of the 100 ms visibility bound, so a P99 near it is not a
+# straight line drawn between 100 and 250 ms.
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 visibility_latency = Histogram(
     "engram_recall_visibility_latency_seconds",
     "Canary: time from writing a probe to the first recall that returns it",
