@@ -4,6 +4,8 @@ look, not one per shard: each fake shard here answers only once all of them have
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -27,29 +29,27 @@ class _Barrier(shard_pb2_grpc.ShardServicer):
         return ipb.StatsResponse()
 
 
-async def test_every_shard_is_asked_before_any_answers(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(moves, "STATS_TIMEOUT_S", 5.0)
-    barrier = _Barrier(parties=3)
+@contextlib.asynccontextmanager
+async def _shard(parties: int) -> AsyncIterator[str]:
+    """The address of a fake shard whose Stats answers once ``parties`` calls arrived."""
     server = grpc.aio.server()
-    shard_pb2_grpc.add_ShardServicer_to_server(barrier, server)
+    shard_pb2_grpc.add_ShardServicer_to_server(_Barrier(parties), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        address = f"127.0.0.1:{port}"
-        stats = await moves.shard_stats({2: address, 0: address, 1: address})
+        yield f"127.0.0.1:{port}"
     finally:
         await server.stop(None)
+
+
+async def test_every_shard_is_asked_before_any_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(moves, "STATS_TIMEOUT_S", 5.0)
+    async with _shard(parties=3) as address:
+        stats = await moves.shard_stats({2: address, 0: address, 1: address})
     assert sorted(stats) == [0, 1, 2]
 
 
 async def test_a_shard_that_does_not_answer_is_left_out() -> None:
-    barrier = _Barrier(parties=1)
-    server = grpc.aio.server()
-    shard_pb2_grpc.add_ShardServicer_to_server(barrier, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        stats = await moves.shard_stats({0: f"127.0.0.1:{port}", 1: "127.0.0.1:1"})
-    finally:
-        await server.stop(None)
+    async with _shard(parties=1) as address:
+        stats = await moves.shard_stats({0: address, 1: "127.0.0.1:1"})
     assert list(stats) == [0]
