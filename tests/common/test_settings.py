@@ -95,6 +95,11 @@ _PARTNERS = {
     "ENGRAM_WS_HEARTBEAT_S": {"ENGRAM_WS_IDLE_TIMEOUT_S": "86400"},
     "ENGRAM_WS_IDLE_TIMEOUT_S": {"ENGRAM_WS_HEARTBEAT_S": "0.05"},
     "ENGRAM_GRPC_MAX_MESSAGE_BYTES": {"ENGRAM_MAX_BATCH_BYTES": "1024"},
+    "ENGRAM_TLS_CERT": {"ENGRAM_TLS_KEY": "/k"},
+    "ENGRAM_TLS_KEY": {"ENGRAM_TLS_CERT": "/c"},
+    "ENGRAM_INTERNAL_TLS_CA": {"ENGRAM_INTERNAL_TLS_CERT": "/c", "ENGRAM_INTERNAL_TLS_KEY": "/k"},
+    "ENGRAM_INTERNAL_TLS_CERT": {"ENGRAM_INTERNAL_TLS_CA": "/a", "ENGRAM_INTERNAL_TLS_KEY": "/k"},
+    "ENGRAM_INTERNAL_TLS_KEY": {"ENGRAM_INTERNAL_TLS_CA": "/a", "ENGRAM_INTERNAL_TLS_CERT": "/c"},
 }
 
 
@@ -124,6 +129,20 @@ def test_load_refuses_values_out_of_range(entry: Entry) -> None:
     if s.kind in ("int", "float", "size"):
         with pytest.raises(SettingsError, match=entry.env):
             load({entry.env: "twelve"})
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"ENGRAM_TLS_CERT": "/c"},
+        {"ENGRAM_TLS_KEY": "/k"},
+        {"ENGRAM_INTERNAL_TLS_CA": "/a"},
+        {"ENGRAM_INTERNAL_TLS_CERT": "/c", "ENGRAM_INTERNAL_TLS_KEY": "/k"},
+    ],
+)
+def test_tls_files_come_together(env: dict[str, str]) -> None:
+    with pytest.raises(SettingsError, match="together"):
+        load(env)
 
 
 def test_defaults_are_the_declared_ones() -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 _MIB = 1024 * 1024
+_KIB = 1024
 
 
 class SettingsError(ValueError):
@@ -435,6 +436,87 @@ class GatewaySettings:
 
 
 @dataclass(frozen=True)
+class SecuritySettings:
+    """API keys and TLS on the gateway's public listeners; the shared secret (and optional mTLS)
+    that shards require of their callers (docs/security.md)."""
+
+    keys_file: str = setting(
+        "ENGRAM_KEYS_FILE",
+        "",
+        "API keys file (engram keys); set: every client must present a key (empty: no auth).",
+    )
+    keys_reload_s: float = setting(
+        "ENGRAM_KEYS_RELOAD_S",
+        2.0,
+        "Seconds between checks of the keys file for changes (reloaded without a restart).",
+        lo=0.05,
+        hi=3600.0,
+    )
+    auth_timeout_s: float = setting(
+        "ENGRAM_AUTH_TIMEOUT_S",
+        10.0,
+        "Seconds a connection has to authenticate (WebSocket init frame) before it is closed.",
+        lo=0.1,
+        hi=3600.0,
+    )
+    preauth_max_bytes: int = setting(
+        "ENGRAM_PREAUTH_MAX_BYTES",
+        64 * _KIB,
+        "Largest message or frame taken from a client that has not authenticated yet.",
+        kind="size",
+        lo=1024,
+        hi=1 << 30,
+    )
+    key_max_observations_per_s: int = setting(
+        "ENGRAM_KEY_MAX_OBSERVATIONS_PER_S",
+        0,
+        "Default per-key limit of observations/s on each gateway, for keys that set none "
+        "(0: none).",
+        lo=0,
+        hi=1 << 40,
+    )
+    key_max_recalls_per_s: int = setting(
+        "ENGRAM_KEY_MAX_RECALLS_PER_S",
+        0,
+        "Default per-key limit of recalls/s on each gateway, for keys that set none (0: none).",
+        lo=0,
+        hi=1 << 40,
+    )
+    tls_cert: str = setting(
+        "ENGRAM_TLS_CERT",
+        "",
+        "PEM certificate chain of the gateway's gRPC and HTTP/WebSocket listeners (empty: "
+        "plaintext); with ENGRAM_TLS_KEY.",
+    )
+    tls_key: str = setting("ENGRAM_TLS_KEY", "", "PEM private key of ENGRAM_TLS_CERT.")
+    tls_reload_s: float = setting(
+        "ENGRAM_TLS_RELOAD_S",
+        10.0,
+        "Seconds between checks of the certificate and key files for changes.",
+        lo=0.05,
+        hi=86_400.0,
+    )
+    internal_token_file: str = setting(
+        "ENGRAM_INTERNAL_TOKEN_FILE",
+        "",
+        "File holding the secret shards require of every caller but health checks (gateways, "
+        "other shards, the operator, engram tools); empty: shards accept any caller.",
+    )
+    internal_tls_ca: str = setting(
+        "ENGRAM_INTERNAL_TLS_CA",
+        "",
+        "mTLS between services: PEM CA that signed every service's certificate (empty: "
+        "plaintext inside the cluster); with ENGRAM_INTERNAL_TLS_CERT and _KEY.",
+    )
+    internal_tls_cert: str = setting(
+        "ENGRAM_INTERNAL_TLS_CERT", "", "mTLS: this process's PEM certificate (server and client)."
+    )
+    internal_tls_key: str = setting(
+        "ENGRAM_INTERNAL_TLS_KEY", "", "mTLS: the PEM private key of ENGRAM_INTERNAL_TLS_CERT."
+    )
+
+
+@dataclass(frozen=True)
 class TracingSettings:
     # The rest of tracing's configuration is the standard OTEL_* variables (common/tracing.py).
     client_context: bool = setting(
@@ -452,6 +534,7 @@ class Settings:
     shard: ShardSettings = field(default_factory=ShardSettings)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     tracing: TracingSettings = field(default_factory=TracingSettings)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
     log_level: str = setting(
         "ENGRAM_LOG_LEVEL", "INFO", "Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR")
     )
@@ -602,10 +685,23 @@ def _check_ws_timeouts(s: Settings) -> None:
         )
 
 
+def _check_tls_pairs(s: Settings) -> None:
+    sec = s.security
+    if bool(sec.tls_cert) != bool(sec.tls_key):
+        raise SettingsError("ENGRAM_TLS_CERT and ENGRAM_TLS_KEY are set together or not at all")
+    internal = (sec.internal_tls_ca, sec.internal_tls_cert, sec.internal_tls_key)
+    if any(internal) and not all(internal):
+        raise SettingsError(
+            "ENGRAM_INTERNAL_TLS_CA, ENGRAM_INTERNAL_TLS_CERT and ENGRAM_INTERNAL_TLS_KEY are set "
+            "together or not at all"
+        )
+
+
 # Rules that involve more than one setting, checked after every variable is read.
 _CHECKS: list[Callable[[Settings], None]] = [
     _check_batch_bytes,
     _check_ws_timeouts,
+    _check_tls_pairs,
 ]
 
 

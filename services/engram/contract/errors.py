@@ -7,12 +7,15 @@
     │   ├── ValidationError          bad batch, vector, space id, k, ...   resending fails again
     │   ├── SessionError             unknown session, not initialised, space mismatch   fails again
     │   ├── SequenceError            a gap: resend from ``expected``, not this number
-    │   └── FlowControlError         credits exceeded, stream paused: resend after an ack / RESUME
+    │   ├── FlowControlError         credits exceeded, stream paused: resend after an ack / RESUME
+    │   ├── AuthenticationError      no API key, or an unknown, revoked or expired one
+    │   └── PermissionDeniedError    the key does not cover the space for the operation
     └── ServerError                  the server could not do it now: a later resend may succeed
         ├── UnavailableError         a shard is down, unreachable or recovering
         ├── NotOwnerError            the shard does not own the space (it moved): re-route
         ├── StorageError             the WAL could not make the batch durable; nothing was acked
         ├── OverloadedError          admission control refused the batch: resend after retry_after
+        ├── RateLimitedError         the API key's rate limit: resend after retry_after
         └── ConsistencyTimeout       the snapshot did not reach the recall's level in time
 
 ``retryable`` is the wire's ``StreamError.retryable``: whether the *same* message, sent again
@@ -84,6 +87,19 @@ class FlowControlError(ClientError):
     retryable = True
 
 
+class AuthenticationError(ClientError):
+    """No API key where one is required, or one the server does not accept (unknown, revoked,
+    expired). The message never repeats the key."""
+
+    code = pb.UNAUTHENTICATED
+
+
+class PermissionDeniedError(ClientError):
+    """The key is valid but does not cover this memory space for this operation."""
+
+    code = pb.PERMISSION_DENIED
+
+
 class ServerError(EngramError):
     code = pb.INTERNAL
     retryable = True
@@ -115,6 +131,22 @@ class OverloadedError(ServerError):
     def __init__(self, message: str, *, reason: str = "", retry_after_ms: int = 0) -> None:
         super().__init__(message)
         self.reason = reason
+        self.retry_after_ms = retry_after_ms
+
+    def to_proto(self) -> pb.StreamError:
+        err = super().to_proto()
+        err.retry_after_ms = self.retry_after_ms
+        return err
+
+
+class RateLimitedError(ServerError):
+    """The API key's observations/s or recalls/s limit: nothing was done; resend after
+    ``retry_after_ms``."""
+
+    code = pb.RATE_LIMITED
+
+    def __init__(self, message: str, *, retry_after_ms: int = 0) -> None:
+        super().__init__(message)
         self.retry_after_ms = retry_after_ms
 
     def to_proto(self) -> pb.StreamError:
@@ -164,12 +196,15 @@ CODES: dict[int, CodeInfo] = {
     pb.MISSING_OPERATION: CodeInfo(ValidationError, _S.INVALID_ARGUMENT, WS_POLICY),
     pb.CREDITS_EXCEEDED: CodeInfo(FlowControlError, _S.RESOURCE_EXHAUSTED, WS_TRY_AGAIN_LATER),
     pb.STREAM_PAUSED: CodeInfo(FlowControlError, _S.FAILED_PRECONDITION, WS_TRY_AGAIN_LATER),
+    pb.UNAUTHENTICATED: CodeInfo(AuthenticationError, _S.UNAUTHENTICATED, WS_POLICY),
+    pb.PERMISSION_DENIED: CodeInfo(PermissionDeniedError, _S.PERMISSION_DENIED, WS_POLICY),
     pb.SHARD_UNAVAILABLE: CodeInfo(UnavailableError, _S.UNAVAILABLE, WS_TRY_AGAIN_LATER),
     pb.NOT_OWNER: CodeInfo(NotOwnerError, _S.UNAVAILABLE, WS_TRY_AGAIN_LATER),
     pb.OVERLOADED: CodeInfo(OverloadedError, _S.RESOURCE_EXHAUSTED, WS_TRY_AGAIN_LATER),
     pb.STORAGE_FAILURE: CodeInfo(StorageError, _S.UNAVAILABLE, WS_TRY_AGAIN_LATER),
     pb.INTERNAL: CodeInfo(ServerError, _S.INTERNAL, WS_SERVER_ERROR),
     pb.CONSISTENCY_TIMEOUT: CodeInfo(ConsistencyTimeout, _S.DEADLINE_EXCEEDED, WS_TRY_AGAIN_LATER),
+    pb.RATE_LIMITED: CodeInfo(RateLimitedError, _S.RESOURCE_EXHAUSTED, WS_TRY_AGAIN_LATER),
 }
 _UNKNOWN = CodeInfo(ServerError, _S.INTERNAL, WS_SERVER_ERROR)
 
@@ -194,6 +229,8 @@ def from_proto(err: pb.StreamError) -> EngramError:
         return SequenceError(err.message, expected=err.expected_sequence)
     if err.code == pb.OVERLOADED:
         return OverloadedError(err.message, retry_after_ms=err.retry_after_ms)
+    if err.code == pb.RATE_LIMITED:
+        return RateLimitedError(err.message, retry_after_ms=err.retry_after_ms)
     cls = CODES[err.code].error if err.code in CODES else None
     if cls is None:  # a code newer than this table: classify by what the sender said
         cls = ServerError if err.retryable or err.code >= 50 else ValidationError
