@@ -7,6 +7,7 @@ plain GETs are answered in ``process_request`` before any handshake.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from ssl import SSLContext
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -30,12 +31,14 @@ async def start_http(
     ws_path: str | None = None,
     max_size: int | None = 2**20,
     routes: Callable[[str], tuple[bytes, str] | None] | None = None,
+    ssl: SSLContext | None = None,
 ) -> Server:
     """Serves /metrics, /healthz (200 or 503 with the reason) and, if given, WebSocket.
 
     ``ws_path``: the only path that takes a WebSocket handshake (None: any); ``max_size``:
     largest incoming WebSocket message (larger ones close the connection with 1009);
-    ``routes``: path -> (body, content type) for static GETs (None when not one of its paths).
+    ``routes``: path -> (body, content type) for static GETs (None when not one of its paths);
+    ``ssl``: serve HTTPS/WSS with this context (``engram.common.tls.server_ssl_context``).
     """
 
     async def process_request(conn: ServerConnection, request: Request) -> Response | None:
@@ -70,4 +73,5 @@ async def start_http(
         process_request=process_request,
         compression=None,
         max_size=max_size,
+        ssl=ssl,
     )
