@@ -9,8 +9,13 @@
         await stream.close()
 
 A stream resumes its session by itself after a dropped connection, resending exactly the
-batches that were not acknowledged. Errors are in :mod:`engram_client.errors`. To connect
-over TLS or with credentials, build a ``grpc.aio`` channel and pass ``channel=``.
+batches that were not acknowledged. Errors are in :mod:`engram_client.errors`.
+
+With an API key and TLS (:mod:`engram_client.connection`)::
+
+    tls = TLS.from_files(ca_file="ca.pem")          # or tls=True: the system's CAs
+    async with EngramClient("gw.example:50051", api_key="ek_...", tls=tls) as client:
+        ...
 """
 
 from engram_client.client import (
@@ -21,14 +26,25 @@ from engram_client.client import (
     RecallResult,
     StreamEvent,
 )
-from engram_client.errors import EngramError
+from engram_client.connection import CHANNEL_OPTIONS, TLS
+from engram_client.errors import (
+    AuthenticationError,
+    EngramError,
+    PermissionDeniedError,
+    RateLimitedError,
+)
 
 __all__ = [
+    "CHANNEL_OPTIONS",
+    "TLS",
     "Ack",
+    "AuthenticationError",
     "EngramClient",
     "EngramError",
     "Hit",
     "ObservationStream",
+    "PermissionDeniedError",
+    "RateLimitedError",
     "RecallResult",
     "StreamEvent",
 ]

@@ -18,25 +18,31 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
 
-from engram.contract.errors import from_proto, from_rpc_error
+from engram.contract.errors import from_proto
 from engram.v1 import streaming_pb2 as pb
 from engram.v1 import streaming_pb2_grpc
+from engram_client.connection import (
+    TLS,
+    AuthorizedStub,
+    key_metadata,
+    open_channel,
+)
 from engram_client.errors import (
     EngramError,
     SessionError,
     StreamFailedError,
     UnavailableError,
     ValidationError,
+    from_rpc_error,
 )
 
 log = logging.getLogger("engram_client")
 
-_MAX_MESSAGE = 64 * 1024 * 1024
 _TOO_LARGE = re.compile(r"larger than max \((\d+) vs\. (\d+)\)")
 
 
@@ -169,29 +175,35 @@ def make_batch(
     return b
 
 
-CHANNEL_OPTIONS: list[tuple[str, int]] = [
-    ("grpc.max_receive_message_length", _MAX_MESSAGE),
-    ("grpc.max_send_message_length", _MAX_MESSAGE),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-]
-
-
 class EngramClient:
     """A connection to a gateway.
 
-    ``target`` is its ``host:port`` (a plaintext channel is made with :data:`CHANNEL_OPTIONS`);
-    or pass a ``channel`` of your own (TLS, credentials, interceptors), which the client uses
-    as it is and leaves open on :meth:`close`.
+    ``target`` is its ``host:port``. ``api_key`` (``ek_...``) is sent on every call as
+    ``authorization: Bearer`` metadata; ``tls`` is False (plaintext), True (TLS, the system's
+    CAs) or a :class:`~engram_client.TLS` (a CA file, a client certificate); see
+    :mod:`engram_client.connection`. The channel is made with :data:`CHANNEL_OPTIONS`, or pass a
+    ``channel`` of your own (interceptors, other options), which the client uses as it is
+    (``tls`` must then be left unset) and leaves open on :meth:`close`.
     """
 
     def __init__(
-        self, target: str = "127.0.0.1:50051", *, channel: grpc.aio.Channel | None = None
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        api_key: str | None = None,
+        tls: TLS | bool = False,
+        channel: grpc.aio.Channel | None = None,
     ) -> None:
+        if channel is not None and tls is not False:
+            raise ValueError("pass tls= or a channel of your own, not both")
+        metadata = key_metadata(api_key) if api_key is not None else None  # checked first
         self.target = target
         self._owns_channel = channel is None
-        self._channel = channel or grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-        self.stub = streaming_pb2_grpc.EngramStreamStub(self._channel)
+        self._channel = channel or open_channel(target, tls)
+        stub = streaming_pb2_grpc.EngramStreamStub(self._channel)
+        if metadata is not None:
+            stub = cast(streaming_pb2_grpc.EngramStreamStub, AuthorizedStub(stub, metadata))
+        self.stub = stub
 
     async def __aenter__(self) -> EngramClient:
         return self
@@ -265,8 +277,11 @@ class EngramClient:
     async def list_observations(self, space: str) -> AsyncIterator[tuple[list[str], list[int]]]:
         """Every observation id in ``space`` with its LSN, in chunks."""
         req = pb.ListObservationsRequest(memory_space_id=space)
-        async for chunk in self.stub.ListObservations(req, timeout=300):
-            yield list(chunk.ids), list(chunk.lsns)
+        try:
+            async for chunk in self.stub.ListObservations(req, timeout=300):
+                yield list(chunk.ids), list(chunk.lsns)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, "the gateway") from None
 
     async def list_ids(self, space: str) -> list[str]:
         """Every observation id in ``space``, in LSN order."""
@@ -509,14 +524,13 @@ class ObservationStream:
         while True:
             try:
                 call = await self._connect()
-            except (grpc.aio.AioRpcError, UnavailableError, EngramError) as exc:
-                permanent = isinstance(exc, EngramError) and not exc.retryable
-                if permanent or (
+            except (grpc.aio.AioRpcError, EngramError) as exc:
+                # a call refused as a whole (no key, a wrong one, TLS) is typed like in-band
+                err = exc if isinstance(exc, EngramError) else from_rpc_error(exc, "the gateway")
+                if not err.retryable or (
                     down_since and time.monotonic() - down_since > self._reconnect_timeout
                 ):
-                    self._fail_all(
-                        exc if isinstance(exc, EngramError) else UnavailableError(str(exc))
-                    )
+                    self._fail_all(err)
                     return
                 down_since = down_since or time.monotonic()
                 self._emit("disconnected", f"connect failed: {_describe(exc)}; retrying")
@@ -589,7 +603,7 @@ class ObservationStream:
 
     def _settle(self, seq: int, ack: pb.ObservationAck) -> None:
         if ack.status == pb.ObservationAck.REJECTED:
-            self._on_rejected(seq, ack)
+            self._on_rejected(seq, ack.retry_after_ms, ack.message)
             return
         p = self._pending.pop(seq, None)
         self.last_acked = max(self.last_acked, seq)
@@ -632,15 +646,16 @@ class ObservationStream:
         self._pending = renumbered
         self._next_seq -= 1
 
-    def _on_rejected(self, seq: int, ack: pb.ObservationAck) -> None:
-        """Refused for now: resend this batch (same sequence number) after retry-after."""
+    def _on_rejected(self, seq: int, retry_after_ms: int, message: str) -> None:
+        """Refused for now (admission control, the key's rate limit): resend this batch (same
+        sequence number) after retry-after."""
         if seq not in self._pending:
             return
         self.rejections += 1
         self._rejected.add(seq)
         loop = asyncio.get_running_loop()
-        self._resend_at = max(self._resend_at, loop.time() + ack.retry_after_ms / 1000)
-        self._emit("rejected", f"batch {seq}: {ack.message}; retry in {ack.retry_after_ms} ms")
+        self._resend_at = max(self._resend_at, loop.time() + retry_after_ms / 1000)
+        self._emit("rejected", f"batch {seq}: {message}; retry in {retry_after_ms} ms")
         if self._resender is None or self._resender.done():
             self._resender = asyncio.ensure_future(self._resend_rejected())
 
@@ -676,9 +691,15 @@ class ObservationStream:
                 entry[1].set_exception(from_proto(err))
             return
         self._emit("error", f"{pb.ErrorCode.Name(err.code)}: {err.message}")
+        if err.code in _STREAM_FATAL:  # e.g. the key was revoked: no resume can help
+            self._fail_all(from_proto(err))
+            return
         if seq == 0 or seq not in self._pending:
             if err.code == pb.UNKNOWN_SESSION:
                 self._fail_all(SessionError(err.message))
+            return
+        if err.code in _RESEND_LATER:  # like a REJECTED ack: same number, after retry-after
+            self._on_rejected(seq, err.retry_after_ms or 100, err.message)
             return
         if err.code == pb.SEQUENCE_GAP and self._drain_below:
             return  # a later batch after the refused one: the resync resends it
@@ -691,6 +712,13 @@ class ObservationStream:
         self._drain_below = seq
         self._maybe_resync()
         self._wake_senders()
+
+
+# In-band errors (for a batch or the stream) that end the session for good: the key is not
+# valid any more, or does not cover writing to the space.
+_STREAM_FATAL = frozenset({pb.UNAUTHENTICATED, pb.PERMISSION_DENIED})
+# A batch refused with one of these is resent, same sequence number, after retry_after_ms.
+_RESEND_LATER = frozenset({pb.RATE_LIMITED, pb.OVERLOADED})
 
 
 def _describe(exc: BaseException) -> str:
