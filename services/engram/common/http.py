@@ -32,13 +32,16 @@ async def start_http(
     max_size: int | None = 2**20,
     routes: Callable[[str], tuple[bytes, str] | None] | None = None,
     ssl: SSLContext | None = None,
+    ws_check: Callable[[ServerConnection, Request], Response | None] | None = None,
 ) -> Server:
     """Serves /metrics, /healthz (200 or 503 with the reason) and, if given, WebSocket.
 
     ``ws_path``: the only path that takes a WebSocket handshake (None: any); ``max_size``:
     largest incoming WebSocket message (larger ones close the connection with 1009);
     ``routes``: path -> (body, content type) for static GETs (None when not one of its paths);
-    ``ssl``: serve HTTPS/WSS with this context (``engram.common.tls.server_ssl_context``).
+    ``ssl``: serve HTTPS/WSS with this context (``engram.common.tls.server_ssl_context``);
+    ``ws_check``: called with each WebSocket handshake on ``ws_path``; a Response refuses it
+    (the gateway's API key check: 401 before upgrading).
     """
 
     async def process_request(conn: ServerConnection, request: Request) -> Response | None:
@@ -61,7 +64,7 @@ async def start_http(
         if ws_path is not None and path != ws_path:
             body = f"no WebSocket endpoint at {path}; use {ws_path}\n".encode()
             return _response(404, "Not Found", body, "text/plain; charset=utf-8")
-        return None
+        return ws_check(conn, request) if ws_check is not None else None
 
     async def reject(conn: ServerConnection) -> None:
         await conn.close(1008, "no WebSocket endpoint here")
