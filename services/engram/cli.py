@@ -7,6 +7,7 @@
     engram demo --spaces 3 --count 100000 --dim 384 --verify
     engram bench [--seconds 60] [--rate 100000] [--dim 384] [--json PATH] [--target ADDR]
     engram move SPACE --to shard-N [--data-dir ./.engram]
+    engram keys create|list|revoke --keys-file FILE ...
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="benchmark against the limits and peers (engram bench -h)")
     sub.add_parser("recall", help="one recall at a chosen consistency level (engram recall -h)")
     sub.add_parser("move", help="move a memory space to another shard (engram move -h)")
+    sub.add_parser("keys", help="create, list or revoke API keys (engram keys -h)")
     return parser
 
 
@@ -89,6 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from engram.move_cli import main as move_main
 
         return move_main(args_list[1:])
+    if args_list and args_list[0] == "keys":
+        from engram.keys_cli import main as keys_main
+
+        return keys_main(args_list[1:])
     if args_list and args_list[0] == "recall":
         from engram.recall_cli import main as recall_main
 

@@ -75,6 +75,19 @@ reroute_pause = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 
+# ------------------------------------------------------------------ gateway (API keys)
+auth_failures_total = Counter(
+    "engram_auth_failures_total",
+    "Clients refused authentication (reason: missing, malformed, unknown, revoked, expired, "
+    "timeout, too_large)",
+    ["transport", "reason"],
+)
+key_rate_limited_total = Counter(
+    "engram_key_rate_limited_total",
+    "Batches or recalls refused because their API key was over its per-gateway limit",
+    ["key_id", "kind"],
+)
+
 # --------------------------------------------------------------------------------- shard
 shard_rows = Gauge("engram_shard_rows", "Durable, visible observations per space", ["memory_space"])
 shard_index_backlog = Gauge(

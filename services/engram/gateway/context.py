@@ -7,10 +7,11 @@ the canary; tests build one around in-memory implementations.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engram.common.settings import Settings
 from engram.control.store import ControlPlane
+from engram.gateway.auth import Authenticator
 from engram.gateway.shards import Shards
 
 
@@ -19,3 +20,5 @@ class GatewayContext:
     settings: Settings
     store: ControlPlane
     shards: Shards
+    # API keys (engram.gateway.auth); the default is authentication off
+    auth: Authenticator = field(default_factory=Authenticator)

@@ -10,9 +10,11 @@ import grpc
 
 from engram.common import grpcutil, looplag
 from engram.common.http import start_http
+from engram.common.keys import KeyRing, KeysFileError
 from engram.common.settings import Settings
 from engram.control.store import ControlStore
 from engram.gateway import ws, ws_static
+from engram.gateway.auth import Authenticator
 from engram.gateway.canary import Canary
 from engram.gateway.context import GatewayContext
 from engram.gateway.router import Router
@@ -25,9 +27,19 @@ log = logging.getLogger("engram.gateway")
 async def serve(settings: Settings) -> None:
     c = settings.cluster
     store = ControlStore(c.redis_url, c.key_prefix, c.shard_count)
+    keyring = None
+    if settings.security.keys_file:  # API keys on: a keys file that does not load stops here
+        keyring = KeyRing(settings.security.keys_file, settings.security.keys_reload_s)
+        try:
+            keyring.load()
+        except KeysFileError as exc:
+            raise SystemExit(f"gateway: {exc}") from None
+        keyring.start()
     router = Router(settings, store)
     await router.start()
-    gw = GatewayContext(settings, store, GrpcShards(router, settings))
+    authenticator = Authenticator(settings.security, keyring)
+    gw = GatewayContext(settings, store, GrpcShards(router, settings), authenticator)
+    endpoint = ws.WebSocketEndpoint(gw)
     server = grpc.aio.server(options=grpcutil.server_options(settings.limits))
     server.add_generic_rpc_handlers((handler(EngramStreamService(gw)),))
     health = grpcutil.add_health_and_reflection(server, [SERVICE])
@@ -47,10 +59,11 @@ async def serve(settings: Settings) -> None:
         settings.gateway.http_host,
         settings.gateway.http_port,
         healthy,
-        ws_handler=ws.WebSocketEndpoint(gw),
+        ws_handler=endpoint,
         ws_path=ws.PATH,
-        max_size=settings.limits.grpc_max_message_bytes,
+        max_size=endpoint.initial_max_size,
         routes=ws_static.route,
+        ws_check=endpoint.handshake,
     )
     lag_task = asyncio.create_task(looplag.watch(settings.loop_stall_trace_ms))
     canary_task = None
@@ -79,6 +92,8 @@ async def serve(settings: Settings) -> None:
     http.close()
     await router.close()
     await store.close()
+    if keyring is not None:
+        await keyring.stop()
     log.info("gateway stopped")
 
 

@@ -2,6 +2,13 @@
 
 Requests are parsed by :func:`parse` instead of the generated deserializer, so bytes that are
 not a valid message become an in-band MALFORMED_MESSAGE error and the stream stays usable.
+
+With API keys on, every call's ``authorization: Bearer`` metadata is checked before a request
+is read (:meth:`EngramStreamService._caller`): a key that is not accepted ends the call with
+UNAUTHENTICATED at once. ObserveStream without a metadata key authenticates with its first
+message (an init carrying ``api_key``, see :class:`ClientStream`); the unary-request calls
+need the metadata key. A key without the scope ends RecallStream and ListObservations with
+PERMISSION_DENIED; ObserveStream answers such refusals in-band and goes on.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from google.protobuf.message import DecodeError
 
 from engram.common import tracing, validation
 from engram.contract.errors import EngramError, abort_details, grpc_status
+from engram.gateway import auth
+from engram.gateway.auth import Principal
 from engram.gateway.context import GatewayContext
 from engram.gateway.stream import ClientStream, Incoming, StreamAbort, recall_span
 from engram.v1 import streaming_pb2 as pb
@@ -31,13 +40,30 @@ class EngramStreamService:
     def __init__(self, gw: GatewayContext) -> None:
         self.gw = gw
 
+    def _caller(self, context: grpc.aio.ServicerContext, required: bool) -> Principal | None:
+        """The principal of the call's metadata key; None when there is none and it is not
+        ``required`` (the stream authenticates in-band). Raises AuthenticationError."""
+        if not self.gw.auth.enabled:
+            return auth.OPEN
+        key = auth.bearer(context.invocation_metadata())
+        if key is None and not required:
+            return None
+        return self.gw.auth.authenticate(key, "grpc", context.peer())
+
     async def ObserveStream(  # noqa: N802
         self, requests: AsyncIterator[Incoming], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ObservationResponse]:
+        try:
+            principal = self._caller(context, required=False)
+        except EngramError as exc:
+            await context.abort(grpc_status(exc), abort_details(exc))
         parent = None
         if tracing.active and tracing.client_context:
             parent = tracing.parent_from_headers(context.invocation_metadata())
-        async for item in ClientStream(self.gw, parent).run(requests):
+        stream = ClientStream(
+            self.gw, parent, principal=principal, transport="grpc", peer=context.peer()
+        )
+        async for item in stream.run(requests):
             if isinstance(item, StreamAbort):
                 await context.abort(grpc_status(item.error), abort_details(item.error))
             yield item
@@ -47,7 +73,10 @@ class EngramStreamService:
     ) -> AsyncIterator[pb.StreamingRecallResponse]:
         span = None
         try:
+            principal = self._caller(context, required=True)
+            assert principal is not None
             space = validation.space_id(request.memory_space_id)
+            auth.require(principal, auth.READ, space)
             recall = pb.RecallRequest(
                 cue=request.cue,
                 k=request.max_results,
@@ -59,6 +88,7 @@ class EngramStreamService:
                 if request.HasField(name):
                     setattr(recall, name, getattr(request, name))
             validation.recall(recall, self.gw.settings.limits)
+            auth.take_recall(principal)
             if tracing.active:
                 parent = None
                 if tracing.client_context:
@@ -85,7 +115,10 @@ class EngramStreamService:
         self, request: pb.ListObservationsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ListObservationsResponse]:
         try:
+            principal = self._caller(context, required=True)
+            assert principal is not None
             space = validation.space_id(request.memory_space_id)
+            auth.require(principal, auth.READ, space)
             async for chunk in self.gw.shards.scan(space, request.chunk_size):
                 yield chunk
         except EngramError as exc:

@@ -28,7 +28,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -37,8 +37,11 @@ from opentelemetry.trace import Span
 
 from engram.common import metrics, tracing, validation
 from engram.contract.errors import (
+    AuthenticationError,
     EngramError,
     FlowControlError,
+    PermissionDeniedError,
+    RateLimitedError,
     SequenceError,
     SessionError,
     UnavailableError,
@@ -46,6 +49,8 @@ from engram.contract.errors import (
     from_proto,
 )
 from engram.control.store import SessionRecord
+from engram.gateway import auth
+from engram.gateway.auth import Principal
 from engram.gateway.context import GatewayContext
 from engram.gateway.flow import TokenBucket
 from engram.gateway.shards import AppendStream
@@ -92,10 +97,29 @@ _DONE = object()
 
 
 class ClientStream:
-    def __init__(self, gw: GatewayContext, trace_parent: Context | None = None) -> None:
+    def __init__(
+        self,
+        gw: GatewayContext,
+        trace_parent: Context | None = None,
+        *,
+        principal: Principal | None = None,
+        transport: str = "grpc",
+        peer: str = "",
+        on_authenticated: Callable[[Principal], None] | None = None,
+    ) -> None:
         """``trace_parent``: the trace the client named when it opened the stream (if it is
-        continued: ``ENGRAM_OTEL_CLIENT_CONTEXT``); each batch's and recall's span is its child."""
+        continued: ``ENGRAM_OTEL_CLIENT_CONTEXT``); each batch's and recall's span is its child.
+
+        ``principal``: the key the transport authenticated (a header); None: the stream must
+        authenticate with its first message, an init carrying ``api_key``, no larger than
+        ``ENGRAM_PREAUTH_MAX_BYTES`` (with authentication off it is :data:`auth.OPEN`).
+        ``transport`` and ``peer`` name the client in audit lines; ``on_authenticated`` is
+        called once the init's key is accepted (the WebSocket then lifts its frame limit)."""
         self.gw = gw
+        self.principal = principal or gw.auth.unauthenticated()
+        self.transport = transport
+        self.peer = peer
+        self._on_authenticated = on_authenticated
         self._trace_parent = trace_parent if tracing.client_context else None
         self.out: asyncio.Queue[object] = asyncio.Queue()
         self.session_id = ""
@@ -237,7 +261,55 @@ class ClientStream:
 
     # ---------------------------------------------------------------- dispatch
 
+    def _end(self, err: EngramError) -> None:
+        """Ends the stream with ``err`` (nothing after this message is handled)."""
+        self._closing = True
+        self.out.put_nowait(StreamAbort(err))
+
+    def _authenticate(self, incoming: Incoming) -> bool:
+        """The first message of a stream without a header key: an init carrying ``api_key``."""
+        limit = self.gw.settings.security.preauth_max_bytes
+        msg = incoming.message
+        if incoming.size > limit:
+            auth.audit_failure(self.transport, self.peer, "too_large")
+            self._end(
+                AuthenticationError(
+                    f"a message of {incoming.size} bytes arrived before authentication; "
+                    f"until the stream authenticates the limit is {limit} bytes"
+                )
+            )
+            return False
+        if msg is None or msg.WhichOneof("operation") != "init":
+            auth.audit_failure(self.transport, self.peer, "missing")
+            self._end(
+                AuthenticationError(
+                    "an API key is required: send 'authorization: Bearer <key>', or open the "
+                    "stream with an init message carrying api_key"
+                )
+            )
+            return False
+        try:
+            principal = self.gw.auth.authenticate(
+                msg.init.api_key or None, self.transport, self.peer
+            )
+        except AuthenticationError as exc:
+            self._end(exc)
+            return False
+        self.principal = principal
+        if self._on_authenticated is not None:
+            self._on_authenticated(principal)
+        return True
+
     async def _handle(self, incoming: Incoming) -> None:
+        if self.principal is None:
+            if not self._authenticate(incoming):
+                return
+        elif why := self.principal.problem():
+            auth.audit_failure(self.transport, self.peer, why, self.principal.key_id)
+            self._end(AuthenticationError(f"{self.principal.describe()} is {why}"))
+            return
+        principal = self.principal
+        assert principal is not None
         msg = incoming.message
         if msg is None:
             self._error(
@@ -273,10 +345,13 @@ class ClientStream:
                     code=pb.SPACE_MISMATCH,
                 )
             if op == "batch":
+                auth.require(principal, auth.WRITE, self.space)
                 await self._batch(seq, msg.batch)
             elif op == "observation":
+                auth.require(principal, auth.WRITE, self.space)
                 await self._batch(seq, validation.episode_to_batch(msg.observation))
             elif op == "recall":
+                auth.require(principal, auth.READ, self.space)
                 self._recall(msg.recall)
             elif op == "flow":
                 self._flow(msg.flow)
@@ -298,6 +373,11 @@ class ClientStream:
         if resume:
             record = await self._lookup(msg.session_id)
             space = record.space if record else ""
+            if space and not self._may_open(space):
+                # the other space is not named: its name is the other tenant's
+                raise PermissionDeniedError(
+                    f"{self._who()} does not cover the memory space of session {msg.session_id!r}"
+                )
             if msg.memory_space_id:
                 requested = validation.space_id(msg.memory_space_id)
                 if space and requested != space:
@@ -315,6 +395,10 @@ class ClientStream:
         else:
             space = validation.space_id(msg.memory_space_id)
             session_id = "s-" + uuid.uuid4().hex
+        if not self._may_open(space):
+            raise PermissionDeniedError(
+                f"{self._who()} has neither a 'read' nor a 'write' scope for memory space {space!r}"
+            )
         opened = await self.gw.shards.open_session(space, session_id, create=not resume)
         self.session_id, self.space, self.dim = session_id, space, opened.dim
         self.next_expected = opened.last_sequence + 1
@@ -337,6 +421,14 @@ class ClientStream:
         ack.capabilities.supports_snapshot_isolation = True
         ack.capabilities.queue_capacity = limits.max_in_flight_batches
         self._send(pb.ObservationResponse(init_ack=ack))
+
+    def _may_open(self, space: str) -> bool:
+        """An init needs read or write on its space."""
+        p = self.principal
+        return p is not None and (p.allows(auth.READ, space) or p.allows(auth.WRITE, space))
+
+    def _who(self) -> str:
+        return self.principal.describe() if self.principal is not None else "this client"
 
     async def _lookup(self, session_id: str) -> SessionRecord | None:
         try:
@@ -393,6 +485,14 @@ class ClientStream:
         # self.dim is learnt from the shard only (init, or an accepted batch): a batch the
         # shard refuses must not fix the dimension this stream checks against
         checked = validation.batch(batch, self.gw.settings.limits, self.dim)
+        if self.principal is not None and (
+            limited := auth.take_observations(self.principal, checked.n)
+        ):
+            self._reject(seq, None, checked.n, limited)
+            if span is not None:
+                span.set_attribute("engram.rejected", "key_rate_limit")
+                span.end()
+            return
         while self._bucket is not None and not await self._bucket.take(checked.n):
             pass  # the limit changed while this batch waited: take from the new one
         if self._paused:
@@ -551,11 +651,21 @@ class ClientStream:
             self._last_session_write = now
             self._spawn(self._write_session())
 
-    def _reject(self, seq: int, resp: ipb.AppendResponse | None, n: int) -> None:
-        """Refused by admission (or behind a refused batch): the client resends ``seq`` later."""
+    def _reject(
+        self,
+        seq: int,
+        resp: ipb.AppendResponse | None,
+        n: int,
+        limited: RateLimitedError | None = None,
+    ) -> None:
+        """Refused by admission, by the key's rate limit (``limited``), or behind a refused
+        batch: the client resends ``seq`` later."""
         if resp is not None and resp.rejected:
             reason, message = resp.reject_reason, resp.error.message
             self._retry_after_ms = resp.retry_after_ms
+        elif limited is not None:
+            reason, message = "key_rate_limit", limited.message
+            self._retry_after_ms = limited.retry_after_ms
         else:
             reason = "behind_rejected"
             message = f"an earlier batch ({self._rejected_from}) of this stream was refused"
@@ -582,6 +692,8 @@ class ClientStream:
 
     def _recall(self, req: pb.RecallRequest) -> None:
         validation.recall(req, self.gw.settings.limits)
+        if self.principal is not None:
+            auth.take_recall(self.principal)
         self._spawn(self._do_recall(req))
 
     async def _do_recall(self, req: pb.RecallRequest) -> None:

@@ -15,6 +15,16 @@ the stream after every forwarded batch is answered: a final ``status`` frame (st
 then close code 1000. When the stream must end because a shard is unreachable, an ``error``
 frame is followed by close code 1013 (try again later: resume the session on a new connection).
 Bad frames are answered with ``error`` frames and the connection stays open.
+
+API keys (on when ``ENGRAM_KEYS_FILE`` is set): a handshake's ``Authorization: Bearer <key>``
+header is checked before the upgrade (:meth:`WebSocketEndpoint.handshake`; a key that is not
+accepted gets HTTP 401 with a short reason). Without the header (browsers cannot set one) the
+connection must authenticate with its first frame, an ``init`` carrying ``api_key``. Until it
+has, the server is listening at a low limit: frames over ``ENGRAM_PREAUTH_MAX_BYTES`` close the
+connection (1009; the server is started with that limit and raises it per connection once the
+key is accepted), any other frame than init, or a key not accepted, is answered with an
+``error`` frame ``unauthenticated`` and close 1008, and so is silence: a connection not
+authenticated within ``ENGRAM_AUTH_TIMEOUT_S`` is closed (1008) even if it sends heartbeats.
 """
 
 from __future__ import annotations
@@ -23,15 +33,19 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator
+from http import HTTPStatus
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
 
 from engram.common import tracing
 from engram.contract import errors
-from engram.gateway import ws_frames
+from engram.gateway import auth, ws_frames
+from engram.gateway.auth import Principal
 from engram.gateway.context import GatewayContext
 from engram.gateway.service import parse
 from engram.gateway.stream import ClientStream, Incoming, StreamAbort
@@ -68,6 +82,16 @@ class WebSocketEndpoint:
         self.heartbeat_s = gw.settings.gateway.ws_heartbeat_s
         self.idle_timeout_s = gw.settings.gateway.ws_idle_timeout_s
         self.max_frame_bytes = gw.settings.limits.grpc_max_message_bytes
+        self.auth = gw.auth
+        self.auth_timeout_s = gw.settings.security.auth_timeout_s
+        # the server's limit on incoming frames: low until a connection authenticates
+        self.initial_max_size = (
+            gw.settings.security.preauth_max_bytes if gw.auth.enabled else self.max_frame_bytes
+        )
+        # principals of handshakes that carried an accepted key, until the connection starts
+        self._principals: weakref.WeakKeyDictionary[ServerConnection, Principal] = (
+            weakref.WeakKeyDictionary()
+        )
         self.connections = 0
         log.info(
             "WebSocket endpoint %s: heartbeat %g s, idle timeout %g s, frames up to %d bytes, "
@@ -78,6 +102,28 @@ class WebSocketEndpoint:
             self.max_frame_bytes,
             ws_frames.JSON_PARSER,
         )
+
+    def handshake(self, conn: ServerConnection, request: Request) -> Response | None:
+        """The HTTP server's ``ws_check``: a header key is checked before the upgrade (401 if
+        it is not accepted); without one the connection authenticates with its init frame."""
+        if not self.auth.enabled:
+            return None
+        key = auth.bearer(request.headers.raw_items())
+        if key is None:
+            return None
+        try:
+            principal = self.auth.authenticate(key, "websocket", peer_of(conn))
+        except errors.AuthenticationError as exc:
+            response = conn.respond(HTTPStatus.UNAUTHORIZED, f"unauthenticated: {exc.message}\n")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="engram"'
+            return response
+        self._principals[conn] = principal
+        self.authenticated(conn)
+        return None
+
+    def authenticated(self, conn: ServerConnection) -> None:
+        """The connection's key was accepted: frames up to the normal limit from now on."""
+        conn.protocol.max_message_size = self.max_frame_bytes
 
     async def __call__(self, conn: ServerConnection) -> None:
         self.connections += 1
@@ -94,12 +140,23 @@ class _Connection:
         parent = None
         if tracing.active and tracing.client_context and conn.request is not None:
             parent = tracing.parent_from_headers(conn.request.headers.raw_items())
-        self.stream = ClientStream(endpoint.gw, parent)
+        self.peer = peer_of(conn)
+        self.stream = ClientStream(
+            endpoint.gw,
+            parent,
+            principal=endpoint._principals.pop(conn, None),
+            transport="websocket",
+            peer=self.peer,
+            on_authenticated=lambda _principal: endpoint.authenticated(conn),
+        )
         self.last_rx = time.monotonic()
         self.close_requested = False
 
     async def run(self) -> None:
         keepalive = asyncio.create_task(self._keepalive())
+        deadline = None
+        if self.stream.principal is None:
+            deadline = asyncio.create_task(self._auth_deadline())
         code, reason = NORMAL, "stream ended"
         try:
             async with contextlib.aclosing(self.stream.run(self._requests())) as responses:
@@ -118,8 +175,20 @@ class _Connection:
             code, reason = SERVER_ERROR, "internal error on the gateway"
         finally:
             keepalive.cancel()
-            await asyncio.gather(keepalive, return_exceptions=True)
+            if deadline is not None:
+                deadline.cancel()
+            await asyncio.gather(
+                keepalive, *([deadline] if deadline else []), return_exceptions=True
+            )
         await self.conn.close(code, close_reason(reason))
+
+    async def _auth_deadline(self) -> None:
+        """Closes a connection that has not authenticated within ENGRAM_AUTH_TIMEOUT_S."""
+        timeout = self.endpoint.auth_timeout_s
+        await asyncio.sleep(timeout)
+        if self.stream.principal is None:
+            auth.audit_failure("websocket", self.peer, "timeout")
+            await self.conn.close(POLICY, f"not authenticated within {timeout:g} s")
 
     # ------------------------------------------------------------------ client -> server
 
@@ -128,7 +197,9 @@ class _Connection:
         while True:
             try:
                 data = await self.conn.recv()
-            except ConnectionClosed:
+            except ConnectionClosed as exc:
+                if self.stream.principal is None and exc.sent and exc.sent.code == TOO_BIG:
+                    auth.audit_failure("websocket", self.peer, "too_large")
                 return
             self.last_rx = time.monotonic()
             if isinstance(data, bytes):
@@ -223,3 +294,11 @@ class _Connection:
                 await asyncio.sleep(max(0.0, min(next_beat, idle_at) - time.monotonic()) + 0.001)
         except ConnectionClosed:
             return
+
+
+def peer_of(conn: ServerConnection) -> str:
+    """``host:port`` of the client (for audit lines)."""
+    address = conn.remote_address
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return str(address or "-")

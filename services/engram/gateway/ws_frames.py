@@ -539,6 +539,7 @@ def decode_text(text: str) -> tuple[str, pb.ObservationRequest | None]:
                     client_buffer_size=_int(frame, "client_buffer_size", 0, (1 << 32) - 1),
                     enable_backpressure=_bool(frame, "enable_backpressure"),
                     max_batch_size=_int(frame, "max_batch_size", 0, (1 << 32) - 1),
+                    api_key=_str(frame, "api_key"),
                 )
             )
         elif kind == "batch":
