@@ -3,7 +3,9 @@
 Streams ``--count`` observations, spread over ``--spaces`` memory spaces (one stream each, in
 batches), through the Python client; prints progress and throughput, a few recalls, and with
 ``--verify`` reads every space back and checks that each acknowledged observation is there
-exactly once. Exit status 1 on any loss or duplicate.
+exactly once. Exit status 1 on any loss or duplicate. ``--api-key`` (default
+``$ENGRAM_API_KEY``) and ``--ca FILE`` / ``--target grpcs://...`` reach a gateway that asks
+for a key and serves TLS (:mod:`engram.client_options`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from engram import client_options
 from engram.corpus import Corpus
 from engram.v1 import streaming_pb2 as pb
 from engram_client import EngramClient, StreamEvent
@@ -24,7 +27,7 @@ from engram_client import EngramClient, StreamEvent
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="engram demo", description=__doc__.splitlines()[0])
-    p.add_argument("--target", default="127.0.0.1:50051", help="gateway gRPC address")
+    client_options.add_arguments(p)
     p.add_argument("--spaces", type=int, default=3, help="memory spaces to write (default 3)")
     p.add_argument("--count", type=int, default=100_000, help="observations in all")
     p.add_argument("--dim", type=int, default=384, help="vector dimension (default 384)")
@@ -151,7 +154,12 @@ async def run(args: argparse.Namespace) -> int:
         f"into {args.spaces} spaces via {args.target}",
         flush=True,
     )
-    async with EngramClient(args.target) as client:
+    try:
+        client = client_options.connect(args)
+    except ValueError as exc:  # a bad target, an unreadable CA file
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    async with client:
         t0 = time.perf_counter()
 
         async def report() -> None:

@@ -3,7 +3,9 @@
 The cue is given as numbers (``--vector 0.1,0.2,...``), as a row of the demo corpus
 (``--corpus-row N --dim D``: the vectors ``engram demo`` writes), or drawn at random
 (``--random --dim D``). Prints the hits and the snapshot LSN, staleness and wait time the
-server reports, so each level's behaviour can be seen from any process.
+server reports, so each level's behaviour can be seen from any process. ``--api-key``
+(default ``$ENGRAM_API_KEY``) and ``--ca FILE`` / ``--target grpcs://...`` reach a gateway
+that asks for a key and serves TLS (:mod:`engram.client_options`).
 """
 
 from __future__ import annotations
@@ -14,16 +16,16 @@ import sys
 
 import numpy as np
 
+from engram import client_options
 from engram.contract.errors import EngramError
 from engram.corpus import Corpus
-from engram_client import EngramClient
 
 LEVELS = ("EVENTUAL", "BOUNDED", "SESSION", "STRONG")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="engram recall", description=__doc__.splitlines()[0])
-    p.add_argument("--target", default="127.0.0.1:50051", help="gateway gRPC address")
+    client_options.add_arguments(p)
     p.add_argument("--space", required=True, help="memory space id")
     cue = p.add_mutually_exclusive_group(required=True)
     cue.add_argument("--vector", help="comma-separated cue values")
@@ -45,7 +47,12 @@ async def run(args: argparse.Namespace) -> int:
         cue = Corpus(args.dim).vectors(args.corpus_row, 1)[0]
     else:
         cue = np.random.default_rng().standard_normal(args.dim).astype(np.float32)
-    async with EngramClient(args.target) as client:
+    try:
+        client = client_options.connect(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    async with client:
         try:
             r = await client.recall(
                 args.space,

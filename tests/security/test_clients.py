@@ -168,7 +168,7 @@ async def test_the_key_goes_on_a_channel_of_ones_own() -> None:
     assert [md.get("authorization") for md in gw.metadata] == [f"Bearer {KEY}"] * 2
 
 
-@pytest.mark.parametrize("bad", ["", " ek_x", "ek_x\n"])
+@pytest.mark.parametrize("bad", ["", " ek_x", "ek x", "ek_x\n"])
 def test_a_key_that_cannot_travel_in_a_header_is_refused_at_once(bad: str) -> None:
     with pytest.raises(ValueError, match="api_key"):
         EngramClient("127.0.0.1:1", api_key=bad)
@@ -265,12 +265,22 @@ async def test_refusals_are_typed(refusal: _Refusal, expected: type[Exception]) 
         assert not [e for e in events if e.kind == "disconnected"], events
 
 
-async def test_a_rate_limited_recall_says_when_to_come_back() -> None:
-    refusal = _Refusal(
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        "RATE_LIMITED: key 0123456789ab is over 5 recalls/s",
-        ((RETRY_AFTER_KEY, "250"),),
-    )
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        _Refusal(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "RATE_LIMITED: key 0123456789ab is over its limit of 5 recalls/s",
+            ((RETRY_AFTER_KEY, "250"),),
+        ),
+        _Refusal(  # the wait named in the message only
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "RATE_LIMITED: key 0123456789ab is over its limit of 5 recalls/s on this gateway: "
+            "retry after 250 ms",
+        ),
+    ],
+)
+async def test_a_rate_limited_recall_says_when_to_come_back(refusal: _Refusal) -> None:
     async with _serve(_Gateway(refusal=refusal)) as address:
         async with EngramClient(address, api_key=KEY) as client:
             with pytest.raises(RateLimitedError) as err:

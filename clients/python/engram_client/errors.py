@@ -22,6 +22,8 @@ key that does not cover the space :class:`PermissionDeniedError`: neither is ret
 
 from __future__ import annotations
 
+import re
+
 import grpc
 
 from engram.contract import errors as contract
@@ -59,6 +61,7 @@ _BY_STATUS: dict[grpc.StatusCode, type[EngramError]] = {
 }
 # Trailing metadata a gateway may name the wait of a refused call in (milliseconds).
 RETRY_AFTER_KEY = "retry-after-ms"
+_AFTER = re.compile(r"(?:retry|resend) after (\d+) ms")
 
 
 def from_rpc_error(exc: grpc.aio.AioRpcError, what: str = "the gateway") -> EngramError:
@@ -76,13 +79,15 @@ def from_rpc_error(exc: grpc.aio.AioRpcError, what: str = "the gateway") -> Engr
 
 
 def _retry_after_ms(exc: grpc.aio.AioRpcError) -> int:
+    """From the trailing metadata, else the message ("... retry after 250 ms"), else 0."""
     for key, value in exc.trailing_metadata() or ():
         if key == RETRY_AFTER_KEY:
             try:
                 return max(0, int(value))
             except (TypeError, ValueError):
-                return 0
-    return 0
+                break
+    m = _AFTER.search(exc.details() or "")
+    return int(m.group(1)) if m else 0
 
 
 __all__ = [
