@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,10 @@ class BenchConfig:
     plots: bool = True
     trace_ratio: float | None = None  # tracing on in the own cluster at this ratio (None: off)
     trace_endpoint: str = ""  # where its spans go; empty: an OTLP sink the bench runs
+    auth: bool = False  # the own cluster asks for an API key; the clients send one (access.py)
+    tls: bool = False  # the own cluster's gateway serves TLS; the clients trust its CA only
+    api_key: str = ""  # with --target: the key its clients send (never written to the report)
+    ca_file: str = ""  # with --target: the CA of its gateway's certificate (TLS on)
 
     @property
     def results_root(self) -> Path:
@@ -171,6 +176,24 @@ def parser() -> argparse.ArgumentParser:
         help="with --trace-ratio: export there instead (a closed port such as "
         "http://127.0.0.1:9 measures the worst case: every export fails)",
     )
+    a(
+        "--auth",
+        action="store_true",
+        help="the cluster it starts asks for API keys (a keys file with one key for the "
+        "benchmark's spaces, which every client sends)",
+    )
+    a(
+        "--tls",
+        action="store_true",
+        help="the cluster it starts serves TLS (a certificate from a CA made for the run, which "
+        "every client trusts)",
+    )
+    a(
+        "--api-key",
+        default=None,
+        help="with --target: the API key its clients send (default: $ENGRAM_API_KEY)",
+    )
+    a("--ca", default="", metavar="FILE", help="with --target: TLS, trusting this PEM CA")
     return p
 
 
@@ -190,6 +213,15 @@ def parse(argv: list[str] | None) -> BenchConfig:
         p.error("--trace-ratio configures the cluster the benchmark starts: not with --target")
     if ns.trace_endpoint and ns.trace_ratio is None:
         p.error("--trace-endpoint needs --trace-ratio")
+    if (ns.auth or ns.tls) and ns.target:
+        p.error(
+            "--auth and --tls configure the cluster the benchmark starts: with --target, "
+            "pass --api-key and --ca"
+        )
+    if ns.api_key is None:
+        ns.api_key = os.environ.get("ENGRAM_API_KEY", "") if ns.target else ""
+    if (ns.api_key or ns.ca) and not ns.target:
+        p.error("--api-key and --ca are for --target; the cluster it starts uses --auth / --tls")
     if ns.corpus == "minilm" and ns.dim != 384:
         p.error("--corpus minilm gives dimension 384; drop --dim or pass --dim 384")
     pool = max(ns.batch, ns.pool // ns.batch * ns.batch)
@@ -234,4 +266,8 @@ def parse(argv: list[str] | None) -> BenchConfig:
         plots=not ns.no_plots,
         trace_ratio=ns.trace_ratio,
         trace_endpoint=ns.trace_endpoint,
+        auth=ns.auth,
+        tls=ns.tls,
+        api_key=ns.api_key,
+        ca_file=ns.ca,
     )

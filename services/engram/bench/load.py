@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from engram.bench import profiling
+from engram.bench.access import NO_ACCESS, Access
 from engram.bench.config import BenchConfig
 from engram.bench.monitor import Monitor
 from engram.bench.workers import (
@@ -141,6 +142,7 @@ def run_load(
     monitor: Monitor,
     profile_pids: dict[str, int],
     out_dir: Path,
+    access: Access = NO_ACCESS,
 ) -> LoadRun:
     ctx = mp.get_context("spawn")
     ch = Channels(
@@ -178,6 +180,7 @@ def run_load(
     base = dict(
         client_target_latency_ms=cfg.client_target_latency_ms,
         target=target,
+        access=access,
         source=source,
         plans=plans,
         batch=cfg.batch,

@@ -11,7 +11,9 @@ side-by-side.
    for its last row; freshness = time from the ack to the answer of the first recall that
    returns it.
 
-Prints one JSON object (the peers' schema) on stdout.
+Prints one JSON object (the peers' schema) on stdout. The API key and the CA of the gateway's
+certificate, when the benchmark uses them, come as ``ENGRAM_API_KEY`` / ``ENGRAM_CA_FILE``
+(:meth:`engram.bench.access.Access.exported`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from engram.bench.access import from_env
 from engram.bench.workers import recall_once
 
 POLL_SLEEP_S = 0.001
@@ -36,7 +39,6 @@ def _pct(values: list[float], q: float) -> float | None:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from engram.v1 import streaming_pb2 as pb
-    from engram_client import EngramClient
 
     vectors = np.load(args.vectors)
     b, space = args.batch, args.space
@@ -44,7 +46,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     def ids(lo: int, hi: int) -> list[str]:
         return [f"{space}/{i}" for i in range(lo, hi)]
 
-    async with EngramClient(args.target) as client:
+    async with from_env().client(args.target) as client:
 
         async def wait_found(vec: np.ndarray, want: str) -> tuple[float | None, int]:
             polls = 0

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from engram.bench.access import NO_ACCESS, Access
 from engram.bench.workers import recall_once
 from engram.bench.workload import SpaceData, SpacePlan, VectorSource, exact_top_k, queries, row_of
 
@@ -23,13 +24,14 @@ def acked_batches(acks: list[tuple[Any, ...]], space_index: int) -> list[int]:
     return sorted({a[1] for a in acks if a[0] == space_index and a[6]})
 
 
-async def _ask(target: str, space: str, cues: np.ndarray) -> tuple[list[list[int]], list[float]]:
+async def _ask(
+    target: str, access: Access, space: str, cues: np.ndarray
+) -> tuple[list[list[int]], list[float]]:
     from engram.v1 import streaming_pb2 as pb
-    from engram_client import EngramClient
 
     rows: list[list[int]] = []
     lat: list[float] = []
-    async with EngramClient(target) as client:
+    async with access.client(target) as client:
         for cue in cues:
             t = time.monotonic()
             ids, _ = await recall_once(client.stub, space, cue, pb.EVENTUAL, deadline_s=60)
@@ -47,6 +49,7 @@ def recall_at_10(
     batch: int,
     query_start: int,
     n_queries: int,
+    access: Access = NO_ACCESS,
 ) -> dict[str, Any]:
     per_space = []
     scores: list[float] = []
@@ -63,7 +66,7 @@ def recall_at_10(
         t = time.monotonic()
         exact, _ = exact_top_k(data, batches, cues, K)
         exact_s = time.monotonic() - t
-        got, lat = asyncio.run(_ask(target, plan.name, cues))
+        got, lat = asyncio.run(_ask(target, access, plan.name, cues))
         hits = [len(set(g[:K]) & set(e.tolist())) / K for g, e in zip(got, exact, strict=True)]
         scores.extend(hits)
         latencies.extend(lat)

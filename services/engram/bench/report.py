@@ -472,7 +472,10 @@ def build(cfg: BenchConfig, data: dict[str, Any]) -> dict[str, Any]:
             "load_average_end": [round(x, 2) for x in os.getloadavg()],
             "other_processes_cpu_pct_during_timed_phase": other_cpu,
         },
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "config": _config(cfg),
+        # authentication (an API key on every call) and TLS between the clients and the gateway
+        "auth": data["target"].get("auth", False),
+        "tls": data["target"].get("tls", False),
         "corpus": data["corpus"],
         "cluster": data["target"],
         "limits": data["limits"],
@@ -510,6 +513,13 @@ def build(cfg: BenchConfig, data: dict[str, Any]) -> dict[str, Any]:
     r["notes"] = _notes(cfg, r, load, other_cpu)
     r["series"] = _series(load, samples, n_sec)
     return r
+
+
+def _config(cfg: BenchConfig) -> dict[str, Any]:
+    """The options of the run, the API key left out (only whether one was given)."""
+    out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+    out["api_key"] = "(given)" if cfg.api_key else ""
+    return out
 
 
 def _notes(

@@ -201,7 +201,7 @@ def run(cfg: BenchConfig) -> int:
             target = start_own(cfg, work / "cluster", trace_env)
             print(
                 f"  started: gateway {target.address}, {target.shard_count} shards, "
-                f"data in {target.data_dir}",
+                f"data in {target.data_dir}{_security(target)}",
                 flush=True,
             )
         monitor = Monitor(dict(target.pids), dict(target.shard_addresses))
@@ -210,7 +210,8 @@ def run(cfg: BenchConfig) -> int:
 
         phases.next("side-by-side: ingest until searchable, freshness")
         vectors = compare.write_vectors(source, compare_start, compare_rows, work / "compare.npy")
-        ours = compare.ours(cfg, target, vectors, tag)
+        with target.access.exported():  # peer_engram's key and CA
+            ours = compare.ours(cfg, target, vectors, tag)
         if "skipped" in ours:
             print(f"  engram-stream skipped: {ours['skipped']}", flush=True)
         else:
@@ -242,7 +243,15 @@ def run(cfg: BenchConfig) -> int:
         if cfg.profile_seconds > 0:
             profile_pids = {n: pid for n, pid in target.pids.items() if n in ("gateway", "shard-0")}
         load = run_load(
-            cfg, target.address, plans, spec, query_start, monitor, profile_pids, out_dir
+            cfg,
+            target.address,
+            plans,
+            spec,
+            query_start,
+            monitor,
+            profile_pids,
+            out_dir,
+            target.access,
         )
         data["load"] = load
         data["plans"] = plans
@@ -258,6 +267,7 @@ def run(cfg: BenchConfig) -> int:
             cfg.batch,
             query_start + 4096 * (cfg.spaces + 1),
             cfg.recall_queries,
+            target.access,
         )
         data["final"] = monitor.sample_now()
         data["target"] = target.describe()
@@ -289,6 +299,11 @@ def run(cfg: BenchConfig) -> int:
     print(report.table(result), flush=True)
     print(f"\nresults: {out_dir}", flush=True)
     return 0
+
+
+def _security(target: Target) -> str:
+    on = [name for name, used in target.access.describe().items() if used]
+    return f"; {' and '.join(on)} on" if on else ""
 
 
 def _trace_env(ratio: float, endpoint: str) -> dict[str, str]:

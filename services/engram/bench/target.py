@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engram.bench.access import Access, own_cluster
 from engram.bench.config import BenchConfig
 from engram.common import settings as engram_settings
 from engram.launcher.cluster import LocalCluster
@@ -29,6 +30,7 @@ class Target:
     cluster: LocalCluster | None = None
     env: dict[str, str] = field(default_factory=dict)
     note: str = ""
+    access: Access = field(default_factory=Access)  # the API key and CA its clients use
 
     @property
     def index_settings(self) -> engram_settings.IndexSettings:
@@ -47,6 +49,7 @@ class Target:
             "pids": self.pids,
             "env": self.env,
             "note": self.note,
+            **self.access.describe(),
         }
 
     def stop(self) -> None:
@@ -55,10 +58,12 @@ class Target:
 
 
 def start_own(cfg: BenchConfig, data_dir: Path, extra_env: dict[str, str] | None = None) -> Target:
-    """``extra_env``: variables for the services beyond ``--cluster-env`` (tracing's)."""
+    """``extra_env``: variables for the services beyond ``--cluster-env`` (tracing's). With
+    ``--auth`` / ``--tls`` the keys file and the certificate are made in ``data_dir``."""
     env = {**dict(kv.split("=", 1) for kv in cfg.cluster_env), **(extra_env or {})}
     engram_settings.load({**os.environ, **env})  # refuse bad settings before starting
-    cluster = LocalCluster(data_dir, shards=cfg.shards, env=env)
+    access, security = own_cluster(cfg.auth, cfg.tls, data_dir / "security")
+    cluster = LocalCluster(data_dir, shards=cfg.shards, env=env, **security)
     cluster.start()
     t = Target(
         address=cluster.gateway_address,
@@ -67,12 +72,14 @@ def start_own(cfg: BenchConfig, data_dir: Path, extra_env: dict[str, str] | None
         data_dir=data_dir,
         cluster=cluster,
         env=env,
+        access=access,
     )
     t.refresh_pids()
     return t
 
 
 def attach(cfg: BenchConfig) -> Target:
+    access = Access(cfg.api_key, cfg.ca_file)
     path = Path(cfg.cluster_dir) / "cluster.json"
     try:
         info = json.loads(path.read_text())
@@ -85,6 +92,7 @@ def attach(cfg: BenchConfig) -> Target:
             note=f"no cluster.json for {cfg.target} in {cfg.cluster_dir}: process RSS/CPU and "
             "the index backlog are not measured; shard count assumed "
             f"{cfg.shards} (--shards)",
+            access=access,
         )
     procs = info.get("processes", [])
     shards = {
@@ -99,4 +107,5 @@ def attach(cfg: BenchConfig) -> Target:
         pids={p["name"]: int(p["pid"]) for p in procs if p.get("pid")},
         data_dir=Path(info["data_dir"]) if info.get("data_dir") else None,
         note=f"attached to the cluster of {path}",
+        access=access,
     )

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from engram.bench.access import Access
 from engram.bench.workload import (
     ArraySource,
     SpaceData,
@@ -75,6 +76,7 @@ class WorkerSpec:
     vis_interval_s: float = 0.0  # writers: sample one acked batch per stream this often
     recall_rate: float = 10.0  # recall process: recalls per second
     client_target_latency_ms: float | None = None  # None: the client's default
+    access: Access = field(default_factory=Access)  # API key and TLS of its client
     query_start: int = 0  # first corpus row of the held-out query rows
     flush_timeout_s: float = 120.0
 
@@ -137,10 +139,10 @@ def writer_main(spec: WorkerSpec, ch: Channels) -> None:
 
 
 async def _writer(spec: WorkerSpec, ch: Channels, datas: dict[int, SpaceData]) -> None:
-    from engram_client import EngramClient, StreamEvent
+    from engram_client import StreamEvent
 
     rep = _Reporter(ch, "acks", spec.who)
-    async with EngramClient(spec.target) as client:
+    async with spec.access.client(spec.target) as client:
         streams = {}
         for i, data in datas.items():
 
@@ -291,7 +293,6 @@ def recaller_main(spec: WorkerSpec, ch: Channels) -> None:
 
 async def _recaller(spec: WorkerSpec, ch: Channels, cues: dict[int, np.ndarray]) -> None:
     from engram.v1 import streaming_pb2 as pb
-    from engram_client import EngramClient
 
     rep = _Reporter(ch, "recalls", spec.who)
     outstanding: set[asyncio.Task[None]] = set()
@@ -312,7 +313,7 @@ async def _recaller(spec: WorkerSpec, ch: Channels, cues: dict[int, np.ndarray])
             stages = (meta.waited_us, meta.queued_us, meta.index_us, meta.fresh_us)
         rep.items.append((t, time.monotonic() - t, server_us, fresh, indexed, si, True, stages))
 
-    async with EngramClient(spec.target) as client:
+    async with spec.access.client(spec.target) as client:
         ch.telemetry.put(("ready", spec.who))
         t0 = await _wait_go(ch)
         flusher = asyncio.create_task(rep.run())
@@ -350,7 +351,6 @@ def sampler_main(spec: WorkerSpec, ch: Channels) -> None:
 async def _sampler(spec: WorkerSpec, ch: Channels) -> None:
     """Polls recall (EVENTUAL, k=10) for a vector of each sampled batch until it is returned."""
     from engram.v1 import streaming_pb2 as pb
-    from engram_client import EngramClient
 
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
@@ -389,7 +389,7 @@ async def _sampler(spec: WorkerSpec, ch: Channels) -> None:
     thread.start()
     tasks: set[asyncio.Task[None]] = set()
     skipped = 0
-    async with EngramClient(spec.target) as client:
+    async with spec.access.client(spec.target) as client:
         ch.telemetry.put(("ready", spec.who))
         await _wait_go(ch)
         flusher = asyncio.create_task(rep.run())
