@@ -3,6 +3,7 @@
 ::
 
     engram up [--shards 2] [--data-dir ./.engram] [--grpc-port 50051] [--http-port 7432]
+              [--keys-file FILE] [--tls-cert FILE --tls-key FILE [--tls-ca FILE]]
     engram status [--json] [--data-dir ./.engram]
     engram demo --spaces 3 --count 100000 --dim 384 --verify
     engram bench [--seconds 60] [--rate 100000] [--dim 384] [--json PATH] [--target ADDR]
@@ -53,6 +54,20 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="per-shard budget for un-indexed data, e.g. 64MB or 2GB "
         "(default: 40%% of memory / shards; env ENGRAM_MEMORY_BUDGET)",
+    )
+    up.add_argument(
+        "--keys-file",
+        default=None,
+        help="API keys file (engram keys): every client must present a key, and the shards a "
+        "secret the launcher makes (env ENGRAM_KEYS_FILE; default: no auth)",
+    )
+    up.add_argument("--tls-cert", default=None, help="gateway TLS certificate chain (PEM)")
+    up.add_argument("--tls-key", default=None, help="the key of --tls-cert (PEM, unencrypted)")
+    up.add_argument(
+        "--tls-ca",
+        default=None,
+        help="CA that signed --tls-cert, for the launcher's own checks of the gateway "
+        "(default: the system's CAs)",
     )
 
     up.add_argument(
@@ -145,6 +160,9 @@ def _up(args: argparse.Namespace) -> int:
             )
             return 2
         env["ENGRAM_MEMORY_BUDGET"] = args.memory_budget
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("error: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
     shards, new, draining = _shard_layout(data_dir, args.shards)
     if draining:
         print(
@@ -161,6 +179,9 @@ def _up(args: argparse.Namespace) -> int:
         redis_port=args.redis_port,
         log_level=args.log_level,
         env=env or None,
+        keys_file=args.keys_file,
+        tls=(args.tls_cert, args.tls_key) if args.tls_cert else None,
+        tls_ca=args.tls_ca,
     )
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGINT, _raise_interrupt)
@@ -178,6 +199,7 @@ def _up(args: argparse.Namespace) -> int:
                 draining=set(range(args.shards, shards)),  # none receives a space
                 interval_s=args.rebalance_interval,
                 until_balanced=not args.rebalance and not draining,
+                security=cluster.security.internal,
             )
             start_thread(rebalancer, stop_rebalancing)
         forever = threading.Event()
@@ -227,8 +249,12 @@ def _ignore_signals() -> None:
 def _print_endpoints(cluster: LocalCluster) -> None:
     print()
     print(f"Engram Stream is up ({cluster.shards} shard{'s' if cluster.shards != 1 else ''})")
-    print(f"  gateway gRPC  {cluster.gateway_address}")
-    print(f"  HTTP          http://127.0.0.1:{cluster.http_port}/metrics  (and /healthz)")
+    sec = cluster.security
+    http = "https" if sec.tls else "http"
+    print(f"  gateway gRPC  {cluster.gateway_address}{'  (TLS)' if sec.tls else ''}")
+    print(f"  HTTP          {http}://127.0.0.1:{cluster.http_port}/metrics  (and /healthz)")
+    if sec.keys_file:
+        print(f"  API keys      {sec.keys_file}  (every client needs a key: engram keys)")
     print(f"  redis         {cluster.redis_url}  (pid {cluster.pid('redis')})")
     for i in range(cluster.shards):
         name = f"shard-{i}"

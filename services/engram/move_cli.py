@@ -5,9 +5,10 @@
     engram move SPACE --to shard-2        waits until the move is done; prints the write pause
     engram move SPACE --cancel            cancels the move of SPACE in progress
 
-Shards are found in the cluster's ``cluster.json`` (``--data-dir``, as ``engram up`` wrote it),
-or, with ``--redis URL`` (a cluster elsewhere, e.g. on Kubernetes), in the control plane's
-shard registry.
+Shards are found in the cluster's ``cluster.json`` (``--data-dir``, as ``engram up`` wrote it,
+with the shards' token and certificates if it has them), or, with ``--redis URL`` (a cluster
+elsewhere, e.g. on Kubernetes), in the control plane's shard registry (the token and
+certificates then come from this process's ``ENGRAM_INTERNAL_*`` variables).
 Exit status: 0 moved (or cancelled), 1 the move aborted (nothing changed), 2 a bad request.
 """
 
@@ -18,10 +19,12 @@ import asyncio
 import re
 import sys
 
+from engram.common.settings import SecuritySettings
 from engram.contract.errors import EngramError
 from engram.control.moves import PHASES, MoveRefused, cancel_move, move_space
 from engram.control.store import ControlStore
 from engram.internal.v1 import shard_pb2 as ipb
+from engram.launcher import secure
 from engram.launcher.status import NoClusterError, load_cluster_file
 
 _SHARD = re.compile(r"(?:shard-)?(\d+)")
@@ -69,11 +72,13 @@ async def registered_addresses(redis_url: str, prefix: str) -> dict[int, str]:
 
 
 async def run(args: argparse.Namespace) -> int:
+    security: SecuritySettings | None = None  # this process's own settings
     try:
         if args.redis:
             addresses = await registered_addresses(args.redis, args.key_prefix)
         else:
             addresses = shard_addresses(args.data_dir)
+            security = secure.from_cluster_file(load_cluster_file(args.data_dir)).internal
     except NoClusterError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -82,7 +87,7 @@ async def run(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.cancel:
-            target = await cancel_move(addresses, args.space)
+            target = await cancel_move(addresses, args.space, security)
             print(f"cancelled the move of {args.space} to shard-{target}")
             return 0
         match = _SHARD.fullmatch(args.to.strip())
@@ -90,7 +95,11 @@ async def run(args: argparse.Namespace) -> int:
             print(f"error: --to {args.to!r} is not a shard (shard-N)", file=sys.stderr)
             return 2
         result = await move_space(
-            addresses, args.space, int(match.group(1)), on_progress=None if args.quiet else _show
+            addresses,
+            args.space,
+            int(match.group(1)),
+            on_progress=None if args.quiet else _show,
+            security=security,
         )
     except MoveRefused as exc:
         print(f"error: {exc.message}", file=sys.stderr)

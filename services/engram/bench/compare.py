@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 
 from engram.bench import peers as peer_venvs
@@ -24,6 +23,7 @@ from engram.bench.config import BenchConfig
 from engram.bench.monitor import shard_stats
 from engram.bench.target import Target
 from engram.bench.workload import VectorSource, plan_spaces
+from engram.common import internal
 
 PROBE_INTERVAL_S = 0.1
 
@@ -43,7 +43,7 @@ def ours(cfg: BenchConfig, target: Target, vectors: Path, tag: str) -> dict[str,
 
     def probe() -> None:
         assert address is not None
-        with grpc.insecure_channel(address) as channel:
+        with internal.sync_channel(address, security=target.shard_security) as channel:
             while not stop.is_set():
                 t = time.monotonic()
                 st = shard_stats(channel).get("spaces", {}).get(space.name)

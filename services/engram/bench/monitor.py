@@ -23,6 +23,8 @@ from typing import Any
 import grpc
 import psutil
 
+from engram.common import internal
+from engram.common.settings import SecuritySettings
 from engram.internal.v1 import shard_pb2, shard_pb2_grpc
 
 
@@ -102,12 +104,16 @@ class Monitor:
     _procs: dict[str, psutil.Process] = field(default_factory=dict)
     _cpu: dict[str, tuple[float, float]] = field(default_factory=dict)
     _channels: dict[int, grpc.Channel] = field(default_factory=dict)
+    # How to reach the shards (the cluster's token and mTLS; None: this process's settings).
+    security: SecuritySettings | None = None
 
     def add(self, name: str, pid: int) -> None:
         self.pids[name] = pid
 
     def start(self) -> Monitor:
-        self._channels = {i: grpc.insecure_channel(a) for i, a in self.shards.items()}
+        self._channels = {
+            i: internal.sync_channel(a, security=self.security) for i, a in self.shards.items()
+        }
         self._thread = threading.Thread(target=self._run, name="bench-monitor", daemon=True)
         self._thread.start()
         return self

@@ -204,7 +204,9 @@ def run(cfg: BenchConfig) -> int:
                 f"data in {target.data_dir}{_security(target)}",
                 flush=True,
             )
-        monitor = Monitor(dict(target.pids), dict(target.shard_addresses))
+        monitor = Monitor(
+            dict(target.pids), dict(target.shard_addresses), security=target.shard_security
+        )
         monitor.add("bench", os.getpid())
         monitor.start()
 

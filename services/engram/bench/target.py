@@ -17,6 +17,8 @@ from typing import Any
 from engram.bench.access import Access, own_cluster
 from engram.bench.config import BenchConfig
 from engram.common import settings as engram_settings
+from engram.common.settings import SecuritySettings
+from engram.launcher import secure
 from engram.launcher.cluster import LocalCluster
 
 
@@ -35,6 +37,20 @@ class Target:
     @property
     def index_settings(self) -> engram_settings.IndexSettings:
         return engram_settings.load(self.env).shard.index
+
+    @property
+    def shard_security(self) -> SecuritySettings | None:
+        """How the benchmark reaches the shards: the cluster's token and mTLS (from its
+        cluster.json when attached), None for this process's own settings."""
+        if self.cluster is not None:
+            return self.cluster.security.internal
+        if self.data_dir is None:
+            return None
+        try:
+            info = json.loads((self.data_dir / "cluster.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return secure.from_cluster_file(info).internal
 
     def refresh_pids(self) -> None:
         if self.cluster is not None:

@@ -45,6 +45,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engram.chaos.move_faults import MoveFaults
 from engram.chaos.proxy import PASS, Mode, ProxyHost
+from engram.common import internal
 from engram.control.assignment import default_shard
 from engram.internal.v1 import shard_pb2 as ipb
 from engram.internal.v1 import shard_pb2_grpc
@@ -154,8 +155,9 @@ class Injector:
         phases = await asyncio.gather(*(self.shard_phase(i) for i in range(self.shards)))
         if any(p != "serving" for p in phases):
             return False
-        if not await _health(self.cluster.gateway_address, 1.0) == "SERVING":
-            return False
+        async with grpc.aio.insecure_channel(self.cluster.gateway_address) as channel:
+            if not await _health(channel, 1.0) == "SERVING":
+                return False
         return await asyncio.to_thread(self.cluster.healthy, "redis", 1.0)
 
     async def shard_phase(self, i: int) -> str:
@@ -164,12 +166,12 @@ class Injector:
         The gRPC health answer alone is not enough: a shard that is still replaying its WAL
         may already say SERVING, so a scan of an empty space it owns decides."""
         address = self.cluster.shard_address(i)
-        health = await _health(address, 0.5)
-        if health in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "UNKNOWN"):
-            return "down"
-        if health == "NOT_SERVING":
-            return "recovering"
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with internal.aio_channel(address, security=self.cluster.security) as channel:
+            health = await _health(channel, 0.5)
+            if health in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "UNKNOWN"):
+                return "down"
+            if health == "NOT_SERVING":
+                return "recovering"
             stub = shard_pb2_grpc.ShardStub(channel)
             try:
                 call = stub.Scan(ipb.ScanRequest(memory_space_id=self._probe_space[i]), timeout=1.0)
@@ -432,12 +434,12 @@ def _owned_name(prefix: str, shard: int, shards: int) -> str:
     raise RuntimeError(f"no name for shard {shard}")
 
 
-async def _health(address: str, timeout: float) -> str:  # noqa: ASYNC109 (a gRPC deadline)
-    """The gRPC health status name, or the status code name of the failed check."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        try:
-            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            return str(exc.code().name)
+async def _health(channel: grpc.aio.Channel, timeout: float) -> str:  # noqa: ASYNC109
+    """The gRPC health status name, or the status code name of the failed check (``timeout``
+    is a gRPC deadline)."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+    except grpc.aio.AioRpcError as exc:
+        return str(exc.code().name)
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))

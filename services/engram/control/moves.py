@@ -11,6 +11,8 @@ and follows its progress to the end::
 
 Bad requests fail before anything changes, with :class:`MoveRefused` saying why: an unknown
 space or shard, a target that already owns the space, a space already moving.
+Every call goes through :mod:`engram.common.internal` (the shards' token and mTLS):
+``security`` None is the caller's own settings (its environment).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from engram.common import internal
+from engram.common.settings import SecuritySettings
 from engram.contract.errors import (
     EngramError,
     UnavailableError,
@@ -72,12 +76,14 @@ class MoveResult:
     rows: int
 
 
-async def shard_stats(addresses: Mapping[int, str]) -> dict[int, ipb.StatsResponse]:
+async def shard_stats(
+    addresses: Mapping[int, str], security: SecuritySettings | None = None
+) -> dict[int, ipb.StatsResponse]:
     """Stats of every shard that answers (the others are left out). The shards are asked at
     once, so one that hangs costs a look ``STATS_TIMEOUT_S`` in all, not that much per shard."""
 
     async def one(address: str) -> ipb.StatsResponse | None:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with internal.aio_channel(address, security=security) as channel:
             try:
                 return await shard_pb2_grpc.ShardStub(channel).Stats(
                     ipb.StatsRequest(), timeout=STATS_TIMEOUT_S
@@ -132,6 +138,7 @@ async def move_space(
     *,
     on_progress: Callable[[ipb.MoveProgress], None] | None = None,
     move_id: str = "",
+    security: SecuritySettings | None = None,
 ) -> MoveResult:
     """Moves ``space`` to shard ``target`` and returns once the move is done.
 
@@ -141,7 +148,7 @@ async def move_space(
     if target not in addresses:
         known = ", ".join(f"shard-{i}" for i in sorted(addresses)) or "none"
         raise MoveRefused(f"there is no shard-{target} (shards: {known})")
-    stats = await shard_stats(addresses)
+    stats = await shard_stats(addresses, security)
     if target not in stats:
         raise UnavailableError(f"shard-{target} does not answer; retry once it is up")
     where = spaces_of(stats).get(space)
@@ -163,7 +170,7 @@ async def move_space(
         source_address=addresses[where.owner],
         move_id=move_id,
     )
-    async with grpc.aio.insecure_channel(addresses[target]) as channel:
+    async with internal.aio_channel(addresses[target], security=security) as channel:
         try:
             async for progress in shard_pb2_grpc.ShardStub(channel).MoveIn(req):
                 last = progress
@@ -188,14 +195,16 @@ async def move_space(
     )
 
 
-async def cancel_move(addresses: Mapping[int, str], space: str) -> int:
+async def cancel_move(
+    addresses: Mapping[int, str], space: str, security: SecuritySettings | None = None
+) -> int:
     """Cancels the move of ``space`` in progress; returns the target shard it was going to."""
-    stats = await shard_stats(addresses)
+    stats = await shard_stats(addresses, security)
     incoming = incoming_of(stats)
     if space not in incoming:
         raise MoveRefused(f"memory space {space!r} is not moving")
     target, _ = incoming[space]
-    async with grpc.aio.insecure_channel(addresses[target]) as channel:
+    async with internal.aio_channel(addresses[target], security=security) as channel:
         reply = await shard_pb2_grpc.ShardStub(channel).CancelMove(
             ipb.CancelMoveRequest(memory_space_id=space), timeout=STATS_TIMEOUT_S
         )

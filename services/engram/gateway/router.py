@@ -13,7 +13,7 @@ import logging
 
 import grpc
 
-from engram.common import grpcutil, metrics
+from engram.common import grpcutil, internal, metrics
 from engram.common.settings import Settings
 from engram.contract.errors import UnavailableError
 from engram.control.assignment import Assignment
@@ -94,6 +94,6 @@ class Router:
             # a channel of its own subchannels, so the two channels to a shard do not share
             # one connection
             opts.append(("grpc.use_local_subchannel_pool", 1))
-            channel = grpc.aio.insecure_channel(address, options=opts)
+            channel = internal.aio_channel(address, opts, self._settings.security)
             self._channels[(address, reads)] = channel
         return shard_id, channel

@@ -8,10 +8,10 @@ import signal
 
 import grpc
 
-from engram.common import grpcutil, looplag
+from engram.common import grpcutil, looplag, tls
 from engram.common.http import start_http
 from engram.common.keys import KeyRing, KeysFileError
-from engram.common.settings import Settings
+from engram.common.settings import Settings, SettingsError
 from engram.control.store import ControlStore
 from engram.gateway import ws, ws_static
 from engram.gateway.auth import Authenticator
@@ -25,6 +25,11 @@ log = logging.getLogger("engram.gateway")
 
 
 async def serve(settings: Settings) -> None:
+    try:  # before anything starts: a bad certificate or key stops the gateway here
+        grpc_tls = tls.grpc_server_credentials(settings.security)
+        http_tls = tls.server_ssl_context(settings.security)
+    except SettingsError as exc:
+        raise SystemExit(f"gateway: {exc}") from None
     c = settings.cluster
     store = ControlStore(c.redis_url, c.key_prefix, c.shard_count)
     keyring = None
@@ -43,8 +48,13 @@ async def serve(settings: Settings) -> None:
     server = grpc.aio.server(options=grpcutil.server_options(settings.limits))
     server.add_generic_rpc_handlers((handler(EngramStreamService(gw)),))
     health = grpcutil.add_health_and_reflection(server, [SERVICE])
-    if server.add_insecure_port(settings.gateway.listen) == 0:
-        raise SystemExit(f"gateway: cannot listen on {settings.gateway.listen} (port in use?)")
+    listen = settings.gateway.listen
+    if grpc_tls is not None:
+        port = server.add_secure_port(listen, grpc_tls)
+    else:
+        port = server.add_insecure_port(listen)
+    if port == 0:
+        raise SystemExit(f"gateway: cannot listen on {listen} (port in use?)")
     await grpcutil.set_serving(health, False)  # grpc's health service starts out SERVING
     await server.start()
 
@@ -64,17 +74,22 @@ async def serve(settings: Settings) -> None:
         max_size=endpoint.initial_max_size,
         routes=ws_static.route,
         ws_check=endpoint.handshake,
+        ssl=http_tls,
     )
+    tls_task = None
+    if http_tls is not None:
+        tls_task = asyncio.create_task(tls.keep_reloaded(http_tls, settings.security))
     lag_task = asyncio.create_task(looplag.watch(settings.loop_stall_trace_ms))
     canary_task = None
     if settings.gateway.canary_interval_s > 0:
         canary_task = asyncio.create_task(Canary(gw, settings.gateway.canary_interval_s).run())
     await grpcutil.set_serving(health, True)
     log.info(
-        "gateway serving gRPC on %s, HTTP on %s:%d",
+        "gateway serving gRPC on %s, HTTP on %s:%d%s",
         settings.gateway.listen,
         settings.gateway.http_host,
         settings.gateway.http_port,
+        " (TLS)" if grpc_tls is not None else "",
     )
 
     stop = asyncio.Event()
@@ -85,6 +100,8 @@ async def serve(settings: Settings) -> None:
     log.info("gateway stopping")
     await grpcutil.set_serving(health, False)
     lag_task.cancel()
+    if tls_task is not None:
+        tls_task.cancel()
     if canary_task is not None:
         canary_task.cancel()
         await asyncio.gather(canary_task, return_exceptions=True)

@@ -10,7 +10,9 @@ and stops them in order: gateway, shards, Redis. ``engram up`` and the integrati
         cluster.kill("shard-0", signal.SIGKILL)
         cluster.wait_healthy("shard-0", timeout=30)
 
-Services are configured only through their ``ENGRAM_*`` environment variables.
+Services are configured only through their ``ENGRAM_*`` environment variables. With
+``keys_file`` (auth), ``tls`` (the gateway's certificate and key) or ``internal_token`` the
+cluster is secured as :mod:`engram.launcher.secure` describes.
 """
 
 from __future__ import annotations
@@ -30,15 +32,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 import engram
 from engram.common.settings import default_memory_budget
 from engram.control import restarts
 from engram.control.restarts import GiveUp, Policy, ProcessState, Restart
-from engram.launcher import procs, redis_server
+from engram.launcher import procs, redis_server, secure
 from engram.launcher.procs import free_port
+from engram.launcher.secure import grpc_healthy
 
 __all__ = ["ClusterError", "LocalCluster", "PortInUseError", "free_port", "grpc_healthy"]
 
@@ -64,17 +64,6 @@ class ClusterError(RuntimeError):
 
 class PortInUseError(ClusterError):
     """A requested port is taken by another process."""
-
-
-def grpc_healthy(address: str, timeout: float = 1.0) -> bool:
-    """Whether ``address`` answers the standard gRPC health check (service "") with SERVING."""
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        try:
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
-        except grpc.RpcError:
-            return False
-    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
 @dataclass
@@ -124,6 +113,9 @@ class LocalCluster:
     ``home_shards`` is every service's ``ENGRAM_SHARD_COUNT`` (default: ``shards``): fewer
     make shards ``home_shards``..``shards - 1`` extra shards, which serve only the spaces moved
     to them (a shrink in progress, or shards added without changing where new spaces go).
+    ``keys_file`` turns auth on at the gateway, ``tls=(cert, key)`` TLS on its public ports
+    (``tls_ca``: the CA the launcher trusts for them; default the system's), ``internal_token``
+    the shards' secret (None: on iff auth is); :attr:`security` is what the cluster uses.
     """
 
     def __init__(
@@ -145,6 +137,10 @@ class LocalCluster:
         shard_env: Mapping[int, Mapping[str, str]] | None = None,
         shard_advertise: Mapping[int, str] | None = None,
         home_shards: int | None = None,
+        keys_file: str | Path | None = None,
+        tls: tuple[str | Path, str | Path] | None = None,
+        tls_ca: str | Path | None = None,
+        internal_token: bool | None = None,
     ) -> None:
         if shards < 1:
             raise ValueError("a cluster needs at least one shard")
@@ -167,6 +163,14 @@ class LocalCluster:
             if not 0 <= i < shards:
                 raise ValueError(f"shard_env/shard_advertise name shard {i}, not 0..{shards - 1}")
         self._redis_binary = redis_binary
+        self.security = secure.choose(
+            self.data_dir,
+            {**os.environ, **self._extra_env},
+            keys_file=keys_file,
+            tls=tls,
+            tls_ca=tls_ca,
+            internal_token=internal_token,
+        )
         self._requested = {
             "gateway gRPC": grpc_port,
             "gateway HTTP": http_port,
@@ -286,7 +290,9 @@ class LocalCluster:
         proc = self._get(name)
         if proc.role == "redis":
             return redis_server.ping(self.redis_url, timeout)
-        return grpc_healthy(proc.grpc or "", timeout)
+        if proc.role == "shard":
+            return secure.shard_healthy(proc.grpc or "", self.security.internal, timeout)
+        return grpc_healthy(proc.grpc or "", timeout, self.security.gateway_credentials())
 
     def wait_healthy(self, name: str, timeout: float = 30.0) -> None:
         """Waits until ``name`` is running and healthy.
@@ -312,7 +318,9 @@ class LocalCluster:
             elif popen.poll() is not None and (state.held or not supervised):
                 raise self._error(name, f"exited with code {popen.returncode}")
             if time.monotonic() >= deadline:
-                raise self._error(name, f"is not healthy after {timeout:g} s")
+                tls = proc.role == "gateway" and self.security.tls
+                hint = " (its TLS certificate is checked against tls_ca: --tls-ca)" if tls else ""
+                raise self._error(name, f"is not healthy after {timeout:g} s{hint}")
             time.sleep(0.1)
 
     # ------------------------------------------------------------------ lifecycle
@@ -325,6 +333,7 @@ class LocalCluster:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         binary = self._redis_binary or redis_server.find_redis_server()
+        self.security.write_token()
         self._build(binary)
         self._started = True
         self._stopping.clear()
@@ -394,6 +403,7 @@ class LocalCluster:
             "redis_url": self.redis_url,
             "gateway": self.gateway_address,
             "http": f"{HOST}:{self._http_port}",
+            "security": self.security.record(),
             "processes": processes,
         }
 
@@ -452,6 +462,7 @@ class LocalCluster:
             # the default divides the machine by the count: here every process shares it
             env["ENGRAM_MEMORY_BUDGET"] = str(default_memory_budget(self.shards))
         env["ENGRAM_LOG_LEVEL"] = self._log_level
+        env.update(self.security.service_env("shard"))
         return env
 
     def _build(self, redis_binary: str) -> None:
@@ -487,6 +498,7 @@ class LocalCluster:
             add(f"shard-{i}", "shard", list(self._commands["shard"]), env, port, http)
         env = {
             **base,
+            **self.security.service_env("gateway"),
             "ENGRAM_GATEWAY_LISTEN": f"{HOST}:{self._grpc_port}",
             "ENGRAM_GATEWAY_HTTP_HOST": HOST,
             "ENGRAM_GATEWAY_HTTP_PORT": str(self._http_port),

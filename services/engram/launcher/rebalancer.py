@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from engram.common.settings import SecuritySettings
 from engram.contract.errors import EngramError
 from engram.control import rebalance as rb
 from engram.control.loads import Sample, cluster_of
@@ -37,6 +38,8 @@ class Rebalancer:
     interval_s: float = 10.0
     # Stop once a plan is empty and the new shards are filled (False: run until stopped).
     until_balanced: bool = False
+    # How to reach the shards (the cluster's token and mTLS; None: this process's settings).
+    security: SecuritySettings | None = None
     moves_done: int = 0
     _previous: Sample | None = None
     _state: rb.Cluster | None = None
@@ -45,7 +48,7 @@ class Rebalancer:
         """One measurement, plan and its moves; None until two measurements exist."""
         addresses = dict(self.addresses())
         now = time.monotonic()
-        sample = Sample(now, await shard_stats(addresses))
+        sample = Sample(now, await shard_stats(addresses, self.security))
         previous, self._previous = self._previous, sample
         if previous is None or len(sample.stats) < len(addresses):
             return None
@@ -71,7 +74,9 @@ class Rebalancer:
                 move.reason,
             )
             try:
-                result = await move_space(addresses, move.space, move.target)
+                result = await move_space(
+                    addresses, move.space, move.target, security=self.security
+                )
             except EngramError as exc:
                 log.warning("rebalance: the move of %s failed: %s", move.space, exc)
                 continue

@@ -13,9 +13,11 @@ from typing import Any
 
 import grpc
 
+from engram.common import internal
+from engram.common.settings import SecuritySettings, SettingsError
 from engram.control.moves import incoming_of, spaces_of
 from engram.internal.v1 import shard_pb2, shard_pb2_grpc
-from engram.launcher import procs, redis_server
+from engram.launcher import procs, redis_server, secure
 from engram.launcher.cluster import CLUSTER_FILE, grpc_healthy
 
 RPC_TIMEOUT_S = 2.0
@@ -37,10 +39,17 @@ def load_cluster_file(data_dir: Path | str) -> dict[str, Any]:
     return data
 
 
-def shard_stats(address: str, timeout: float = RPC_TIMEOUT_S) -> dict[str, Any]:
+def shard_stats(
+    address: str, timeout: float = RPC_TIMEOUT_S, security: SecuritySettings | None = None
+) -> dict[str, Any]:
     """Calls Shard.Stats; returns {"up": True, "spaces": [...]} or {"up": False, "error": ...}
-    (with the reply itself under "reply", for :func:`space_table`)."""
-    with grpc.insecure_channel(address) as channel:
+    (with the reply itself under "reply", for :func:`space_table`). ``security``: the
+    cluster's (:func:`engram.launcher.secure.from_cluster_file`; None: this process's)."""
+    try:
+        channel = internal.sync_channel(address, security=security)
+    except SettingsError as exc:  # the token or a certificate file went missing
+        return {"up": False, "error": str(exc)}
+    with channel:
         try:
             reply = shard_pb2_grpc.ShardStub(channel).Stats(
                 shard_pb2.StatsRequest(), timeout=timeout
@@ -112,6 +121,7 @@ def space_table(stats: dict[int, shard_pb2.StatsResponse]) -> dict[str, dict[str
 def collect(data_dir: Path | str) -> dict[str, Any]:
     """The cluster's state as a dict (see :func:`format_text` for the fields)."""
     info = load_cluster_file(data_dir)
+    security = secure.from_cluster_file(info)
     launcher_pid = int(info.get("launcher_pid") or 0)
     processes: list[dict[str, Any]] = []
     replies: dict[int, shard_pb2.StatsResponse] = {}
@@ -130,14 +140,18 @@ def collect(data_dir: Path | str) -> dict[str, Any]:
             entry["up"] = entry["alive"] and redis_server.ping(info["redis_url"], timeout=1.0)
         elif p["role"] == "shard":
             stats = (
-                shard_stats(p["grpc"]) if entry["alive"] else {"up": False, "error": "no process"}
+                shard_stats(p["grpc"], security=security.internal)
+                if entry["alive"]
+                else {"up": False, "error": "no process"}
             )
             reply = stats.pop("reply", None)
             if reply is not None:
                 replies[int(p["name"].split("-")[1])] = reply
             entry.update(stats)
         else:
-            entry["up"] = entry["alive"] and grpc_healthy(p["grpc"], timeout=RPC_TIMEOUT_S)
+            entry["up"] = entry["alive"] and grpc_healthy(
+                p["grpc"], RPC_TIMEOUT_S, security.gateway_credentials()
+            )
         processes.append(entry)
     return {
         "data_dir": info.get("data_dir", str(Path(data_dir).resolve())),
@@ -147,6 +161,8 @@ def collect(data_dir: Path | str) -> dict[str, Any]:
         "http": info.get("http"),
         "redis_url": info.get("redis_url"),
         "shard_count": info.get("shard_count"),
+        "auth": bool(security.keys_file),
+        "tls": security.tls,
         "healthy": all(p["up"] for p in processes) and bool(processes),
         "processes": processes,
         "spaces": space_table(replies),
@@ -159,7 +175,9 @@ def format_text(status: dict[str, Any]) -> str:
     lines = [
         f"cluster   {'healthy' if status['healthy'] else 'DEGRADED'}"
         f"  (launcher pid {launcher['pid']}{'' if launcher['alive'] else ', not running'})",
-        f"gateway   {status['gateway']}  (HTTP {status['http']})",
+        f"gateway   {status['gateway']}  (HTTP {status['http']})"
+        + ("  TLS" if status.get("tls") else "")
+        + ("  auth" if status.get("auth") else ""),
         f"redis     {status['redis_url']}",
         f"data      {status['data_dir']}",
         "",

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from engram.common import grpcutil, metrics
+from engram.common import grpcutil, internal, metrics
 from engram.contract.errors import (
     EngramError,
     ServerError,
@@ -101,8 +101,9 @@ class Incoming:
     # ------------------------------------------------------------------ the move
 
     async def run(self) -> AsyncIterator[ipb.MoveProgress]:
-        channel = grpc.aio.insecure_channel(
-            self.address, options=grpcutil.options(self.node.settings.limits)
+        settings = self.node.settings
+        channel = internal.aio_channel(
+            self.address, grpcutil.options(settings.limits), settings.security
         )
         stub = shard_pb2_grpc.ShardStub(channel)
         try:

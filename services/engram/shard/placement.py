@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from engram.common import grpcutil
+from engram.common import grpcutil, internal
 from engram.contract.errors import NotOwnerError, UnavailableError
 from engram.internal.v1 import shard_pb2 as ipb
 from engram.internal.v1 import shard_pb2_grpc
@@ -209,7 +209,8 @@ class Placement:
         if info is None:
             return None
         opts = grpcutil.options(self.node.settings.limits)
-        async with grpc.aio.insecure_channel(info.address, options=opts) as channel:
+        security = self.node.settings.security
+        async with internal.aio_channel(info.address, opts, security) as channel:
             try:
                 return await shard_pb2_grpc.ShardStub(channel).MoveStatus(
                     ipb.MoveStatusRequest(memory_space_id=name, move_id=move_id, epoch=epoch),

@@ -8,9 +8,9 @@ import signal
 
 import grpc
 
-from engram.common import grpcutil, looplag
+from engram.common import grpcutil, internal, looplag
 from engram.common.http import start_http
-from engram.common.settings import Settings
+from engram.common.settings import Settings, SettingsError
 from engram.internal.v1 import shard_pb2, shard_pb2_grpc
 from engram.shard.node import ShardNode
 from engram.shard.service import ShardService
@@ -19,13 +19,20 @@ log = logging.getLogger("engram.shard")
 
 
 async def serve(settings: Settings) -> None:
+    try:  # the secret and certificates first: a bad file stops the shard before recovery
+        interceptors = internal.server_interceptors(settings.security)
+        internal.channel_credentials(settings.security)
+    except SettingsError as exc:
+        raise SystemExit(f"shard: {exc}") from None
     node = ShardNode(settings)
-    server = grpc.aio.server(options=grpcutil.server_options(settings.limits))
+    server = grpc.aio.server(
+        options=grpcutil.server_options(settings.limits), interceptors=interceptors
+    )
     shard_pb2_grpc.add_ShardServicer_to_server(ShardService(node), server)
     health = grpcutil.add_health_and_reflection(
         server, [shard_pb2.DESCRIPTOR.services_by_name["Shard"].full_name]
     )
-    if server.add_insecure_port(settings.shard.listen) == 0:
+    if internal.add_port(server, settings.shard.listen, settings.security) == 0:
         raise SystemExit(f"shard: cannot listen on {settings.shard.listen} (port in use?)")
     await grpcutil.set_serving(health, False)  # until recovery is done (grpc starts SERVING)
     await server.start()
