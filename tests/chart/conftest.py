@@ -45,6 +45,19 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     },
     "gateway-api": {"gatewayApi": {"enabled": True, "parentRefs": [{"name": "public"}]}},
     "no-operator": {"operator": {"enabled": False}, "networkPolicy": {"enabled": False}},
+    # Security (docs/kubernetes.md, "Security"): API keys and the internal token are on by
+    # default; these turn them off, take the user's Secrets, and turn TLS on both sides.
+    "auth-off": {"auth": {"enabled": False}, "internalAuth": {"enabled": False}},
+    "own-secrets": {
+        "auth": {"existingSecret": "team-keys", "keyMaxObservationsPerSecond": 5000},
+        "internalAuth": {"existingSecret": "engram-token"},
+    },
+    "tls": {
+        "tls": {"enabled": True, "secretName": "engram-gateway-tls"},
+        "ingress": {"grpc": {"enabled": True}, "websocket": {"enabled": True}},
+        "metrics": {"serviceMonitor": {"enabled": True}},
+    },
+    "internal-tls": {"internalTls": {"enabled": True, "secretName": "engram-internal-tls"}},
 }
 
 

@@ -18,16 +18,21 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 CHECKOV = REPO / ".venv-checkov" / "bin" / "checkov"
-# Everything the chart can render, in two installs: all features on, and the other branches.
+# Everything the chart can render, in two installs: all features on (TLS on both sides), and
+# the other branches (authentication and the internal secret off).
 RENDERS = {
     "everything": {
         "ingress": {"grpc": {"enabled": True}, "websocket": {"enabled": True}},
         "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
         "gatewayApi": {"enabled": True, "parentRefs": [{"name": "public"}]},
+        "tls": {"enabled": True, "secretName": "engram-gateway-tls"},
+        "internalTls": {"enabled": True, "secretName": "engram-internal-tls"},
     },
     "external": {
         "redis": {"enabled": False, "external": {"url": "redis://r.example:6379/0"}},
         "gateways": {"autoscaling": {"enabled": False}},
+        "auth": {"enabled": False},
+        "internalAuth": {"enabled": False},
     },
 }
 

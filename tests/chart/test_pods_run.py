@@ -5,13 +5,16 @@ and gateway pods: exactly the container's command/args (the image's ``/opt/engra
 is ``.venv/bin/python`` here, its ``redis-server`` the machine's) and env, with ``$(VAR)``
 expanded as the kubelet does (only variables defined earlier in the list), downward-API fields
 filled (the pod's name, namespace and labels, ``apps.kubernetes.io/pod-index`` included),
-Secrets read from the rendered ones. Each pod's container ports become free local ports; an
-address ``<pod>.<service>...:<port>`` or ``<service>...:<port>`` resolves, through the rendered
+Secrets read from the rendered ones (and from those a user would make by hand, given to the
+kubelet). Each pod's container ports become free local ports; an address
+``<pod>.<service>...:<port>`` or ``<service>...:<port>`` resolves, through the rendered
 Services (port -> targetPort -> containerPort), to the local port of the pod it names, as
 cluster DNS would; a value equal to one of the container's own ports is that port; volume
-mount paths are directories of the test. Then the probes are called as the kubelet calls them
-(gRPC health, HTTP GET, TCP connect), ``engram demo --verify`` streams through the gateway's
-Service, and SIGTERM must end every service with exit code 0.
+mount paths are directories of the test, and a Secret volume's directory holds its Secret's
+keys as files (mode ``defaultMode``), as the kubelet writes them. Then the probes are called as
+the kubelet calls them (gRPC health, HTTP or HTTPS GET without verifying the certificate, TCP
+connect), ``engram demo --verify`` streams through the gateway's Service with an API key (the
+chart turns authentication on by default), and SIGTERM must end every service with exit code 0.
 
 A wrong variable name, port or Service name in the chart leaves a process listening elsewhere,
 a probe unanswered or an address unresolved: the test fails.
@@ -20,10 +23,12 @@ a probe unanswered or an address unresolved: the test fails.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -37,8 +42,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from engram.common import keys
+from engram.internal.v1 import shard_pb2, shard_pb2_grpc
 from engram.launcher import procs
 from engram.launcher.redis_server import find_redis_server
+from engram.v1 import streaming_pb2, streaming_pb2_grpc
 
 pytestmark = pytest.mark.cluster
 
@@ -88,7 +96,15 @@ class Pod:
 
 
 class LocalKubelet:
-    def __init__(self, docs: list[dict[str, Any]], root: Path, namespace: str) -> None:
+    """``secrets``: name -> {key: value} of Secrets the user made (``kubectl create secret``)."""
+
+    def __init__(
+        self,
+        docs: list[dict[str, Any]],
+        root: Path,
+        namespace: str,
+        secrets: dict[str, dict[str, str]] | None = None,
+    ) -> None:
         self.docs = docs
         self.root = root
         self.namespace = namespace
@@ -98,6 +114,7 @@ class LocalKubelet:
             for d in docs
             if d["kind"] == "Secret"
         }
+        self.secrets.update(secrets or {})
         self.services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
 
     # ------------------------------------------------------------------ pods
@@ -186,14 +203,35 @@ class LocalKubelet:
         assert backends, f"Service {service['metadata']['name']} selects no running pod"
         return backends[0].port(spec.get("targetPort", port))
 
+    def volume_dir(self, pod: Pod, volume: str) -> Path:
+        """Where a pod's volume lives here (one directory per pod and volume)."""
+        local = self.root / pod.name / volume
+        local.mkdir(parents=True, exist_ok=True)
+        return local
+
+    def mount_secrets(self, pod: Pod) -> None:
+        """Each Secret volume's keys as files in its directory, as the kubelet writes them."""
+        for volume in pod.spec.get("volumes", []):
+            if "secret" not in volume:
+                continue
+            source = volume["secret"]
+            name = source["secretName"]
+            assert name in self.secrets, f"{pod.name}: Secret {name} does not exist"
+            data = self.secrets[name]
+            items = source.get("items") or [{"key": k, "path": k} for k in data]
+            local = self.volume_dir(pod, volume["name"])
+            for item in items:
+                assert item["key"] in data, f"{pod.name}: Secret {name} has no key {item['key']}"
+                target = local / item["path"]
+                target.write_text(data[item["key"]])
+                target.chmod(item.get("mode", source.get("defaultMode", 0o644)))
+
     def network(self, pod: Pod, value: str) -> str:
         """A value as the process must see it here: addresses, own ports, mounted paths."""
         for mount in pod.container.get("volumeMounts", []):
             path = mount["mountPath"]
             if value == path or value.startswith(path + "/"):
-                local = self.root / pod.name / mount["name"]
-                local.mkdir(parents=True, exist_ok=True)
-                return str(local) + value[len(path) :]
+                return str(self.volume_dir(pod, mount["name"])) + value[len(path) :]
         if value.isdigit() and int(value) in pod.ports:
             return str(pod.ports[int(value)])
         if value == "0.0.0.0":
@@ -214,6 +252,7 @@ class LocalKubelet:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, pod: Pod) -> None:
+        self.mount_secrets(pod)
         env = self.environment(pod)
         argv = self.argv(pod, env)
         # the image's PATH; nothing of the test's own environment leaks in
@@ -233,8 +272,11 @@ class LocalKubelet:
                 return reply.status == health_pb2.HealthCheckResponse.SERVING
             if "httpGet" in probe:
                 get = probe["httpGet"]
-                url = f"http://127.0.0.1:{pod.port(get['port'])}{get.get('path', '/')}"
-                with urllib.request.urlopen(url, timeout=timeout) as rsp:
+                scheme = get.get("scheme", "HTTP").lower()
+                url = f"{scheme}://127.0.0.1:{pod.port(get['port'])}{get.get('path', '/')}"
+                # the kubelet checks no certificate of an HTTPS probe
+                context = ssl._create_unverified_context() if scheme == "https" else None
+                with urllib.request.urlopen(url, timeout=timeout, context=context) as rsp:
                     return 200 <= rsp.status < 400
             if "tcpSocket" in probe:
                 port = pod.port(probe["tcpSocket"]["port"])
@@ -276,22 +318,73 @@ class LocalKubelet:
                 pod.proc.wait()
 
 
-def test_rendered_pods_serve_a_verified_demo(chart, tmp_path: Path) -> None:
-    docs = chart.render({})
-    kubelet = LocalKubelet(docs, tmp_path, chart.NAMESPACE)
+def _demo_key() -> tuple[str, str]:
+    """A key for the demo's spaces and the keys file holding it, as ``engram keys create``
+    makes them."""
+    scopes = [keys.parse_scope("write:demo-*"), keys.parse_scope("read:demo-*")]
+    key, entry = keys.create_key(scopes, name="chart test")
+    return key, keys.dump_keys([entry])
+
+
+def _start_all(chart, kubelet: LocalKubelet, docs: list[dict[str, Any]]) -> list[Pod]:
+    """Redis, the shards, then the gateway, each ready before the next; [gateway, *shards]."""
     (redis,) = kubelet.schedule(chart.one(docs, "StatefulSet", "redis"))
     shards = kubelet.schedule(chart.one(docs, "StatefulSet", "shard"))
     (gateway,) = kubelet.schedule(chart.one(docs, "Deployment", "gateway"))
-    assert len(shards) == 2
+    kubelet.start(redis)
+    kubelet.wait_ready(redis)
+    for shard in shards:
+        kubelet.start(shard)
+    for shard in shards:
+        kubelet.wait_ready(shard)
+    kubelet.start(gateway)
+    kubelet.wait_ready(gateway)
+    return [gateway, *shards]
+
+
+def _refused(call: Any) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code()
+
+
+def _assert_refused_without_credentials(gateway_target: str, shard: Pod, token: str) -> None:
+    """No key, or a wrong one, gets UNAUTHENTICATED from the gateway; a call to a shard
+    without the internal token gets UNAUTHENTICATED, with it an answer (the shard read the
+    token from the file the chart mounted)."""
+    recall = streaming_pb2.StreamingRecallRequest(
+        memory_space_id="demo-0", cue=[0.1] * 16, max_results=1
+    )
+    wrong = "ek_000000000000_" + "A" * 43
+    with grpc.insecure_channel(gateway_target) as channel:
+        stub = streaming_pb2_grpc.EngramStreamStub(channel)
+        assert _refused(lambda: list(stub.RecallStream(recall, timeout=10))) == (
+            grpc.StatusCode.UNAUTHENTICATED
+        ), "a recall without an API key was not refused"
+        metadata = [("authorization", f"Bearer {wrong}")]
+        assert _refused(lambda: list(stub.RecallStream(recall, timeout=10, metadata=metadata))) == (
+            grpc.StatusCode.UNAUTHENTICATED
+        ), "a recall with a wrong API key was not refused"
+    with grpc.insecure_channel(f"127.0.0.1:{shard.port('grpc')}") as channel:
+        stub = shard_pb2_grpc.ShardStub(channel)
+        assert _refused(lambda: stub.Stats(shard_pb2.StatsRequest(), timeout=10)) == (
+            grpc.StatusCode.UNAUTHENTICATED
+        ), "a shard answered a call without the internal token"
+        stub.Stats(
+            shard_pb2.StatsRequest(), timeout=10, metadata=[("engram-internal-token", token)]
+        )
+
+
+def test_rendered_pods_serve_a_verified_demo(chart, tmp_path: Path) -> None:
+    """Authentication on (the chart's default), with the keys file in auth.keysJson."""
+    key, keys_file = _demo_key()
+    docs = chart.render({"auth": {"keysJson": keys_file}})
+    kubelet = LocalKubelet(docs, tmp_path, chart.NAMESPACE)
     try:
-        kubelet.start(redis)
-        kubelet.wait_ready(redis)
-        for shard in shards:
-            kubelet.start(shard)
-        for shard in shards:
-            kubelet.wait_ready(shard)
-        kubelet.start(gateway)
-        kubelet.wait_ready(gateway)
+        gateway, *shards = _start_all(chart, kubelet, docs)
+        assert len(shards) == 2
+        env = kubelet.environment(gateway)
+        assert json.loads(Path(env["ENGRAM_KEYS_FILE"]).read_text()) == json.loads(keys_file)
 
         service = chart.one(docs, "Service", "gateway")
         name = service["metadata"]["name"]
@@ -300,8 +393,9 @@ def test_rendered_pods_serve_a_verified_demo(chart, tmp_path: Path) -> None:
         http = kubelet.address(host, ports["http"])
         with urllib.request.urlopen(f"http://{http}/healthz", timeout=5) as rsp:
             assert b"redis reachable" in rsp.read()
+        target = kubelet.address(host, ports["grpc"])
         demo = subprocess.run(
-            [str(VENV_BIN / "engram"), "demo", "--target", kubelet.address(host, ports["grpc"])]
+            [str(VENV_BIN / "engram"), "demo", "--target", target, "--api-key", key]
             + ["--spaces", "2", "--count", "4000", "--dim", "16", "--batch", "500", "--verify"],
             capture_output=True,
             text=True,
@@ -309,6 +403,9 @@ def test_rendered_pods_serve_a_verified_demo(chart, tmp_path: Path) -> None:
         )
         assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
         assert "verify OK" in demo.stdout, demo.stdout[-3000:]
+
+        token = kubelet.secrets[chart.one(docs, "Secret", "internal-token")["metadata"]["name"]]
+        _assert_refused_without_credentials(target, shards[0], token["token"])
 
         for pod in (gateway, *shards):
             code = kubelet.terminate(pod)

@@ -187,7 +187,7 @@ def test_redis_in_cluster_or_external(chart) -> None:
 
     outside = chart.render(chart.SCENARIOS["external-redis"])
     assert not chart.find(outside, "StatefulSet", "redis")
-    assert not chart.find(outside, "Secret")
+    assert not chart.find(outside, "Secret", "redis")
     shard = chart.one(outside, "StatefulSet", "shard")["spec"]["template"]["spec"]
     env = chart.env_of(shard["containers"][0])
     assert env["REDIS_PASSWORD"]["secretKeyRef"] == {"name": "engram-redis", "key": "password"}
@@ -329,6 +329,7 @@ def test_operator_rbac_is_least_privilege(chart) -> None:
         "REDIS_PASSWORD",
         "ENGRAM_REDIS_URL",
         "ENGRAM_KEY_PREFIX",
+        "ENGRAM_INTERNAL_TOKEN_FILE",  # moves call the shards
     }
     for kind, component in (("StatefulSet", "shard"), ("Deployment", "gateway")):
         pod = chart.one(docs, kind, component)["spec"]["template"]["spec"]

@@ -39,6 +39,11 @@ BAD_VALUES = [
         "/redis/external/url",
     ),
     ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+    ({"tls": {"enabled": True}}, "/tls/secretName"),
+    ({"internalTls": {"enabled": True, "secretName": ""}}, "/internalTls/secretName"),
+    ({"auth": {"existingSecret": "Keys_Of_Mine"}}, "/auth/existingSecret"),
+    ({"auth": {"keyMaxRecallsPerSecond": -1}}, "/auth/keyMaxRecallsPerSecond"),
+    ({"internalAuth": {"enabeld": False}}, "enabeld"),
 ]
 
 
@@ -69,7 +74,12 @@ def _schema_settings() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
 SETTINGS = _schema_settings()
 CATALOG = {entry.env: entry.setting for entry in catalog()}
 # Which pods read a setting under each top-level key (the others must not get it).
-READERS = {"settings": {"shard", "gateway"}, "shards": {"shard"}, "gateways": {"gateway"}}
+READERS = {
+    "settings": {"shard", "gateway"},
+    "shards": {"shard"},
+    "gateways": {"gateway"},
+    "auth": {"gateway"},  # the per-key limits
+}
 # Routing needs the same shard count in gateways and shards.
 READ_BY_ALL = {"ENGRAM_SHARD_COUNT"}
 

@@ -205,3 +205,84 @@ affinity: {{- toYaml . | nindent 2 }}
 priorityClassName: {{ . }}
 {{- end }}
 {{- end -}}
+
+{{/*
+Security: the Secrets a pod mounts and the variables naming the files in them, from one list
+({name, path, secret, files: {VARIABLE: file}}) so a path is written once. Each Secret is
+mounted as a directory, never through subPath: the kubelet swaps a changed Secret's files in
+place, and the gateways reload keys and certificates without a restart. Call with
+(dict "ctx" $ "component" "gateway"|"shard"|"operator").
+*/}}
+{{- define "engram.secretMounts" -}}
+{{- $v := .ctx.Values -}}
+{{- $gateway := eq .component "gateway" -}}
+{{- $mounts := list -}}
+{{- if and $gateway $v.auth.enabled -}}
+{{- $mounts = append $mounts (dict "name" "api-keys" "path" "/etc/engram/api-keys" "secret" (include "engram.keysSecretName" .ctx) "files" (dict "ENGRAM_KEYS_FILE" "keys.json")) -}}
+{{- end -}}
+{{- if and $gateway $v.tls.enabled -}}
+{{- $mounts = append $mounts (dict "name" "tls" "path" "/etc/engram/tls" "secret" $v.tls.secretName "files" (dict "ENGRAM_TLS_CERT" "tls.crt" "ENGRAM_TLS_KEY" "tls.key")) -}}
+{{- end -}}
+{{- if $v.internalAuth.enabled -}}
+{{- $mounts = append $mounts (dict "name" "internal-token" "path" "/etc/engram/internal-token" "secret" (include "engram.internalTokenSecretName" .ctx) "files" (dict "ENGRAM_INTERNAL_TOKEN_FILE" "token")) -}}
+{{- end -}}
+{{- if $v.internalTls.enabled -}}
+{{- $mounts = append $mounts (dict "name" "internal-tls" "path" "/etc/engram/internal-tls" "secret" $v.internalTls.secretName "files" (dict "ENGRAM_INTERNAL_TLS_CA" "ca.crt" "ENGRAM_INTERNAL_TLS_CERT" "tls.crt" "ENGRAM_INTERNAL_TLS_KEY" "tls.key")) -}}
+{{- end -}}
+{{- toYaml (dict "mounts" $mounts) -}}
+{{- end -}}
+
+{{/* The files' variables, and the gateways' default per-key limits (with auth only). */}}
+{{- define "engram.securityEnv" -}}
+{{- range (include "engram.secretMounts" . | fromYaml).mounts }}
+{{- $path := .path }}
+{{- range $name, $file := .files }}
+- name: {{ $name }}
+  value: {{ printf "%s/%s" $path $file | quote }}
+{{- end }}
+{{- end }}
+{{- $auth := .ctx.Values.auth }}
+{{- if and (eq .component "gateway") $auth.enabled }}
+{{- include "engram.settingsEnv" (dict
+  "ENGRAM_KEY_MAX_OBSERVATIONS_PER_S" $auth.keyMaxObservationsPerSecond
+  "ENGRAM_KEY_MAX_RECALLS_PER_S" $auth.keyMaxRecallsPerSecond) }}
+{{- end }}
+{{- end -}}
+
+{{- define "engram.securityVolumeMounts" -}}
+{{- range (include "engram.secretMounts" . | fromYaml).mounts }}
+- name: {{ .name }}
+  mountPath: {{ .path }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- /* 288 = 0440: the files belong to the pods' fsGroup (10001), readable by it only. */ -}}
+{{- define "engram.securityVolumes" -}}
+{{- range (include "engram.secretMounts" . | fromYaml).mounts }}
+- name: {{ .name }}
+  secret:
+    secretName: {{ .secret }}
+    defaultMode: 288
+{{- end }}
+{{- end -}}
+
+{{/* The Secret of the API keys: the user's, or the chart's (rendered from auth.keysJson). */}}
+{{- define "engram.keysSecretName" -}}
+{{- default (include "engram.component" (dict "ctx" . "component" "api-keys")) .Values.auth.existingSecret -}}
+{{- end -}}
+
+{{/* The Secret of the internal token: the user's, or the chart's random one. */}}
+{{- define "engram.internalTokenSecretName" -}}
+{{- default (include "engram.component" (dict "ctx" . "component" "internal-token")) .Values.internalAuth.existingSecret -}}
+{{- end -}}
+
+{{/*
+A pod rolls when the chart's internal token changes (the services read it once, at start).
+Keys and certificates are reloaded in place: no checksum for them.
+*/}}
+{{- define "engram.securityChecksums" -}}
+{{- if and .Values.internalAuth.enabled (not .Values.internalAuth.existingSecret) }}
+checksum/internal-token: {{ include (print .Template.BasePath "/internal-token-secret.yaml") . | sha256sum }}
+{{- end }}
+{{- end -}}
