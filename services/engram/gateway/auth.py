@@ -24,6 +24,7 @@ from engram.common import metrics
 from engram.common.keys import KeyEntry, KeyRejected, KeyRing
 from engram.common.settings import SecuritySettings
 from engram.contract.errors import AuthenticationError, PermissionDeniedError, RateLimitedError
+from engram.v1 import streaming_pb2 as pb
 
 audit = logging.getLogger("engram.audit")
 
@@ -202,6 +203,25 @@ class Authenticator:
             principal = Principal(entry, *self._limits(entry))
             self._principals[entry.id] = principal
         return principal
+
+    def first_message(
+        self, msg: pb.ObservationRequest | None, size: int, limit: int, transport: str, peer: str
+    ) -> Principal:
+        """A stream that sent no header key authenticates with its first message, an init
+        carrying ``api_key`` of at most ``limit`` bytes (ENGRAM_PREAUTH_MAX_BYTES)."""
+        if size > limit:
+            audit_failure(transport, peer, "too_large")
+            raise AuthenticationError(
+                f"a message of {size} bytes arrived before authentication; "
+                f"until the stream authenticates the limit is {limit} bytes"
+            )
+        if msg is None or msg.WhichOneof("operation") != "init":
+            audit_failure(transport, peer, "missing")
+            raise AuthenticationError(
+                "an API key is required: send 'authorization: Bearer <key>', or open the "
+                "stream with an init message carrying api_key"
+            )
+        return self.authenticate(msg.init.api_key or None, transport, peer)
 
     def _limits(self, entry: KeyEntry) -> tuple[int, int]:
         return (

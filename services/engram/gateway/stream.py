@@ -268,36 +268,19 @@ class ClientStream:
 
     def _authenticate(self, incoming: Incoming) -> bool:
         """The first message of a stream without a header key: an init carrying ``api_key``."""
-        limit = self.gw.settings.security.preauth_max_bytes
-        msg = incoming.message
-        if incoming.size > limit:
-            auth.audit_failure(self.transport, self.peer, "too_large")
-            self._end(
-                AuthenticationError(
-                    f"a message of {incoming.size} bytes arrived before authentication; "
-                    f"until the stream authenticates the limit is {limit} bytes"
-                )
-            )
-            return False
-        if msg is None or msg.WhichOneof("operation") != "init":
-            auth.audit_failure(self.transport, self.peer, "missing")
-            self._end(
-                AuthenticationError(
-                    "an API key is required: send 'authorization: Bearer <key>', or open the "
-                    "stream with an init message carrying api_key"
-                )
-            )
-            return False
         try:
-            principal = self.gw.auth.authenticate(
-                msg.init.api_key or None, self.transport, self.peer
+            self.principal = self.gw.auth.first_message(
+                incoming.message,
+                incoming.size,
+                self.gw.settings.security.preauth_max_bytes,
+                self.transport,
+                self.peer,
             )
         except AuthenticationError as exc:
             self._end(exc)
             return False
-        self.principal = principal
         if self._on_authenticated is not None:
-            self._on_authenticated(principal)
+            self._on_authenticated(self.principal)
         return True
 
     async def _handle(self, incoming: Incoming) -> None:
