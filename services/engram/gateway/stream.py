@@ -16,6 +16,13 @@ it holds new batches back, finds the new owner through the routing table (waitin
 move commits), reopens the session there and resends, in order, every batch not yet answered;
 those the old owner had made durable come back as duplicates. The client sees only a pause.
 
+API keys (:mod:`engram.gateway.auth`): the stream holds its key's principal (given by the
+transport from a header, or taken from the first message, an init carrying ``api_key``). Scopes
+are checked per message and refused in-band (init: read or write on the space; batches: write;
+recalls: read; a resumed session of a space the key does not cover is refused without naming
+that space); a batch over the key's observations/s budget is REJECTED like an admission refusal
+(``key_rate_limit``); a key revoked or expired meanwhile ends the stream at its next message.
+
 Shards are reached only through ``GatewayContext.shards`` (:mod:`engram.gateway.shards`) and
 the control plane through ``GatewayContext.store``, so tests drive :meth:`ClientStream.run`
 against in-memory implementations of both.
