@@ -102,10 +102,44 @@ export interface RecallResultFrame extends ServerEnvelope {
   metadata?: RecallMetadataJson;
 }
 
+/** The proto ErrorCode names in lower case (a newer server may send others). */
+export type ErrorCode =
+  | "malformed_message"
+  | "not_initialized"
+  | "already_initialized"
+  | "invalid_space_id"
+  | "space_mismatch"
+  | "unknown_session"
+  | "sequence_gap"
+  | "empty_batch"
+  | "wrong_dimension"
+  | "bad_vector_blob"
+  | "length_mismatch"
+  | "non_finite_value"
+  | "zero_vector"
+  | "batch_too_large"
+  | "k_out_of_range"
+  | "invalid_argument"
+  | "missing_operation"
+  | "credits_exceeded"
+  | "stream_paused"
+  /** No API key, or one that is unknown, revoked or expired: not retried. */
+  | "unauthenticated"
+  /** The key does not cover this memory space for this operation: not retried. */
+  | "permission_denied"
+  | "shard_unavailable"
+  | "not_owner"
+  | "overloaded"
+  | "storage_failure"
+  | "internal"
+  | "consistency_timeout"
+  /** The key's observations/s or recalls/s limit: retry after `retry_after_ms`. */
+  | "rate_limited";
+
 export interface ErrorFrame extends ServerEnvelope {
   type: "error";
   /** The proto ErrorCode name in lower case, e.g. "wrong_dimension", "sequence_gap". */
-  code: string;
+  code: ErrorCode | (string & {});
   message: string;
   expected_sequence: number;
   retryable: boolean;

@@ -32,15 +32,23 @@ import {
 } from "./proto.js";
 import {
   OPEN,
-  resolveWebSocket,
+  resolveTransport,
   type CloseEventLike,
+  type Transport,
   type WebSocketCtor,
   type WebSocketLike,
 } from "./socket.js";
 
 export interface StreamOptions {
-  /** e.g. `ws://127.0.0.1:7432/v1/stream` */
+  /** e.g. `ws://127.0.0.1:7432/v1/stream`, or `wss://...` where the gateway serves TLS */
   url: string;
+  /** An API key (`ek_...`) for a gateway that asks for one. On Node it is sent as the
+   * handshake's `Authorization: Bearer` header; in browsers (which cannot set headers) and with
+   * a `WebSocket` of your own, in the init frame's `api_key`. */
+  apiKey?: string;
+  /** Node only: the PEM CA(s) a `wss://` gateway's certificate must chain to (default: Node's
+   * own CAs). Browsers trust their own. */
+  ca?: string | Uint8Array;
   /** Memory space id: 3-64 characters of [a-z0-9_-]. */
   space: string;
   /** Resume this session (opened over WebSocket or gRPC) instead of opening a new one. */
@@ -127,6 +135,8 @@ export class EngramError extends Error {
   readonly sequenceNumber: number;
   readonly requestId: string;
   readonly expectedSequence: number;
+  /** With `rate_limited` / `overloaded`: when to try again. */
+  readonly retryAfterMs: number;
 
   constructor(
     code: string,
@@ -136,6 +146,7 @@ export class EngramError extends Error {
       sequenceNumber?: number;
       requestId?: string;
       expectedSequence?: number;
+      retryAfterMs?: number;
     } = {},
   ) {
     super(`${code}: ${message}`);
@@ -145,6 +156,7 @@ export class EngramError extends Error {
     this.sequenceNumber = opts.sequenceNumber ?? 0;
     this.requestId = opts.requestId ?? "";
     this.expectedSequence = opts.expectedSequence ?? 0;
+    this.retryAfterMs = opts.retryAfterMs ?? 0;
   }
 
   static fromFrame(f: ErrorFrame): EngramError {
@@ -153,6 +165,7 @@ export class EngramError extends Error {
       sequenceNumber: f.sequence_number,
       requestId: f.request_id,
       expectedSequence: f.expected_sequence,
+      retryAfterMs: f.retry_after_ms,
     });
   }
 }
@@ -189,6 +202,12 @@ type Timer = ReturnType<typeof setTimeout>;
 const PRIORITY = { high: 1, normal: 2, low: 3 } as const;
 // Close codes after which reconnecting cannot help: policy violation, frame too big.
 const FATAL_CLOSE = new Set([1008, 1009]);
+// Errors that end the stream whatever batch they answer: the key is not (or no longer) valid,
+// or does not cover the space. Errors after which a batch is resent after its retry-after.
+const FATAL_CODES = new Set(["unauthenticated", "permission_denied"]);
+const RESEND_LATER = new Set(["rate_limited", "overloaded"]);
+// How the `ws` package reports a handshake the server refused (HTTP 401/403 before upgrading).
+const REFUSED_HANDSHAKE = /Unexpected server response: (401|403)/;
 const CLIENT_TIMEOUT_CLOSE = 4000;
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
@@ -228,7 +247,7 @@ export class EngramStream {
   connected = false;
 
   private readonly opts: StreamOptions;
-  private ctor!: WebSocketCtor;
+  private transport!: Transport;
   private conn: Conn | null = null;
   private gen = 0;
   private nextSeq = 1;
@@ -391,7 +410,11 @@ export class EngramStream {
   // ------------------------------------------------------------------ connection
 
   private async start(): Promise<void> {
-    this.ctor = await resolveWebSocket(this.opts.WebSocket);
+    this.transport = await resolveTransport({
+      WebSocket: this.opts.WebSocket,
+      apiKey: this.opts.apiKey,
+      ca: this.opts.ca,
+    });
     const first = new Promise<void>((resolve, reject) => {
       this.firstResolve = resolve;
       this.firstReject = reject;
@@ -461,7 +484,7 @@ export class EngramStream {
 
   private connect(): Promise<Conn> {
     return new Promise<Conn>((resolve, reject) => {
-      const ws = new this.ctor(this.url);
+      const ws = this.transport.open(this.url);
       ws.binaryType = "arraybuffer";
       const gen = ++this.gen;
       let finished = false;
@@ -503,6 +526,7 @@ export class EngramStream {
           enable_backpressure: true,
         };
         if (this.sessionId) init.session_id = this.sessionId;
+        if (this.opts.apiKey && !this.transport.keyInHeader) init.api_key = this.opts.apiKey;
         ws.send(JSON.stringify(init));
       };
       ws.onmessage = (ev) => {
@@ -527,16 +551,23 @@ export class EngramStream {
         }
         this.onFrame(frame);
       };
-      ws.onerror = () => {
-        /* a close event follows */
+      let lastError = "";
+      ws.onerror = (ev) => {
+        lastError = String((ev as { message?: unknown })?.message ?? ""); // a close event follows
       };
       ws.onclose = (ev) => {
+        const refused = REFUSED_HANDSHAKE.exec(lastError);
         fail(
-          new EngramError(
-            "unavailable",
-            `connection closed before init_ack (${ev.code} ${ev.reason})`.trim(),
-            { retryable: !FATAL_CLOSE.has(ev.code) },
-          ),
+          refused
+            ? new EngramError(
+                refused[1] === "401" ? "unauthenticated" : "permission_denied",
+                `the gateway refused the handshake (HTTP ${refused[1]}): check the API key`,
+              )
+            : new EngramError(
+                "unavailable",
+                `connection closed before init_ack (${ev.code} ${ev.reason})`.trim(),
+                { retryable: !FATAL_CLOSE.has(ev.code) },
+              ),
         );
         conn.finish({ code: ev.code, reason: ev.reason });
       };
@@ -741,9 +772,27 @@ export class EngramStream {
       return;
     }
     this.emit({ kind: "error", detail: `${frame.code}: ${frame.message}`, error: frame });
+    if (FATAL_CODES.has(frame.code)) {
+      this.failAll(err);
+      return;
+    }
     const seq = frame.sequence_number;
     if (seq === 0 || !this.pending.has(seq)) {
       if (frame.code === "unknown_session") this.failAll(err);
+      return;
+    }
+    if (RESEND_LATER.has(frame.code)) {
+      // like a rejected ack: the same number again after the retry-after
+      this.onRejected({
+        ...frame,
+        type: "ack",
+        status: "rejected",
+        memory_id: "",
+        first_lsn: 0,
+        count: 0,
+        duplicate: false,
+        retry_after_ms: frame.retry_after_ms || 100,
+      });
       return;
     }
     if (frame.code === "sequence_gap" || frame.retryable) {

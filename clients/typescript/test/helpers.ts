@@ -17,11 +17,16 @@ export function space(prefix: string): string {
 }
 
 /** Every observation id of a space, read back over gRPC by the Python helper. */
-export async function listSpace(spaceId: string, dataDir = inject("dataDir")): Promise<string[]> {
+export async function listSpace(
+  spaceId: string,
+  dataDir = inject("dataDir"),
+  apiKey?: string,
+): Promise<string[]> {
   const clusterFile = join(dataDir, "cluster.json");
+  const key = apiKey ? ["--api-key", apiKey] : [];
   const { stdout } = await run(
     inject("python"),
-    [inject("helper"), "list", "--cluster-file", clusterFile, "--space", spaceId],
+    [inject("helper"), "list", "--cluster-file", clusterFile, "--space", spaceId, ...key],
     { maxBuffer: 64 * 1024 * 1024 },
   );
   return (JSON.parse(stdout) as { ids: string[] }).ids;
