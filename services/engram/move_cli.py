@@ -8,7 +8,8 @@
 Shards are found in the cluster's ``cluster.json`` (``--data-dir``, as ``engram up`` wrote it,
 with the shards' token and certificates if it has them), or, with ``--redis URL`` (a cluster
 elsewhere, e.g. on Kubernetes), in the control plane's shard registry (the token and
-certificates then come from this process's ``ENGRAM_INTERNAL_*`` variables).
+certificates then come from this process's ``ENGRAM_INTERNAL_TOKEN_FILE`` and
+``ENGRAM_INTERNAL_TLS_CA``/``_CERT``/``_KEY``).
 Exit status: 0 moved (or cancelled), 1 the move aborted (nothing changed), 2 a bad request.
 """
 

@@ -5,8 +5,8 @@ an API keys file (auth on at the gateway), a certificate and key (TLS on the gat
 listeners) and the shards' shared secret. The secret is on whenever auth is (shards that accept
 anyone would make the gateway's keys moot): the launcher writes a new random token to
 ``<data_dir>/internal-token`` (mode 0600) at every start and gives every service
-``ENGRAM_INTERNAL_TOKEN_FILE``. Internal mTLS (``ENGRAM_INTERNAL_TLS_*``) is taken from the
-services' environment as given.
+``ENGRAM_INTERNAL_TOKEN_FILE``. Internal mTLS (``ENGRAM_INTERNAL_TLS_CA``/``_CERT``/``_KEY``)
+is taken from the services' environment as given.
 
 The launcher's own calls (health checks, the rebalancer, ``engram status``, ``engram move
 --data-dir``) use :attr:`ClusterSecurity.internal`; ``cluster.json`` records the paths (never a
@@ -36,6 +36,10 @@ _INTERNAL_FIELDS = (
     "internal_tls_ca",
     "internal_tls_cert",
     "internal_tls_key",
+)
+# their variables, from the settings' declarations
+_INTERNAL_VARS = frozenset(
+    e.env for e in settings.catalog() if e.path.removeprefix("security.") in _INTERNAL_FIELDS
 )
 
 
@@ -106,7 +110,7 @@ def choose(
         internal_token = bool(keys)
     token = str(data_dir / TOKEN_FILE) if internal_token else ""
     cert, key = (str(Path(p).resolve()) for p in tls) if tls else ("", "")
-    own = {k: v for k, v in env.items() if k.startswith("ENGRAM_INTERNAL_")}
+    own = {k: v for k, v in env.items() if k in _INTERNAL_VARS}
     if token:
         own["ENGRAM_INTERNAL_TOKEN_FILE"] = token
     return ClusterSecurity(
