@@ -15,6 +15,8 @@ keys as files (mode ``defaultMode``), as the kubelet writes them. Then the probe
 the kubelet calls them (gRPC health, HTTP or HTTPS GET without verifying the certificate, TCP
 connect), ``engram demo --verify`` streams through the gateway's Service with an API key (the
 chart turns authentication on by default), and SIGTERM must end every service with exit code 0.
+Requests without a key, or to a shard without the internal token, must be refused; a second
+run turns TLS on both sides (``tls``, ``internalTls``) from Secrets a user would make.
 
 A wrong variable name, port or Service name in the chart leaves a process listening elsewhere,
 a probe unanswered or an address unresolved: the test fails.
@@ -342,6 +344,13 @@ def _start_all(chart, kubelet: LocalKubelet, docs: list[dict[str, Any]]) -> list
     return [gateway, *shards]
 
 
+def _terminate_cleanly(kubelet: LocalKubelet, pods: list[Pod]) -> None:
+    """SIGTERM each pod in turn: each must drain and exit 0."""
+    for pod in pods:
+        code = kubelet.terminate(pod)
+        assert code == 0, f"{pod.name} ended with {code} on SIGTERM:\n" + procs.log_tail(pod.log)
+
+
 def _refused(call: Any) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as info:
         call()
@@ -407,11 +416,7 @@ def test_rendered_pods_serve_a_verified_demo(chart, tmp_path: Path) -> None:
         token = kubelet.secrets[chart.one(docs, "Secret", "internal-token")["metadata"]["name"]]
         _assert_refused_without_credentials(target, shards[0], token["token"])
 
-        for pod in (gateway, *shards):
-            code = kubelet.terminate(pod)
-            assert code == 0, f"{pod.name} ended with {code} on SIGTERM:\n" + procs.log_tail(
-                pod.log
-            )
+        _terminate_cleanly(kubelet, [gateway, *shards])
     finally:
         kubelet.kill_all()
 
@@ -433,5 +438,65 @@ def test_a_misnamed_variable_fails_its_probe(chart, tmp_path: Path) -> None:
         kubelet.start(shard)
         with pytest.raises(AssertionError, match="livenessProbe failed"):
             kubelet.wait_ready(shard)
+    finally:
+        kubelet.kill_all()
+
+
+def test_rendered_pods_with_tls_on_both_sides(chart, tmp_path: Path) -> None:
+    """tls and internalTls on, from Secrets the user made (certificates of a test CA): the
+    gateway's HTTPS probes and the shards' /healthz probes pass, the demo streams over TLS with
+    a key, and a shard refuses a caller without a client certificate. The kubelet here routes
+    every address to 127.0.0.1, so the certificates name it beside the cluster's names."""
+    trustme = pytest.importorskip("trustme")
+    public, internal = trustme.CA(), trustme.CA()
+    gateway_cert = public.issue_cert("127.0.0.1", "engram-engram-stream-gateway.engram.svc")
+    shard_cert = internal.issue_cert(
+        "127.0.0.1", "*.engram-engram-stream-shard.engram.svc.cluster.local"
+    )
+    secrets = {
+        "engram-gateway-tls": {
+            "tls.crt": "".join(p.bytes().decode() for p in gateway_cert.cert_chain_pems),
+            "tls.key": gateway_cert.private_key_pem.bytes().decode(),
+        },
+        "engram-internal-tls": {
+            "ca.crt": internal.cert_pem.bytes().decode(),
+            "tls.crt": "".join(p.bytes().decode() for p in shard_cert.cert_chain_pems),
+            "tls.key": shard_cert.private_key_pem.bytes().decode(),
+        },
+    }
+    ca_file = tmp_path / "public-ca.crt"
+    public.cert_pem.write_to_path(str(ca_file))
+    key, keys_file = _demo_key()
+    docs = chart.render(
+        {
+            "auth": {"keysJson": keys_file},
+            "tls": {"enabled": True, "secretName": "engram-gateway-tls"},
+            "internalTls": {"enabled": True, "secretName": "engram-internal-tls"},
+        }
+    )
+    kubelet = LocalKubelet(docs, tmp_path, chart.NAMESPACE, secrets=secrets)
+    try:
+        gateway, *shards = _start_all(chart, kubelet, docs)
+        assert "httpGet" in gateway.container["readinessProbe"]  # HTTPS: probed above
+        service = chart.one(docs, "Service", "gateway")
+        host = f"{service['metadata']['name']}.{chart.NAMESPACE}.svc.cluster.local"
+        ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
+        target = kubelet.address(host, ports["grpc"])
+        demo = subprocess.run(
+            [str(VENV_BIN / "engram"), "demo", "--target", target, "--api-key", key]
+            + ["--ca", str(ca_file), "--spaces", "1", "--count", "2000", "--dim", "16"]
+            + ["--batch", "500", "--verify"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+        assert "verify OK" in demo.stdout, demo.stdout[-3000:]
+        with grpc.insecure_channel(f"127.0.0.1:{shards[0].port('grpc')}") as channel:
+            stub = shard_pb2_grpc.ShardStub(channel)
+            assert _refused(lambda: stub.Stats(shard_pb2.StatsRequest(), timeout=5)) == (
+                grpc.StatusCode.UNAVAILABLE
+            ), "a shard answered plaintext gRPC with internalTls on"
+        _terminate_cleanly(kubelet, [gateway, *shards])
     finally:
         kubelet.kill_all()
