@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -314,3 +317,100 @@ async def test_a_revoked_key_ends_the_stream_with_the_typed_error() -> None:
         fut = await stream.send(np.ones((1, 4), dtype=np.float32))
         with pytest.raises(AuthenticationError):
             await asyncio.wait_for(fut, timeout=10)
+
+
+# ------------------------------------------------------------------------------ a real cluster
+
+
+@dataclass(frozen=True)
+class _Secured:
+    """A cluster asking for keys and serving TLS, with a key for team-a-* and one for team-b-*."""
+
+    target: str
+    ca: str
+    team_a: str
+    team_b: str
+
+
+@pytest.fixture
+def secured(make_cluster: Any, certificates: Any, tmp_path: Path) -> _Secured:
+    from engram.common import keys
+
+    made = {
+        team: keys.create_key(
+            [keys.parse_scope(f"write:{team}-*"), keys.parse_scope(f"read:{team}-*")], name=team
+        )
+        for team in ("team-a", "team-b")
+    }
+    keys_file = tmp_path / "keys.json"
+    keys.save_keys(keys_file, {entry.id: entry for _, entry in made.values()})
+    leaf = certificates.issue("gateway")
+    cluster = make_cluster(shards=1, keys_file=keys_file, tls=(leaf.cert, leaf.key), tls_ca=leaf.ca)
+    return _Secured(cluster.gateway_address, leaf.ca, made["team-a"][0], made["team-b"][0])
+
+
+async def test_a_secured_cluster_through_the_client(secured: _Secured, space_id: str) -> None:
+    space = f"team-a-{space_id}"[:64]
+    tls = TLS.from_files(ca_file=secured.ca)
+    vectors = np.random.default_rng(1).standard_normal((20, 8)).astype(np.float32)
+    async with EngramClient(secured.target, api_key=secured.team_a, tls=tls) as client:
+        stream = await client.open_stream(space)
+        await (await stream.send(vectors, ids=[f"o{i}" for i in range(20)]))
+        hits = await stream.recall(vectors[3], k=1, consistency="SESSION")
+        await stream.close()
+        assert [h.id for h in hits.hits] == ["o3"]
+        assert sorted(await client.list_ids(space)) == sorted(f"o{i}" for i in range(20))
+
+    async with EngramClient(secured.target, api_key=secured.team_b, tls=tls) as other:
+        with pytest.raises(PermissionDeniedError, match=space):
+            await other.recall(space, vectors[3], k=1)
+        with pytest.raises(PermissionDeniedError):
+            await asyncio.wait_for(other.open_stream(space), timeout=10)
+
+    wrong = "ek_0123456789ab_" + "B" * 43
+    async with EngramClient(secured.target, api_key=wrong, tls=tls) as stranger:
+        with pytest.raises(AuthenticationError):
+            await stranger.recall(space, vectors[3], k=1)
+        with pytest.raises(AuthenticationError):
+            await asyncio.wait_for(stranger.open_stream(space, reconnect_timeout_s=60), 10)
+    async with EngramClient(secured.target, tls=tls) as keyless:
+        with pytest.raises(AuthenticationError):
+            await keyless.list_ids(space)
+    async with EngramClient(secured.target, api_key=secured.team_a) as plaintext:
+        with pytest.raises(UnavailableError):
+            await plaintext.recall(space, vectors[3], k=1, timeout=5)
+
+
+async def _cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "engram.cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**{k: v for k, v in os.environ.items() if k != "ENGRAM_API_KEY"}, **(env or {})},
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+async def test_demo_and_recall_commands_with_a_key_and_a_ca(
+    secured: _Secured, space_id: str
+) -> None:
+    prefix = f"team-a-{space_id}"[:50]
+    rc, out = await _cli(
+        "demo", "--target", secured.target, "--api-key", secured.team_a, "--ca", secured.ca,
+        "--spaces", "1", "--count", "300", "--dim", "8", "--batch", "100", "--prefix", prefix,
+        "--verify",
+    )  # fmt: skip
+    assert rc == 0 and "verify OK" in out, out
+    recall = ["recall", "--target", secured.target, "--ca", secured.ca, "--space", f"{prefix}-0"]
+    recall += ["--random", "--dim", "8", "--k", "3"]
+    rc, out = await _cli(*recall, env={"ENGRAM_API_KEY": secured.team_a})  # the key's default
+    assert rc == 0 and out.count(" lsn ") == 3, out
+    rc, out = await _cli(*recall, env={"ENGRAM_API_KEY": secured.team_b})
+    assert rc == 1 and "PERMISSION_DENIED" in out, out
+    rc, out = await _cli(*recall)  # no key at all
+    assert rc == 1 and "UNAUTHENTICATED" in out, out
