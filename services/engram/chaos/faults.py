@@ -165,8 +165,8 @@ class Injector:
 
         The gRPC health answer alone is not enough: a shard that is still replaying its WAL
         may already say SERVING, so a scan of an empty space it owns decides."""
-        address = self.cluster.shard_address(i)
-        async with internal.aio_channel(address, security=self.cluster.security) as channel:
+        address, security = self.cluster.shard_address(i), self.cluster.security.internal
+        async with internal.aio_channel(address, security=security) as channel:
             health = await _health(channel, 0.5)
             if health in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "UNKNOWN"):
                 return "down"
