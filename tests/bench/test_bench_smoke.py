@@ -73,6 +73,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     r = json.loads(out.read_text())
     for key in TOP_LEVEL:
         assert key in r, f"missing top-level key {key!r}"
+    assert r["auth"] is False and r["tls"] is False
     assert r["machine"]["cores"] >= 1 and r["machine"]["cpu"]
 
     # ingest happened and was measured from acks; nothing failed
@@ -130,3 +131,36 @@ def test_bench_smoke(tmp_path: Path) -> None:
     else:
         for name in ("throughput.png", "latency.png", "backlog.png", "cpu.png", "peers.png"):
             assert (runs[0] / name).stat().st_size > 1000, name
+
+
+@pytest.mark.timeout(120)
+def test_bench_smoke_with_auth_and_tls(tmp_path: Path) -> None:
+    """The benchmark's own cluster asks for a key and serves TLS; every client of the run (the
+    load, the recalls, the side-by-side, recall@10) gets through, and the key stays out of the
+    report. A few seconds of everything."""
+    out = tmp_path / "bench.json"
+    argv = [
+        *_engram(), "bench", "--auth", "--tls",
+        "--seconds", "3", "--rate", "2000", "--dim", "16", "--batch", "200",
+        "--spaces", "2", "--writers", "1", "--shards", "1", "--no-peers", "--no-plots",
+        "--compare-count", "1000", "--compare-samples", "2", "--limit-seconds", "0.3",
+        "--pool", "2000", "--drain-timeout", "30", "--drain-recall-seconds", "0.5",
+        "--recall-queries", "5", "--recall-spaces", "1",
+        "--json", str(out), "--out", str(tmp_path / "results"),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=110, env=env)
+    assert proc.returncode == 0, (
+        f"engram bench failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    )
+    assert "auth and tls on" in proc.stdout
+    text = out.read_text()
+    r = json.loads(text)
+    assert r["auth"] is True and r["tls"] is True
+    # every client got through the key check over TLS: writes acked, recalls and samples answered
+    assert _positive(r["acked_obs_per_s"]) and r["throughput"]["batches_failed"] == 0
+    assert r["latency"]["recall_ms_during_ingest"]["count"] > 0
+    assert r["latency"]["visibility_missed"] == 0
+    assert r["peers"]["results"]["engram-stream"]["searchable"] is True
+    assert r["recall_quality"]["queries"] > 0
+    assert "ek_" not in text and r["config"]["api_key"] == ""  # the key is never written
