@@ -115,6 +115,17 @@ async def test_a_call_without_the_token_is_refused_and_health_still_answers(
             chunks = shard_pb2_grpc.ShardStub(channel).Scan(ipb.ScanRequest(), timeout=5)
             assert [list(c.ids) async for c in chunks] == [["x"]]  # a stream carries it too
         assert await asyncio.to_thread(_sync_stats, address, sec) == 7
+        # a channel whose bidirectional streams carry the token only when the caller passes it
+        bare = internal.aio_channel(address, security=sec, stream_stream_token=False)
+        async with bare as channel:
+            for metadata, code in (
+                (None, grpc.StatusCode.UNAUTHENTICATED),
+                (internal.token_metadata(sec), grpc.StatusCode.UNIMPLEMENTED),  # let through
+            ):
+                call = shard_pb2_grpc.ShardStub(channel).Append(metadata=metadata, timeout=5)
+                with pytest.raises(grpc.aio.AioRpcError) as append:
+                    await call.read()
+                assert append.value.code() == code
         # the control plane's helpers carry it too
         assert list(await shard_stats({0: address}, sec)) == [0]
         assert await shard_stats({0: address}) == {}  # this process has no token: refused

@@ -62,6 +62,10 @@ class Router:
             await asyncio.sleep(REFRESH_S)
             await self.refresh()
 
+    def call_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Metadata a bidirectional stream to a shard must carry (the internal token)."""
+        return internal.token_metadata(self._settings.security)
+
     def owner(self, space: str) -> int:
         return self.assignment.owner(space)
 
@@ -94,6 +98,9 @@ class Router:
             # a channel of its own subchannels, so the two channels to a shard do not share
             # one connection
             opts.append(("grpc.use_local_subchannel_pool", 1))
-            channel = internal.aio_channel(address, opts, self._settings.security)
+            # Append streams carry the token themselves (call_metadata): cheaper per message
+            channel = internal.aio_channel(
+                address, opts, self._settings.security, stream_stream_token=False
+            )
             self._channels[(address, reads)] = channel
         return shard_id, channel

@@ -142,7 +142,7 @@ class GrpcShards:
         # requests go as bytes (composed in write), answers are parsed as usual
         call = channel.stream_stream(
             APPEND_METHOD, response_deserializer=ipb.AppendResponse.FromString
-        )(timeout=timeout_s)
+        )(timeout=timeout_s, metadata=self.router.call_metadata() or None)
         return _GrpcAppendStream(call, self.router, space, session_id)
 
     async def recall(
