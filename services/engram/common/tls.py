@@ -15,6 +15,10 @@ At start-up a bad pair is a :class:`TlsError` naming the variable; at a reload i
 the previous pair stays (a certificate written before its key is taken at the next look).
 Change detection is each file's (mtime, size, inode), as seen through symlinks: a Kubernetes
 Secret volume swaps a symlink when it updates.
+
+Also here: :func:`load_pair` (the same checks for the internal mTLS files,
+:mod:`engram.common.internal`) and the client side the launcher uses to check a TLS gateway
+(:func:`client_credentials`, :func:`client_ssl_context`).
 """
 
 from __future__ import annotations
@@ -206,7 +210,10 @@ async def keep_reloaded(context: ssl.SSLContext, security: SecuritySettings) -> 
     while True:
         await asyncio.sleep(security.tls_reload_s)
         if files.refresh():
-            _load_into(context, files.pair)  # checked by refresh(): it loads
+            try:
+                _load_into(context, files.pair)  # checked by refresh(): it loads
+            except (OSError, ssl.SSLError, TlsError) as exc:  # e.g. no room for the temp files
+                log.warning("TLS certificate not reloaded for HTTP, keeping the current: %s", exc)
 
 
 # --------------------------------------------------------------------------- clients
