@@ -22,7 +22,7 @@ from engram.common.settings import Entry, SettingsError, catalog, load
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs" / "settings.md"
-TOOL_VARIABLES = {"ENGRAM_REDIS_SERVER"}
+TOOL_VARIABLES = {"ENGRAM_REDIS_SERVER", "ENGRAM_API_KEY", "ENGRAM_CA_FILE"}
 
 
 def _at(obj: Any, path: str) -> Any:
@@ -40,7 +40,7 @@ def test_docs_table_is_generated_from_the_declarations() -> None:
 
 def test_every_variable_the_code_names_is_declared() -> None:
     declared = {e.env for e in catalog()}
-    prefixes = {"ENGRAM_LANE_HIGH_", "ENGRAM_LANE_NORMAL_", "ENGRAM_LANE_LOW_"}
+    prefixes = {"ENGRAM_LANE_HIGH_", "ENGRAM_LANE_NORMAL_", "ENGRAM_LANE_LOW_", "ENGRAM_KEY_MAX_"}
     named: dict[str, Path] = {}
     for path in (ROOT / "services" / "engram").rglob("*.py"):
         for name in re.findall(r"ENGRAM_[A-Z0-9_]*[A-Z0-9]_?", path.read_text()):

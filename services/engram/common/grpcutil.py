@@ -26,8 +26,16 @@ def options(limits: LimitSettings) -> list[tuple[str, int]]:
     ]
 
 
+# A connection must finish its TLS and HTTP/2 handshakes within this (gRPC's default is 120 s,
+# which lets a client that opens connections and never speaks hold each one for two minutes).
+HANDSHAKE_TIMEOUT_MS = 10_000
+
+
 def server_options(limits: LimitSettings) -> list[tuple[str, int]]:
-    return options(limits) + [("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000)]
+    return options(limits) + [
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+        ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+    ]
 
 
 def add_health_and_reflection(

@@ -13,6 +13,8 @@ PERMISSION_DENIED; ObserveStream answers such refusals in-band and goes on.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -27,6 +29,22 @@ from engram.gateway.stream import ClientStream, Incoming, StreamAbort, recall_sp
 from engram.v1 import streaming_pb2 as pb
 
 SERVICE = "engram.v1.EngramStream"
+
+
+# How long a refused ObserveStream waits for the client's first message before it ends.
+_REFUSAL_READ_S = 1.0
+
+
+async def _first_request(requests: AsyncIterator[Incoming]) -> None:
+    """Takes the client's first message (gRPC has received it already) before a refusal.
+
+    A grpc.aio client whose write is still in flight when the call's status arrives reports
+    ``INTERNAL: Internal error from Core`` instead of that status (grpc/grpc#36066); clients
+    open a stream by writing their init, so ending the call once it is read lets them see
+    UNAUTHENTICATED. Bounded: a client that sends nothing is refused after a second.
+    """
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(anext(aiter(requests)), _REFUSAL_READ_S)
 
 
 def parse(data: bytes) -> Incoming:
@@ -56,6 +74,7 @@ class EngramStreamService:
         try:
             principal = self._caller(context, required=False)
         except EngramError as exc:
+            await _first_request(requests)
             await context.abort(grpc_status(exc), abort_details(exc))
         parent = None
         if tracing.active and tracing.client_context:
