@@ -19,6 +19,9 @@ from engram.v1 import streaming_pb2 as pb
 
 _SPACE_ID = re.compile(r"[a-z0-9_-]{3,64}")
 DEFAULT_CONFIDENCE = 0.7
+# google.protobuf.Timestamp's range, 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z, in seconds:
+# an episode's ``when`` outside it does not fit the batch's int64 microseconds.
+_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
 
 
 def space_id(raw: str) -> str:
@@ -77,7 +80,16 @@ def batch(b: pb.ObservationBatch, limits: LimitSettings, space_dim: int = 0) -> 
     vectors = np.frombuffer(b.vectors, dtype="<f4").reshape(n, dim)
     if not np.isfinite(vectors).all():
         raise ValidationError("a vector holds NaN or infinity", code=pb.NON_FINITE_VALUE)
-    norms = np.einsum("ij,ij->i", vectors, vectors)
+    with np.errstate(over="ignore", under="ignore"):
+        norms = np.einsum("ij,ij->i", vectors, vectors)
+    finite = np.isfinite(norms)
+    if not finite.all():  # the shard would divide by an infinite norm: a zero vector stored
+        row = int(np.argmin(finite))
+        raise ValidationError(
+            f"observation {row} has a vector too long for float32: its squared length "
+            "overflows (scale it down; only its direction counts)",
+            code=pb.NON_FINITE_VALUE,
+        )
     if not (norms > 0).all():
         row = int(np.argmin(norms > 0))
         raise ValidationError(
@@ -114,7 +126,14 @@ def episode_to_batch(ep: pb.Episode) -> pb.ObservationBatch:
     if ep.id:
         b.ids.append(ep.id)
     if ep.HasField("when"):
-        us = ep.when.seconds * 1_000_000 + ep.when.nanos // 1000
+        seconds, nanos = ep.when.seconds, ep.when.nanos
+        if not (_MIN_SECONDS <= seconds <= _MAX_SECONDS and 0 <= nanos < 1_000_000_000):
+            raise ValidationError(
+                f"the episode's 'when' ({seconds} s, {nanos} ns) is not a time in the years "
+                "1..9999",
+                code=pb.INVALID_ARGUMENT,
+            )
+        us = seconds * 1_000_000 + nanos // 1000
         b.timestamps_us = np.asarray([us], dtype="<i8").tobytes()
     return b
 
@@ -130,7 +149,15 @@ def recall(r: pb.RecallRequest, limits: LimitSettings) -> np.ndarray:
         )
     if not np.isfinite(cue).all():
         raise ValidationError("the cue holds NaN or infinity", code=pb.NON_FINITE_VALUE)
-    if not float(np.dot(cue, cue)) > 0:
+    with np.errstate(over="ignore", under="ignore"):
+        sq_norm = float(np.dot(cue, cue))
+    if not np.isfinite(sq_norm):
+        raise ValidationError(
+            "the cue is too long for float32: its squared length overflows (scale it down; "
+            "only its direction counts)",
+            code=pb.NON_FINITE_VALUE,
+        )
+    if not sq_norm > 0:
         raise ValidationError("the cue is a zero vector", code=pb.ZERO_VECTOR)
     if r.HasField("min_score") and not -1.0 <= r.min_score <= 1.0:
         raise ValidationError(

@@ -63,16 +63,30 @@ _UTC = dt.UTC
 
 
 class FrameError(Exception):
-    """A frame that cannot become a request; answered with an ``error`` frame."""
+    """A frame that cannot become a request; answered with an ``error`` frame.
+
+    ``message`` and ``request_id`` may quote the client's text, which JSON escapes can make
+    unencodable (a lone surrogate such as ``"\\ud800"``); both are kept valid UTF-8 so the
+    error frame itself can always be sent."""
 
     def __init__(
         self, code: int, message: str, *, sequence_number: int = 0, request_id: str = ""
     ) -> None:
+        message = utf8_safe(message)
         super().__init__(message)
         self.code = code
         self.message = message
         self.sequence_number = sequence_number
-        self.request_id = request_id
+        self.request_id = utf8_safe(request_id)
+
+
+def utf8_safe(text: str) -> str:
+    """``text`` with what UTF-8 cannot encode (lone surrogates) written as ``\\udXXX``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 # ------------------------------------------------------------------------------ timestamps
@@ -567,7 +581,7 @@ def decode_text(text: str) -> tuple[str, pb.ObservationRequest | None]:
         return kind, req
     except FrameError as exc:
         exc.sequence_number = exc.sequence_number or seq
-        exc.request_id = exc.request_id or request_id
+        exc.request_id = exc.request_id or utf8_safe(request_id)
         raise
     except (OverflowError, ValueError, TypeError, MemoryError) as exc:  # e.g. a 400-digit number
         raise FrameError(
