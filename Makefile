@@ -35,6 +35,7 @@ TEST_DEPS :=
 
 # Each part's own targets (and what `make test` needs of them: TEST_DEPS).
 include helm/chart.mk operator/operator.mk dashboards/observe.mk
+-include tests/fuzz/fuzz.mk
 TEST_DEPS += image-deps
 
 .PHONY: help setup venv proto redis run test test-fast test-moves lint demo chaos clean FORCE
@@ -47,6 +48,7 @@ help:
 	@echo "make demo    stream 3 spaces x 100k vectors into a running cluster and verify"
 	@echo "make bench   benchmark vs the machine's limits and peers (BENCH_ARGS='--dim 768')"
 	@echo "make chaos   10 min of faults against a local cluster; verifies nothing is lost"
+	@echo "make fuzz    long fuzzing of the decoders (gRPC, WebSocket, WAL): FUZZ_EXAMPLES, FUZZ_SECONDS"
 	@echo "make setup   venv + generated protocol code + redis-server"
 	@echo "make lint    ruff (check, format) and the import layering (import-linter)"
 	@echo "make test-ts the TypeScript client's tests (vitest, against a real cluster)"
