@@ -18,7 +18,7 @@ from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
-from tests.fuzz.bounds import FUZZ, bounded
+from tests.fuzz.bounds import FUZZ, SCRATCH, bounded
 
 from engram.shard.wal import HEADER_SIZE, Wal, encode_record, segment_name
 
@@ -153,7 +153,7 @@ def replay(directory: Path) -> list[Record]:
 @FUZZ
 @given(data=st.data(), contents=wal_contents())
 def test_replay_stops_at_the_first_bad_record(data: st.DataObject, contents: list[list[Record]]):
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=SCRATCH) as tmp:
         directory = Path(tmp)
         layout = write_wal(directory, contents)
         plan = data.draw(damages(layout))
@@ -177,7 +177,7 @@ def test_replay_stops_at_the_first_bad_record(data: st.DataObject, contents: lis
 @given(blob=st.binary(max_size=8192), length=st.integers(0, 0xFFFF_FFFF))
 def test_any_bytes_as_a_segment(blob: bytes, length: int) -> None:
     """Garbage, or one valid-looking header whose length field claims up to 4 GiB."""
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=SCRATCH) as tmp:
         directory = Path(tmp)
         header = encode_record(b"", 1)[:4] + length.to_bytes(4, "little") + bytes(12)
         for number, content in enumerate((blob, header + blob), start=1):
