@@ -85,7 +85,7 @@ def _meta(key: str | None) -> tuple[tuple[str, str], ...] | None:
 
 
 def _code(exc: grpc.aio.AioRpcError) -> str:
-    """A call's end as ``STATUS (ENGRAM_CODE)``, or ``STATUS: details`` for the transport's."""
+    """A call's end as ``STATUS (the error code it names)``, or ``STATUS: details``."""
     details = exc.details() or ""
     code = details.split(":", 1)[0]
     return f"{exc.code().name} ({code})" if code.isupper() else f"{exc.code().name}: {details}"

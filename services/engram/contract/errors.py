@@ -196,6 +196,7 @@ CODES: dict[int, CodeInfo] = {
     pb.MISSING_OPERATION: CodeInfo(ValidationError, _S.INVALID_ARGUMENT, WS_POLICY),
     pb.CREDITS_EXCEEDED: CodeInfo(FlowControlError, _S.RESOURCE_EXHAUSTED, WS_TRY_AGAIN_LATER),
     pb.STREAM_PAUSED: CodeInfo(FlowControlError, _S.FAILED_PRECONDITION, WS_TRY_AGAIN_LATER),
+    pb.SPACE_DROPPED: CodeInfo(SessionError, _S.NOT_FOUND, WS_POLICY),
     pb.UNAUTHENTICATED: CodeInfo(AuthenticationError, _S.UNAUTHENTICATED, WS_POLICY),
     pb.PERMISSION_DENIED: CodeInfo(PermissionDeniedError, _S.PERMISSION_DENIED, WS_POLICY),
     pb.SHARD_UNAVAILABLE: CodeInfo(UnavailableError, _S.UNAVAILABLE, WS_TRY_AGAIN_LATER),
