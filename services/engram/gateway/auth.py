@@ -28,8 +28,8 @@ from engram.v1 import streaming_pb2 as pb
 
 audit = logging.getLogger("engram.audit")
 
-# Which scope action each operation needs.
-READ, WRITE = "read", "write"
+# Which scope action each operation needs (admin: dropping a space, setting its retention).
+READ, WRITE, ADMIN = "read", "write", "admin"
 
 
 class RateBucket:
