@@ -2,8 +2,9 @@
 
 Runs ``chaos/local/run.py`` from this checkout in a child process (its own event loop, its own
 cluster under ``tmp_path``) with a fixed seed, then reads its report. The run must inject every
-fault kind at least once and find nothing lost, duplicated, reordered or half-stored; the
-harness's exit status must agree. On failure the run's summary and the path of the kept
+fault kind at least once, acknowledge deletes, and find nothing lost, duplicated, reordered,
+half-stored or resurrected (a row read after its delete was acknowledged); the harness's exit
+status must agree. On failure the run's summary and the path of the kept
 cluster logs are in the assertion message.
 """
 
@@ -35,6 +36,7 @@ VIOLATIONS = (
     "phantom",
     "invalid_acked",
     "blinked",
+    "resurrected",
 )
 
 pytestmark = [pytest.mark.chaos, pytest.mark.cluster, pytest.mark.timeout(300)]
@@ -83,6 +85,10 @@ def test_short_chaos_run_loses_nothing(tmp_path: Path) -> None:
         problems.append(f"fault kinds never injected: {missing}")
     if report["acked"] == 0:
         problems.append("nothing was acknowledged")
+    if report["deleted_acked"] == 0:
+        problems.append("no delete was acknowledged")
+    if missed := report["deletes"]["not_found"]:
+        problems.append(f"acknowledged rows a delete did not find: {missed}")
     if proc.returncode != 0:
         problems.append(f"the harness exited with {proc.returncode}")
     assert not problems, "\n".join(problems) + "\n" + output

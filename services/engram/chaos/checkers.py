@@ -10,11 +10,16 @@
 * atomicity — no batch is stored in part (``partial``);
 * no duplicates — every id is stored once (``duplicated`` counts the extra copies);
 * per-session order — a batch's observations have consecutive LSNs in item order, and the
-  batches of one session are stored in the order they were sent (``reordered``).
+  batches of one session are stored in the order they were sent (``reordered``);
+* deletes — no row whose delete was acknowledged is stored (``resurrected``); a row named by a
+  delete whose answer never came may be either; every other row of an acknowledged batch must
+  be there (deleted rows keep their LSNs, so the order checks hold across the holes).
 
 :class:`ContinuousChecker` runs the same analysis on one space at a time during the run: every
 batch acknowledged before a listing started must be in it (a missing one ``blinked``: acked,
-then not readable), and nothing may be duplicated or out of order at any time.
+then not readable) unless a delete sent before the listing ended names it, no row whose delete
+was acknowledged before the listing started may be in it (``resurrected``), and nothing may be
+duplicated or out of order at any time.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from engram_client import EngramClient
 log = logging.getLogger("engram.chaos.checkers")
 
 _EXAMPLES = 12
+_ITEMS = 1024  # a row's key is g * _ITEMS + i (a batch holds at most 500 observations)
 
 
 @dataclass
@@ -63,12 +69,16 @@ class Findings:
     uncertain_stored: int = 0  # ... of which stored (whole)
     stored: int = 0  # observations of this run found
     foreign: int = 0
+    resurrected: int = 0  # stored rows whose delete was acknowledged
+    deleted: int = 0  # rows of acknowledged deletes (gone, as they must be, unless resurrected)
+    delete_uncertain: int = 0  # rows named by deletes never answered: may be either
     examples: list[str] = field(default_factory=list)
 
     @property
     def violations(self) -> int:
         return (
-            self.lost
+            self.resurrected
+            + self.lost
             + self.duplicated
             + self.reordered
             + self.partial
@@ -117,14 +127,54 @@ async def read_space(client: EngramClient, run: str, space: str) -> Listing:
     return await asyncio.to_thread(parse, run, space, ids, lsns)
 
 
+@dataclass
+class DeletedRows:
+    """Rows named by deletes, as keys ``g * _ITEMS + i``: ``named`` may be absent from a
+    listing, ``gone`` must be (their delete was acknowledged before it started)."""
+
+    named: np.ndarray
+    gone: np.ndarray
+    uncertain: int = 0  # rows of ``named`` whose delete was never answered
+
+
+def deleted_rows(
+    ledger: Ledger, *, sent_before: float | None = None, acked_before: float | None = None
+) -> DeletedRows:
+    """The rows of the deletes sent before ``sent_before`` and of those acknowledged before
+    ``acked_before`` (None: every delete). Call it on the event loop (the ledger changes)."""
+    named: list[int] = []
+    gone: list[int] = []
+    uncertain = 0
+    for d in list(ledger.deletes):
+        if sent_before is not None and d.sent_at >= sent_before:
+            continue
+        keys = [g * _ITEMS + i for g, i in d.rows]
+        named += keys
+        if d.state == "acked":
+            if acked_before is None or d.done_at < acked_before:
+                gone += keys
+        elif d.state == "failed" or acked_before is None:
+            uncertain += len(keys)
+    return DeletedRows(np.array(named, dtype=np.int64), np.array(gone, dtype=np.int64), uncertain)
+
+
 def analyse(
-    ledger: Ledger, listings: Sequence[Listing], *, required: set[int] | None = None
+    ledger: Ledger,
+    listings: Sequence[Listing],
+    *,
+    required: set[int] | None = None,
+    deletes: DeletedRows | None = None,
 ) -> Findings:
     """Compares ``listings`` with the ledger.
 
     With ``required`` (continuous checks), only those batches must be complete and only the
-    listed spaces count; batches whose outcome may still change are not judged."""
+    listed spaces count; batches whose outcome may still change are not judged. ``deletes``:
+    the rows the listings may (``named``) and must not (``gone``) hold; None: none."""
     out = Findings()
+    empty = np.zeros(0, dtype=np.int64)
+    deletes = deletes or DeletedRows(empty, empty)
+    out.deleted = len(deletes.gone)
+    out.delete_uncertain = deletes.uncertain
     spaces = [lst.space for lst in listings]
     if not listings:
         return out
@@ -145,6 +195,14 @@ def analyse(
         out.example(f"duplicate: id {ledger.run}.{g[k]}.{item[k]} (again at LSN {lsn[k]})")
     keep = ~dup
     g, item, lsn, sp = g[keep], item[keep], lsn[keep], sp[keep]
+    # deletes: rows that must be gone, and per batch the stored rows a delete names
+    keys = g * _ITEMS + item
+    back = np.isin(keys, deletes.gone)
+    out.resurrected = int(back.sum())
+    for k in np.flatnonzero(back)[:3]:
+        out.example(f"resurrected: id {ledger.run}.{g[k]}.{item[k]} (LSN {lsn[k]}) is deleted")
+    named_stored = np.bincount(g[np.isin(keys, deletes.named)], minlength=len(ledger.batches))
+    named_per_batch = np.bincount(deletes.named // _ITEMS, minlength=len(ledger.batches))
     # within a batch, sorted by item: LSNs must step exactly as the items do
     bad_step: set[int] = set()
     if len(g) > 1:
@@ -184,16 +242,20 @@ def analyse(
         if rec.g in bad_step:
             out.reordered += 1
             out.example(f"not contiguous in item order: batch {rec.g} ({rec.session}#{rec.index})")
+        # rows of the batch no delete names: every one of an acked batch must be stored
+        named = int(named_per_batch[rec.g]) if rec.g < len(named_per_batch) else 0
+        kept = count - (int(named_stored[rec.g]) if rec.g < len(named_stored) else 0)
+        missing = rec.n - named - kept
         if required is not None:
             if rec.g in required:
                 out.acked_batches += 1
                 out.acked += rec.n
-                if count < rec.n:
-                    out.lost += rec.n - count
+                if missing > 0:
+                    out.lost += missing
                     out.lost_batches += 1
                     out.example(
-                        f"missing: {rec.n - count} of {rec.n} of acked batch {rec.g} "
-                        f"({rec.session}#{rec.index}, {rec.space})"
+                        f"missing: {missing} of {rec.n} of acked batch {rec.g} "
+                        f"({rec.session}#{rec.index}, {rec.space}; {named} of it deleted)"
                     )
             continue
         if rec.state == "acked":
@@ -202,15 +264,15 @@ def analyse(
             if rec.invalid:
                 out.invalid_acked += 1
                 out.example(f"invalid batch acknowledged: {rec.g} ({rec.session}#{rec.index})")
-            if count < rec.n:
-                out.lost += rec.n - count
+            if missing > 0:
+                out.lost += missing
                 out.lost_batches += 1
                 out.example(
-                    f"lost: {rec.n - count} of {rec.n} of acked batch {rec.g} "
-                    f"({rec.session}#{rec.index}, {rec.space}, {rec.detail or 'no detail'})"
+                    f"lost: {missing} of {rec.n} of acked batch {rec.g} ({rec.session}#"
+                    f"{rec.index}, {rec.space}, {named} of it deleted, {rec.detail or 'no detail'})"
                 )
-            if 0 < count < rec.n:
-                out.partial += 1
+                if kept > 0:
+                    out.partial += 1
         elif rec.state in MUST_NOT_STORE:
             if count:
                 out.rejected_stored += count
@@ -245,11 +307,12 @@ class ContinuousResult:
     duplicated: int = 0
     reordered: int = 0
     phantom: int = 0
+    resurrected: int = 0  # rows listed after their delete was acknowledged
     examples: list[str] = field(default_factory=list)
 
     @property
     def violations(self) -> int:
-        return self.blinked + self.duplicated + self.reordered + self.phantom
+        return self.blinked + self.duplicated + self.reordered + self.phantom + self.resurrected
 
 
 class ContinuousChecker:
@@ -289,14 +352,19 @@ class ContinuousChecker:
             self.ledger.op("list", False)
             log.debug("continuous check of %s failed: %s", space, exc)
             return
-        self.ledger.op("list", True, (time.monotonic() - t0) * 1000)
-        found = await asyncio.to_thread(analyse, self.ledger, [listing], required=required)
+        ended = time.monotonic()
+        self.ledger.op("list", True, (ended - t0) * 1000)
+        deletes = deleted_rows(self.ledger, sent_before=ended, acked_before=t0)
+        found = await asyncio.to_thread(
+            analyse, self.ledger, [listing], required=required, deletes=deletes
+        )
         r = self.result
         r.checks += 1
         r.blinked += found.lost
         r.duplicated += found.duplicated
         r.reordered += found.reordered
         r.phantom += found.phantom
+        r.resurrected += found.resurrected
         for text in found.examples:
             if len(r.examples) < _EXAMPLES:
                 r.examples.append(f"[{space}, listing at +{t0 - self.t0:.0f}s] {text}")

@@ -3,7 +3,8 @@
 :func:`run` starts Redis, the shards and the gateway with :class:`LocalCluster` (each shard
 advertises a :class:`~engram.chaos.proxy.FaultProxy` in front of it, so gateway->shard traffic
 can be delayed, reset or cut; each shard polls its own WAL fault file), drives the workload
-for ``seconds``, injects one fault after another on a schedule drawn from the seed (every kind
+for ``seconds`` (writes, deletes by id of a share of what was acknowledged, recalls),
+injects one fault after another on a schedule drawn from the seed (every kind
 once per round, in shuffled order, with random targets and durations), then stops the writers,
 waits for their last acks, reads every space back and builds the report. The cluster, the
 proxies and every fault are undone in all cases, also when the run is interrupted.
@@ -22,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from engram.chaos import report as reporting
-from engram.chaos.checkers import ContinuousChecker, Findings, analyse, read_space
+from engram.chaos.checkers import ContinuousChecker, Findings, analyse, deleted_rows, read_space
 from engram.chaos.config import CLUSTER_ENV, SUPERVISOR_POLICY, ChaosConfig
+from engram.chaos.deletes import Deleter
 from engram.chaos.faults import KINDS, FaultEvent, Injector
 from engram.chaos.ledger import Ledger
 from engram.chaos.proxy import ProxyHost
@@ -124,6 +126,7 @@ class ChaosRun:
         assert self.client is not None and self.injector is not None
         seed = self.rng.getrandbits(32)
         visibility = Visibility(self.client, self.ledger)
+        deleter = Deleter(self.client, self.ledger, self.spaces, cfg.shape, seed + 2000)
         writers = [
             Writer(
                 w,
@@ -133,6 +136,7 @@ class ChaosRun:
                 cfg.shape,
                 seed + w,
                 visibility,
+                deleter,
             )
             for w in range(len(self.spaces) * cfg.writers_per_space)
         ]
@@ -147,10 +151,12 @@ class ChaosRun:
         _say(
             self.t0,
             f"workload: {len(writers)} writers on {len(self.spaces)} spaces "
-            f"({', '.join(self.spaces)}), recalls at {', '.join((*RECALL_LEVELS, 'stream'))}; "
+            f"({', '.join(self.spaces)}), deletes of {cfg.shape.delete_share:.0%} of the acked "
+            f"rows, recalls at {', '.join((*RECALL_LEVELS, 'stream'))}; "
             f"faults from +{cfg.warmup_s:.0f}s, seed {cfg.seed}",
         )
         write_tasks = [asyncio.create_task(w.run(stop_writes)) for w in writers]
+        write_tasks.append(asyncio.create_task(deleter.run(stop_writes)))
         read_tasks = [asyncio.create_task(r.run(stop_reads)) for r in recallers]
         read_tasks.append(asyncio.create_task(checker.run(stop_reads)))
         progress = asyncio.create_task(self._progress(stop_reads))
@@ -163,7 +169,8 @@ class ChaosRun:
                 await asyncio.sleep(remaining)
             _say(self.t0, "stopping the writers; waiting for the last acks")
             stop_writes.set()
-            _, late = await asyncio.wait(write_tasks, timeout=20)
+            # a delete being retried may take up to delete_retry_s to settle
+            _, late = await asyncio.wait(write_tasks, timeout=cfg.shape.delete_retry_s + 5)
             for task in late:
                 task.cancel()
             await asyncio.gather(*[w.drain(cfg.drain_s) for w in writers])
@@ -181,6 +188,9 @@ class ChaosRun:
         for rec in self.ledger.batches:
             if rec.state == "pending":
                 self.ledger.count("unanswered_at_end")
+        for d in self.ledger.deletes:
+            if d.state == "pending":
+                self.ledger.count("deletes_unanswered_at_end")
         findings, unreadable = await self._verify()
         return self._report(findings, unreadable, checker)
 
@@ -225,9 +235,10 @@ class ChaosRun:
             now = time.monotonic()
             acked = self.ledger.acked_observations()
             rate = (acked - last_acked) / max(now - last_t, 1e-3)
+            deleted = sum(len(d.rows) for d in self.ledger.deletes if d.state == "acked")
             _say(
                 self.t0,
-                f"progress: {acked:,} observations acked ({rate:,.0f}/s), "
+                f"progress: {acked:,} observations acked ({rate:,.0f}/s), {deleted:,} deleted, "
                 f"{len(self.faults)} faults, {self.ledger.counters['resumes']} resumes",
             )
             last_acked, last_t = acked, now
@@ -257,7 +268,8 @@ class ChaosRun:
                         unreadable.append(space)
                         break
                     await asyncio.sleep(2.0)
-        findings = await asyncio.to_thread(analyse, self.ledger, listings)
+        deletes = deleted_rows(self.ledger)
+        findings = await asyncio.to_thread(analyse, self.ledger, listings, deletes=deletes)
         return findings, unreadable
 
     def _report(

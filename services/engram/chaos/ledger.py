@@ -14,8 +14,15 @@ order. A batch ends in one of these states:
 ``pending``    no answer when the run ended: stored at most once
 =============  =========================================================================
 
-Operations (``write``, ``recall_<level>``, ``stream``, ``list``) are logged with their time
-and outcome; the report derives success rates around each fault and recovery times from them.
+Deletes (:class:`DeleteRecord`) name acknowledged observations by id. A delete is ``acked``
+once the server answered it (its rows must never be read again after ``done_at``), ``failed``
+when no attempt was answered before the run ended (its rows may or may not be gone), or
+``pending`` meanwhile. Every observation is named by at most one delete; :attr:`Ledger.deleted`
+maps ``(g, i)`` to the delete's number.
+
+Operations (``write``, ``delete``, ``recall_<level>``, ``stream``, ``list``) are logged with
+their time and outcome; the report derives success rates around each fault and recovery times
+from them.
 """
 
 from __future__ import annotations
@@ -45,6 +52,21 @@ class BatchRecord:
 
 
 @dataclass(slots=True)
+class DeleteRecord:
+    k: int  # delete number (in the request id)
+    space: str
+    rows: list[tuple[int, int]]  # (batch g, item i) of each id named
+    sent_at: float
+    state: str = "pending"  # pending, acked, failed
+    done_at: float = 0.0
+    attempts: int = 0
+    deleted: int = 0  # the answer's figures (acked only)
+    already_deleted: int = 0
+    not_found: int = 0
+    detail: str = ""
+
+
+@dataclass(slots=True)
 class OpEvent:
     t: float  # monotonic time the outcome was known
     op: str
@@ -65,11 +87,24 @@ class Ledger:
     errors: list[tuple[float, str]] = field(default_factory=list)
     # a few distinct messages per kind of error, with when they were first seen
     error_examples: dict[str, list[str]] = field(default_factory=dict)
+    deletes: list[DeleteRecord] = field(default_factory=list)
+    # (batch g, item i) -> number of the delete that names it
+    deleted: dict[tuple[int, int], int] = field(default_factory=dict)
 
     def new_batch(self, session: str, index: int, space: str, n: int, invalid: bool) -> BatchRecord:
         rec = BatchRecord(len(self.batches), session, index, space, n, invalid, time.monotonic())
         self.batches.append(rec)
         return rec
+
+    def new_delete(self, space: str, rows: list[tuple[int, int]]) -> DeleteRecord:
+        rec = DeleteRecord(len(self.deletes), space, rows, time.monotonic())
+        self.deletes.append(rec)
+        for row in rows:
+            self.deleted[row] = rec.k
+        return rec
+
+    def row_id(self, g: int, i: int) -> str:
+        return f"{self.run}.{g}.{i}"
 
     def ids(self, rec: BatchRecord) -> list[str]:
         prefix = f"{self.run}.{rec.g}."
@@ -91,3 +126,12 @@ class Ledger:
 
     def acked_observations(self) -> int:
         return sum(b.n for b in self.batches if b.state == "acked")
+
+    def gone_since(self, before: float) -> dict[tuple[int, int], float]:
+        """Rows whose delete was acknowledged before ``before`` -> when it was."""
+        out: dict[tuple[int, int], float] = {}
+        for d in self.deletes:
+            if d.state == "acked" and d.done_at < before:
+                for row in d.rows:
+                    out[row] = d.done_at
+        return out

@@ -10,7 +10,10 @@ Figures derived from the ledger's operation log:
 * recovery time of a fault: from the first write-path failure after it started to the first
   acknowledged write after the last such failure (before the next fault); 0 when no write
   failed;
-* visibility: ack -> first EVENTUAL recall that returns the observation (sampled).
+* visibility: ack -> first EVENTUAL recall that returns the observation (sampled);
+* deletes: requests and rows acknowledged, those never answered (their rows may or may not be
+  gone), and ``resurrected``: rows read after their delete was acknowledged, by the final
+  listing, a continuous check's listing or a recall (one row may count in several).
 """
 
 from __future__ import annotations
@@ -173,6 +176,22 @@ def build(
     ack_vis = [v[1] for v in ledger.visibility]
     send_vis = [v[2] for v in ledger.visibility]
     f = findings
+    in_recall = ledger.counters.get("resurrected_in_recall", 0)
+    resurrected = f.resurrected + continuous.resurrected + in_recall
+    acked_deletes = [d for d in ledger.deletes if d.state == "acked"]
+    deletes = {
+        "requests": len(ledger.deletes),
+        "acked": len(acked_deletes),
+        "rows_acked": sum(len(d.rows) for d in acked_deletes),
+        "rows_deleted_by_answer": sum(d.deleted for d in acked_deletes),
+        "already_deleted": sum(d.already_deleted for d in acked_deletes),
+        "not_found": sum(d.not_found for d in acked_deletes),
+        "unanswered": len(ledger.deletes) - len(acked_deletes),
+        "rows_unanswered": f.delete_uncertain,
+        "resurrected_in_listing": f.resurrected,
+        "resurrected_in_continuous": continuous.resurrected,
+        "resurrected_in_recall": in_recall,
+    }
     unrecovered = [k for k, e in enumerate(faults) if not e.recovered]
     observed = extra.get("observed", {})
     not_rebuilt = observed.get("redis_not_rebuilt", 0) + observed.get("redis_assignment_lost", 0)
@@ -180,6 +199,8 @@ def build(
     ok = (
         verified
         and f.violations == 0
+        and resurrected == 0
+        and deletes["not_found"] == 0  # acked rows a delete did not find
         and continuous.violations == 0
         and not unrecovered
         and not not_rebuilt
@@ -207,6 +228,10 @@ def build(
         "phantom": f.phantom,
         "invalid_acked": f.invalid_acked,
         "blinked": continuous.blinked,
+        "resurrected": resurrected,
+        "deletes_acked": len(acked_deletes),
+        "deleted_acked": deletes["rows_acked"],
+        "deletes": deletes,
         "stored": f.stored,
         "uncertain_batches": f.uncertain_batches,
         "uncertain_stored": f.uncertain_stored,
@@ -284,6 +309,14 @@ def summary(report: dict[str, Any]) -> str:
         f"P99 {report['visibility_p99_ms']} ms, max {report['visibility_max_ms']} ms over "
         f"{report['visibility_samples']} samples ({report['visibility_timeouts']} not seen in 30 s)"
     )
+    d = report["deletes"]
+    lines.append(
+        f"deletes: {d['acked']:,} of {d['requests']:,} acknowledged ({d['rows_acked']:,} rows; "
+        f"{d['unanswered']} never answered, {d['rows_unanswered']:,} rows), not found "
+        f"{d['not_found']}; resurrected: {d['resurrected_in_listing']} in the final listing, "
+        f"{d['resurrected_in_continuous']} in continuous checks, "
+        f"{d['resurrected_in_recall']} in recalls"
+    )
     c = report["continuous"]
     lines.append(
         f"continuous checks: {c['checks']} listings ({c['failed_reads']} failed reads), "
@@ -299,7 +332,8 @@ def summary(report: dict[str, Any]) -> str:
         f"{verdict}: lost {report['lost']}, duplicated {report['duplicated']}, "
         f"reordered {report['reordered']}, partial {report['partial']}, "
         f"rejected-but-stored {report['rejected_stored']}, phantom {report['phantom']}, "
-        f"invalid-acked {report['invalid_acked']}, blinked {report['blinked']}"
+        f"invalid-acked {report['invalid_acked']}, blinked {report['blinked']}, "
+        f"resurrected {report['resurrected']}"
         + (
             ""
             if report["verified"]

@@ -6,9 +6,14 @@
   session by itself after disconnects; when a stream dies for good the writer opens a new
   session (a new *generation*). Every batch and its outcome go to the :class:`Ledger`.
 * :class:`Recaller` — standalone recalls at one consistency level (EVENTUAL, BOUNDED, SESSION,
-  STRONG) or recalls on a writer's stream; an error is a failed operation, never a crash.
+  STRONG) or recalls on a writer's stream; an error is a failed operation, never a crash. Every
+  hit is checked against the deletes acknowledged before the recall was sent
+  (:func:`~engram.chaos.deletes.note_resurrected`).
 * :class:`Visibility` — samples acknowledged observations and recalls them (EVENTUAL) until
   they show up: the time from the ack to the first recall that returns them.
+
+The deletes are :class:`~engram.chaos.deletes.Deleter`'s; a writer offers it each acknowledged
+batch.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
+from engram.chaos.deletes import Deleter, note_resurrected
 from engram.chaos.ledger import BatchRecord, Ledger
 from engram.contract.errors import EngramError
 from engram.v1 import streaming_pb2 as pb
@@ -63,6 +69,18 @@ class WorkloadShape:
     # Pause between two recalls of one recaller, seconds.
     recall_every_s: tuple[float, float] = (0.1, 0.3)
     recall_timeout_s: float = 5.0
+    # Share of the acknowledged observations that are deleted (by id) while the run goes on.
+    delete_share: float = 0.1
+    # Pause between two deletes, seconds.
+    delete_every_s: tuple[float, float] = (0.1, 0.4)
+    # Most ids one delete names.
+    delete_max_ids: int = 200
+    # A batch's rows are deleted no sooner than this after its ack, seconds.
+    delete_after_s: float = 0.5
+    # A delete not answered is sent again (same request id) for this long, seconds.
+    delete_retry_s: float = 30.0
+    # Deadline of one delete call, seconds.
+    delete_timeout_s: float = 10.0
 
 
 def batch_size(rng: random.Random) -> int:
@@ -85,6 +103,7 @@ class Writer:
         shape: WorkloadShape,
         seed: int,
         visibility: Visibility | None,
+        deleter: Deleter | None = None,
     ) -> None:
         self.wid = wid
         self.space = space
@@ -94,6 +113,7 @@ class Writer:
         self.rng = random.Random(seed)
         self.np_rng = np.random.default_rng(seed)
         self.visibility = visibility
+        self.deleter = deleter
         self.generation = 0
         self.stream: ObservationStream | None = None
         self._pending: set[asyncio.Future[Ack]] = set()
@@ -167,6 +187,8 @@ class Writer:
                 rec.detail = "an invalid batch was acknowledged"
                 return
             self.ledger.op("write", True, (now - rec.sent_at) * 1000, now)
+            if self.deleter is not None:
+                self.deleter.offer(rec, probe)
             if probe is not None and self.visibility is not None:
                 self.visibility.offer(self.space, self.ledger.ids(rec)[0], probe, rec.sent_at, now)
             return
@@ -259,7 +281,10 @@ class Recaller:
         if self.level == "stream":
             if writer.stream is None:
                 raise EngramError("no stream open yet")
-            await writer.stream.recall(cue, k=10)
+            sent = time.monotonic()
+            result = await writer.stream.recall(cue, k=10)
+            where = f"a stream recall on {writer.space}"
+            note_resurrected(self.ledger, where, [h.id for h in result.hits], sent)
             return
         req = pb.StreamingRecallRequest(
             memory_space_id=writer.space,
@@ -270,8 +295,11 @@ class Recaller:
         )
         if self.level == "session":
             req.session_id = writer.session_id
-        async for _chunk in self.client.stub.RecallStream(req, timeout=self.shape.recall_timeout_s):
-            pass
+        sent = time.monotonic()
+        ids: list[str] = []
+        async for chunk in self.client.stub.RecallStream(req, timeout=self.shape.recall_timeout_s):
+            ids.extend(m.id for m in chunk.results)
+        note_resurrected(self.ledger, f"a {self.level} recall on {writer.space}", ids, sent)
 
 
 class Visibility:
