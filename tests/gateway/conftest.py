@@ -8,7 +8,10 @@ plane. Nothing here starts a process or opens a socket.
   every append stream (``break_streams``: what was not yet acknowledged is lost, as in a crash),
   make the shard unreachable (``down``) or move a space (``fence``: batches get NOT_OWNER and
   sessions wait, as while a move commits; ``moved``: the space is served again, by its "new
-  owner", which holds the same data).
+  owner", which holds the same data). Deletes resolve ids and time ranges against the
+  acknowledged observations (recalls and scans leave deleted ones out; ``deletes`` records
+  each request, ``fail_next_delete`` answers the next one with an error); ``drop_space`` and
+  ``set_retention`` keep what a shard would.
 * ``control``: a :class:`~engram.control.memory.MemoryControlStore`.
 * ``gateway``: a ``GatewayContext`` over both, with 4 credits per stream.
 * ``open_stream()``: a :class:`StreamDriver` running one ``ClientStream``: ``init``, ``batch``,
@@ -61,6 +64,13 @@ class _Space:
     rows: int = 0  # LSNs handed out
     sessions: dict[str, _Session] = field(default_factory=dict)
     ids: list[str] = field(default_factory=list)  # acknowledged observations, in LSN order
+    times: list[int] = field(default_factory=list)  # their times (us), in the same order
+    deleted: set[int] = field(default_factory=set)  # rows (LSN - 1) deleted
+    retention: pb.Retention = field(default_factory=pb.Retention)
+
+    def live(self) -> list[tuple[int, str]]:
+        """(row, id) of the observations not deleted, in LSN order."""
+        return [(row, i) for row, i in enumerate(self.ids) if row not in self.deleted]
 
 
 @dataclass
@@ -80,6 +90,8 @@ class FakeShard:
         self._rejections: deque[tuple[int, str]] = deque()
         self.fenced: dict[str, asyncio.Event] = {}  # space -> set once its move committed
         self.refreshes = 0
+        self.deletes: list[tuple[str, pb.DeleteRequest]] = []  # (space, request) of each delete
+        self._delete_errors: deque[EngramError] = deque()
 
     # ------------------------------------------------------------- test controls
 
@@ -87,6 +99,13 @@ class FakeShard:
         s = self.spaces.setdefault(space, _Space())
         s.dim = s.dim or dim
         s.sessions[session_id] = _Session(mark, mark)
+
+    def store(self, space: str, ids: list[str], times_us: list[int]) -> None:
+        """Observations the space holds, acknowledged (as if a stream had written them)."""
+        s = self.spaces.setdefault(space, _Space())
+        s.ids.extend(ids)
+        s.times.extend(times_us)
+        s.rows += len(ids)
 
     def mark(self, space: str, session_id: str) -> int:
         return self.spaces[space].sessions[session_id].durable
@@ -113,6 +132,9 @@ class FakeShard:
         for space in self.spaces.values():
             for session in space.sessions.values():
                 session.assigned = session.durable
+
+    def fail_next_delete(self, err: EngramError) -> None:
+        self._delete_errors.append(err)
 
     def fence(self, space: str) -> None:
         self.fenced[space] = asyncio.Event()
@@ -159,7 +181,7 @@ class FakeShard:
         self._reachable(space)
         self.recalls.append((space, session_id))
         s = self.spaces.get(space, _Space())
-        found = [pb.Memory(id=i, lsn=n + 1, score=1.0) for n, i in enumerate(s.ids)][: req.k]
+        found = [pb.Memory(id=i, lsn=row + 1, score=1.0) for row, i in s.live()][: req.k]
         yield pb.RecallResponse(results=found, snapshot_sequence=len(s.ids))
 
     async def scan(
@@ -167,10 +189,57 @@ class FakeShard:
     ) -> AsyncIterator[pb.ListObservationsResponse]:
         self._reachable(space)
         s = self.spaces.get(space, _Space())
+        live = s.live()
         size = chunk_size or 10_000
-        for lo in range(0, len(s.ids), size):
-            lsns = range(lo + 1, min(lo + size, len(s.ids)) + 1)
-            yield pb.ListObservationsResponse(ids=s.ids[lo : lo + size], lsns=lsns, dim=s.dim)
+        for lo in range(0, len(live), size):
+            part = live[lo : lo + size]
+            yield pb.ListObservationsResponse(
+                ids=[i for _, i in part], lsns=[row + 1 for row, _ in part], dim=s.dim
+            )
+
+    async def delete(self, space: str, request: pb.DeleteRequest) -> pb.DeleteResponse:
+        """As ``Space.resolve_delete`` + ``begin_delete``: only acknowledged rows are named."""
+        self._reachable(space)
+        if space in self.fenced:  # as GrpcShards: NOT_OWNER is followed to the new owner
+            await self.fenced[space].wait()
+        self.deletes.append((space, request))
+        if self._delete_errors:
+            raise self._delete_errors.popleft()
+        s = self.spaces.get(space, _Space())
+        rows: set[int] = set()
+        already = not_found = 0
+        for obs_id in request.ids:
+            named = [row for row, i in enumerate(s.ids) if i == obs_id]
+            if not named:
+                not_found += 1
+            elif all(row in s.deleted for row in named):
+                already += 1
+            rows.update(named)
+        if request.HasField("since_us") or request.HasField("until_us"):
+            lo = request.since_us if request.HasField("since_us") else -(1 << 63)
+            hi = request.until_us if request.HasField("until_us") else 1 << 63
+            rows.update(row for row, t in enumerate(s.times) if lo <= t < hi)
+        fresh = rows - s.deleted
+        s.deleted |= fresh
+        answer = pb.DeleteResponse(
+            request_id=request.request_id,
+            deleted=len(fresh),
+            already_deleted=already,
+            not_found=not_found,
+            lsn=len(s.ids),
+        )
+        answer.committed_at.GetCurrentTime()
+        return answer
+
+    async def drop_space(self, space: str) -> int:
+        self._reachable(space)
+        dropped = self.spaces.pop(space, None)
+        return len(dropped.live()) if dropped is not None else 0
+
+    async def set_retention(self, space: str, retention: pb.Retention) -> pb.Retention:
+        self._reachable(space)
+        self.spaces.setdefault(space, _Space()).retention.CopyFrom(retention)
+        return retention
 
     def begin(self, space: str, session_id: str, seq: int, batch: pb.ObservationBatch) -> _Answer:
         """What the shard answers to batch ``seq`` (``shard/space.py::begin_append``)."""
@@ -212,9 +281,12 @@ class FakeShard:
         )
         s.rows += n
 
+        times = np.frombuffer(batch.timestamps_us, dtype="<i8").tolist() or [_now()] * n
+
         def durable() -> None:
             session.durable = seq
             s.ids.extend(ids)
+            s.times.extend(times)
 
         return _Answer(ack, durable)
 

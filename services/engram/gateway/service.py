@@ -9,12 +9,18 @@ UNAUTHENTICATED at once. ObserveStream without a metadata key authenticates with
 message (an init carrying ``api_key``, see :class:`ClientStream`); the unary-request calls
 need the metadata key. A key without the scope ends RecallStream and ListObservations with
 PERMISSION_DENIED; ObserveStream answers such refusals in-band and goes on.
+
+Forgetting: ``Delete`` needs ``write`` on the space and is answered once the shard's tombstone
+is durable; ``DropSpace`` and ``SetRetention`` need ``admin`` and leave an audit line
+(``audit event=drop_space|set_retention key_id=.. space=..``). Requests are checked here
+(:mod:`engram.gateway.forget`) before any shard is asked.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 import grpc
@@ -22,13 +28,15 @@ from google.protobuf.message import DecodeError
 
 from engram.common import tracing, validation
 from engram.contract.errors import EngramError, abort_details, grpc_status
-from engram.gateway import auth
+from engram.gateway import auth, forget
 from engram.gateway.auth import Principal
 from engram.gateway.context import GatewayContext
 from engram.gateway.stream import ClientStream, Incoming, StreamAbort, recall_span
 from engram.v1 import streaming_pb2 as pb
 
 SERVICE = "engram.v1.EngramStream"
+
+audit = logging.getLogger("engram.audit")
 
 
 # How long a refused ObserveStream waits for the client's first message before it ends.
@@ -143,6 +151,69 @@ class EngramStreamService:
         except EngramError as exc:
             await context.abort(grpc_status(exc), abort_details(exc))
 
+    async def Delete(  # noqa: N802
+        self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteResponse:
+        try:
+            _, space = self._admitted(request.memory_space_id, context, auth.WRITE)
+            checked = forget.delete_request(request, space, self.gw.settings.limits)
+            answer = await self.gw.shards.delete(space, checked)
+            answer.request_id = request.request_id
+            return answer
+        except EngramError as exc:
+            await context.abort(grpc_status(exc), abort_details(exc))
+            raise  # not reached: abort raises
+
+    async def DropSpace(  # noqa: N802
+        self, request: pb.DropSpaceRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DropSpaceResponse:
+        try:
+            principal, space = self._admitted(request.memory_space_id, context, auth.ADMIN)
+            observations = await self.gw.shards.drop_space(space)
+            _audit(context, principal, "drop_space", space, f"observations={observations}")
+            return pb.DropSpaceResponse(observations=observations)
+        except EngramError as exc:
+            await context.abort(grpc_status(exc), abort_details(exc))
+            raise
+
+    async def SetRetention(  # noqa: N802
+        self, request: pb.SetRetentionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetRetentionResponse:
+        try:
+            principal, space = self._admitted(request.memory_space_id, context, auth.ADMIN)
+            wanted = forget.retention(request.retention)
+            now = await self.gw.shards.set_retention(space, wanted)
+            limits = f"max_age_s={now.max_age_s} max_rows={now.max_rows}"
+            _audit(context, principal, "set_retention", space, limits)
+            return pb.SetRetentionResponse(retention=now)
+        except EngramError as exc:
+            await context.abort(grpc_status(exc), abort_details(exc))
+            raise
+
+    def _admitted(
+        self, raw_space: str, context: grpc.aio.ServicerContext, action: str
+    ) -> tuple[Principal, str]:
+        """The call's key (metadata) and space, once the key holds ``action`` on the space."""
+        principal = self._caller(context, required=True)
+        assert principal is not None
+        space = validation.space_id(raw_space)
+        auth.require(principal, action, space)
+        return principal, space
+
+
+def _audit(
+    context: grpc.aio.ServicerContext, principal: Principal, event: str, space: str, detail: str
+) -> None:
+    """An administrative call that changed a space, as a line of ``engram.audit``."""
+    audit.info(
+        "audit event=%s peer=%s key_id=%s space=%s %s",
+        event,
+        context.peer() or "-",
+        principal.key_id or "-",
+        space,
+        detail,
+    )
+
 
 def handler(service: EngramStreamService) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(
@@ -163,5 +234,17 @@ def handler(service: EngramStreamService) -> grpc.GenericRpcHandler:
                 request_deserializer=pb.ListObservationsRequest.FromString,
                 response_serializer=pb.ListObservationsResponse.SerializeToString,
             ),
+            **{
+                name: grpc.unary_unary_rpc_method_handler(
+                    getattr(service, name),
+                    request_deserializer=request.FromString,
+                    response_serializer=response.SerializeToString,
+                )
+                for name, request, response in (
+                    ("Delete", pb.DeleteRequest, pb.DeleteResponse),
+                    ("DropSpace", pb.DropSpaceRequest, pb.DropSpaceResponse),
+                    ("SetRetention", pb.SetRetentionRequest, pb.SetRetentionResponse),
+                )
+            },
         },
     )

@@ -35,6 +35,8 @@ APPEND_METHOD = f"/{ipb.DESCRIPTOR.services_by_name['Shard'].full_name}/Append"
 # published: a caller asks the routing table again this often, for at most this long.
 MOVED_RETRY_S = 0.02
 MOVED_WAIT_S = 10.0
+# A delete is answered once its tombstone is durable; a wide time range resolves many rows.
+DELETE_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,11 @@ class Shards(Protocol):
 
     def scan(self, space: str, chunk_size: int = 0) -> AsyncIterator[pb.ListObservationsResponse]:
         """Every observation's id and LSN, in chunks (0: the shard's default size)."""
+        ...
+
+    async def delete(self, space: str, request: pb.DeleteRequest) -> pb.DeleteResponse:
+        """The owning shard's answer once the delete's tombstone is durable (a NOT_OWNER is
+        followed to the new owner); raises the shard's error or UnavailableError."""
         ...
 
     async def refresh(self) -> None:
@@ -162,6 +169,26 @@ class GrpcShards:
         scan_req = ipb.ScanRequest(memory_space_id=space, chunk_size=chunk_size)
         async for chunk in self._read(space, lambda stub: stub.Scan(scan_req)):
             yield chunk
+
+    async def delete(self, space: str, request: pb.DeleteRequest) -> pb.DeleteResponse:
+        """As :meth:`Shards.delete`. Routed with the space's epoch, so an owner that lost the
+        space answers NOT_OWNER (having written nothing); that alone is retried, at the new owner,
+        for up to ``moved_wait_s``."""
+        deadline = time.monotonic() + self.moved_wait_s
+        while True:
+            _, stub = await self.router.stub(space)
+            shard_req = ipb.ShardDeleteRequest(
+                delete=request, epoch=self.router.assignment.space_epoch(space)
+            )
+            try:
+                answer: pb.DeleteResponse = await stub.Delete(shard_req, timeout=DELETE_TIMEOUT_S)
+                return answer
+            except grpc.aio.AioRpcError as exc:
+                err = from_rpc_error(exc, f"the shard of memory space {space!r}")
+                if not isinstance(err, NotOwnerError) or time.monotonic() > deadline:
+                    raise err from None
+            await asyncio.sleep(MOVED_RETRY_S)
+            await self.router.refresh()
 
     async def _read(
         self, space: str, call: Callable[[shard_pb2_grpc.ShardStub], Any]

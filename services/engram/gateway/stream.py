@@ -10,6 +10,11 @@ A message that fails validation consumes no sequence number. Errors caused by on
 answered in-band and the stream stays open; if the shard becomes unreachable the stream ends
 with UNAVAILABLE and the client resumes the session on a new one.
 
+A ``delete`` (by ids and/or a time range) is answered with ``deleted`` once its tombstone is
+durable; it is sent to the shard only after every batch this stream forwarded before it is
+answered (:class:`~engram.gateway.forget.AnsweredBefore`), so a stream can delete what it has
+just written. Its errors are answered in-band with its request_id.
+
 When the space moves, its old owner answers NOT_OWNER from the fence on. The stream keeps every
 batch it forwarded until it is answered, so it then follows the space itself (``_reroute``):
 it holds new batches back, finds the new owner through the routing table (waiting while the
@@ -18,10 +23,11 @@ those the old owner had made durable come back as duplicates. The client sees on
 
 API keys (:mod:`engram.gateway.auth`): the stream holds its key's principal (given by the
 transport from a header, or taken from the first message, an init carrying ``api_key``). Scopes
-are checked per message and refused in-band (init: read or write on the space; batches: write;
-recalls: read; a resumed session of a space the key does not cover is refused without naming
-that space); a batch over the key's observations/s budget is REJECTED like an admission refusal
-(``key_rate_limit``); a key revoked or expired meanwhile ends the stream at its next message.
+are checked per message and refused in-band (init: read or write on the space; batches and
+deletes: write; recalls: read; a resumed session of a space the key does not cover is refused
+without naming that space); a batch over the key's observations/s budget is REJECTED like an
+admission refusal (``key_rate_limit``); a key revoked or expired meanwhile ends the stream at
+its next message.
 
 Shards are reached only through ``GatewayContext.shards`` (:mod:`engram.gateway.shards`) and
 the control plane through ``GatewayContext.store``, so tests drive :meth:`ClientStream.run`
@@ -56,7 +62,7 @@ from engram.contract.errors import (
     from_proto,
 )
 from engram.control.store import SessionRecord
-from engram.gateway import auth
+from engram.gateway import auth, forget
 from engram.gateway.auth import Principal
 from engram.gateway.context import GatewayContext
 from engram.gateway.flow import TokenBucket
@@ -149,6 +155,7 @@ class ClientStream:
         self._routed = asyncio.Event()  # clear while the stream follows a moved space
         self._routed.set()
         self._reroute_task: asyncio.Task[None] | None = None
+        self._deletes = forget.AnsweredBefore()  # deletes waiting for earlier batches
 
     # ---------------------------------------------------------------- plumbing
 
@@ -343,12 +350,17 @@ class ClientStream:
             elif op == "recall":
                 auth.require(principal, auth.READ, self.space)
                 self._recall(msg.recall)
+            elif op == "delete":
+                auth.require(principal, auth.WRITE, self.space)
+                self._delete(msg.delete)
             elif op == "flow":
                 self._flow(msg.flow)
             elif op == "close":
                 self._closing = True
         except EngramError as exc:
-            request_id = msg.recall.request_id if op == "recall" else ""
+            request_id = {"recall": msg.recall.request_id, "delete": msg.delete.request_id}.get(
+                op or "", ""
+            )
             self._error(exc, seq if op in ("batch", "observation") else 0, request_id)
 
     # -------------------------------------------------------------------- init
@@ -588,6 +600,7 @@ class ClientStream:
             self._follow_move()  # the batch stays in flight: it is resent to the new owner
             return
         sent = self._sent.pop(seq, None)
+        self._deletes.answered(self._sent)
         if resp.rejected or (
             resp.HasField("error")
             and resp.error.code == pb.SEQUENCE_GAP
@@ -701,6 +714,29 @@ class ClientStream:
         if span is not None:
             span.end()
         metrics.recall_latency.observe(time.perf_counter() - started)
+
+    # ------------------------------------------------------------------ delete
+
+    def _delete(self, req: pb.DeleteRequest) -> None:
+        if req.memory_space_id and req.memory_space_id.strip() != self.space:
+            raise SessionError(
+                f"this stream's session belongs to memory space {self.space!r}, "
+                f"not {req.memory_space_id!r}: delete elsewhere with the unary Delete call",
+                code=pb.SPACE_MISMATCH,
+            )
+        checked = forget.delete_request(req, self.space, self.gw.settings.limits)
+        self._spawn(self._do_delete(checked, self._deletes.wait(self._sent)))
+
+    async def _do_delete(self, req: pb.DeleteRequest, before: asyncio.Future[None]) -> None:
+        """Waits for the batches forwarded before the delete, then asks the shard."""
+        try:
+            await before
+            answer = await self.gw.shards.delete(self.space, req)
+        except EngramError as exc:
+            self._error(exc, request_id=req.request_id)
+            return
+        answer.request_id = req.request_id
+        self._send(pb.ObservationResponse(deleted=answer))
 
     # -------------------------------------------------------------------- flow
 

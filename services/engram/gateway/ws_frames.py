@@ -45,6 +45,7 @@ CLIENT_TYPES = (
     "observation",
     "batch",
     "recall",
+    "delete",
     "flow_control",
     "close",
     "heartbeat",
@@ -57,6 +58,7 @@ _RESPONSE_TYPES = {
     "status": "status",
     "recall": "recall_result",
     "error": "error",
+    "deleted": "deleted",
 }
 
 _UTC = dt.UTC
@@ -477,6 +479,34 @@ def _recall(frame: dict[str, Any]) -> pb.RecallRequest:
     return r
 
 
+def _time_bound(frame: dict[str, Any], name: str) -> int | None:
+    """A delete's bound, ``since``/``until`` (RFC 3339) or ``since_us``/``until_us``."""
+    text, us = frame.get(name), frame.get(f"{name}_us")
+    if text is not None and us is not None:
+        raise _err(f"give '{name}' (RFC 3339) or '{name}_us' (unix microseconds), not both")
+    if us is not None:
+        return _int(frame, f"{name}_us", -(1 << 63), (1 << 63) - 1)
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise _err(f"'{name}' must be an RFC 3339 string, e.g. 2026-01-31T12:00:00Z")
+    try:
+        return parse_rfc3339_us(text)
+    except ValueError:
+        raise _err(f"'{name}' is not an RFC 3339 time: {text!r}") from None
+
+
+def _delete(frame: dict[str, Any]) -> pb.DeleteRequest:
+    d = pb.DeleteRequest(request_id=_str(frame, "request_id"), ids=_str_list(frame, "ids"))
+    for name in ("since", "until"):
+        bound = _time_bound(frame, name)
+        if bound is not None:
+            setattr(d, f"{name}_us", bound)
+    if not d.ids and not (d.HasField("since_us") or d.HasField("until_us")):
+        raise _err("a delete frame needs 'ids' and/or a time range ('since', 'until')")
+    return d
+
+
 def _flow(frame: dict[str, Any]) -> pb.FlowControl:
     if frame.get("action") is None:
         raise _err(
@@ -532,7 +562,7 @@ def decode_text(text: str) -> tuple[str, pb.ObservationRequest | None]:
     seq = 0
     request_id = ""
     try:
-        if kind == "recall":
+        if kind in ("recall", "delete"):
             request_id = _str(frame, "request_id")
         seq = _int(frame, "sequence_number", 0, (1 << 64) - 1)
         if kind == "heartbeat":
@@ -564,6 +594,8 @@ def decode_text(text: str) -> tuple[str, pb.ObservationRequest | None]:
             req.observation.CopyFrom(_episode(frame))
         elif kind == "recall":
             req.recall.CopyFrom(_recall(frame))
+        elif kind == "delete":
+            req.delete.CopyFrom(_delete(frame))
         elif kind == "flow_control":
             req.flow.CopyFrom(_flow(frame))
         elif kind == "close":
