@@ -6,6 +6,7 @@
         stream = await client.open_stream("my-space")
         ack = await (await stream.send(vectors, contents=texts))   # durable once it resolves
         hits = await stream.recall(vectors[0], k=5)
+        await stream.delete(ids=["obs-1"])                          # or client.delete(space, ...)
         await stream.close()
 
 A stream resumes its session by itself after a dropped connection, resending exactly the
@@ -33,12 +34,14 @@ from engram_client.errors import (
     PermissionDeniedError,
     RateLimitedError,
 )
+from engram_client.forgetting import DeleteResult, Retention
 
 __all__ = [
     "CHANNEL_OPTIONS",
     "TLS",
     "Ack",
     "AuthenticationError",
+    "DeleteResult",
     "EngramClient",
     "EngramError",
     "Hit",
@@ -46,5 +49,6 @@ __all__ = [
     "PermissionDeniedError",
     "RateLimitedError",
     "RecallResult",
+    "Retention",
     "StreamEvent",
 ]

@@ -40,6 +40,13 @@ from engram_client.errors import (
     ValidationError,
     from_rpc_error,
 )
+from engram_client.forgetting import (
+    DeleteResult,
+    Retention,
+    delete_request,
+    delete_result,
+    retention,
+)
 
 log = logging.getLogger("engram_client")
 
@@ -287,6 +294,49 @@ class EngramClient:
         """Every observation id in ``space``, in LSN order."""
         return [i async for ids, _ in self.list_observations(space) for i in ids]
 
+    async def delete(
+        self,
+        space: str,
+        ids: Sequence[str] = (),
+        *,
+        since_us: int | None = None,
+        until_us: int | None = None,
+        request_id: str = "",
+        timeout: float = 60.0,  # noqa: ASYNC109 (a gRPC deadline, passed through)
+    ) -> DeleteResult:
+        """Deletes observations by id and/or time range (``write`` scope); returns once the
+        delete is durable: no recall after it returns them (see :mod:`engram_client.forgetting`)."""
+        req = delete_request(
+            space, ids, since_us=since_us, until_us=until_us, request_id=request_id
+        )
+        return delete_result(await self._unary(self.stub.Delete, req, timeout))
+
+    async def drop_space(self, space: str, timeout: float = 60.0) -> int:  # noqa: ASYNC109
+        """Drops ``space`` and everything in it (``admin`` scope); returns how many observations
+        it held (0: there was no such space). A new session on the name starts it empty."""
+        req = pb.DropSpaceRequest(memory_space_id=space)
+        return int((await self._unary(self.stub.DropSpace, req, timeout)).observations)
+
+    async def set_retention(
+        self,
+        space: str,
+        *,
+        max_age_s: int = 0,
+        max_rows: int = 0,
+        timeout: float = 10.0,  # noqa: ASYNC109
+    ) -> Retention:
+        """Sets ``space``'s retention (``admin`` scope); both 0 clears it. Returns it as set."""
+        req = pb.SetRetentionRequest(
+            memory_space_id=space, retention=pb.Retention(max_age_s=max_age_s, max_rows=max_rows)
+        )
+        return retention((await self._unary(self.stub.SetRetention, req, timeout)).retention)
+
+    async def _unary(self, method: Any, request: Any, timeout: float) -> Any:  # noqa: ASYNC109
+        try:
+            return await method(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, "the gateway") from None
+
 
 class ObservationStream:
     def __init__(
@@ -314,6 +364,7 @@ class ObservationStream:
         self._pending: dict[int, _Pending] = {}
         self._recalls: dict[str, tuple[pb.RecallRequest, asyncio.Future[RecallResult]]] = {}
         self._recall_parts: dict[str, list[pb.RecallResponse]] = {}
+        self._deletes: dict[str, tuple[pb.DeleteRequest, asyncio.Future[DeleteResult]]] = {}
         self._rid = itertools.count(1)
         self._call: grpc.aio.StreamStreamCall | None = None
         self._write_lock = asyncio.Lock()
@@ -401,6 +452,27 @@ class ObservationStream:
                     await self._call.write(pb.ObservationRequest(recall=req))
         return await fut
 
+    async def delete(
+        self,
+        ids: Sequence[str] = (),
+        *,
+        since_us: int | None = None,
+        until_us: int | None = None,
+    ) -> DeleteResult:
+        """Deletes observations of this stream's space by id and/or time range (``write``
+        scope). The server applies it after every batch sent before it is durable, so this
+        stream's own writes can be deleted at once; returns once the delete is durable."""
+        self._raise_if_fatal()
+        rid = f"d{next(self._rid)}"
+        req = delete_request("", ids, since_us=since_us, until_us=until_us, request_id=rid)
+        fut: asyncio.Future[DeleteResult] = asyncio.get_running_loop().create_future()
+        self._deletes[rid] = (req, fut)
+        async with self._write_lock:
+            if self._call is not None:
+                with contextlib.suppress(Exception):  # a reconnect sends it again
+                    await self._call.write(pb.ObservationRequest(delete=req))
+        return await fut
+
     async def close(self) -> None:
         """Waits for outstanding acks, then ends the stream."""
         with contextlib.suppress(Exception):
@@ -470,7 +542,8 @@ class ObservationStream:
         try:
             await self._run()
         except asyncio.CancelledError:
-            if self._pending or self._recalls:  # e.g. EngramClient.close() with batches in flight
+            # e.g. EngramClient.close() with batches in flight
+            if self._pending or self._recalls or self._deletes:
                 self._fail_all(UnavailableError("the stream was closed before they were answered"))
             raise
         except Exception as exc:  # a bug must not leave callers waiting forever
@@ -510,6 +583,8 @@ class ObservationStream:
             for rid, (req, _fut) in self._recalls.items():
                 self._recall_parts[rid] = []  # asked again: drop chunks of the lost answer
                 await call.write(pb.ObservationRequest(recall=req))
+            for delete, _fut in self._deletes.values():  # after the batches it follows
+                await call.write(pb.ObservationRequest(delete=delete))
         async with self._room:
             self._room.notify_all()
         self._emit(
@@ -577,6 +652,10 @@ class ObservationStream:
             if not fut.done():
                 fut.set_exception(exc)
         self._recalls.clear()
+        for _delete, fut in self._deletes.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self._deletes.clear()
         self._emit("error", str(exc))
 
     def _on_response(self, resp: pb.ObservationResponse) -> None:
@@ -594,6 +673,10 @@ class ObservationStream:
             if entry is not None and not entry[1].done():
                 hits = [h for part in parts for h in _hits(part.results)]
                 entry[1].set_result(_result(hits, resp.recall, len(parts)))
+        elif kind == "deleted":
+            pending = self._deletes.pop(resp.deleted.request_id, None)
+            if pending is not None and not pending[1].done():
+                pending[1].set_result(delete_result(resp.deleted))
         elif kind == "error":
             self._on_error(resp.sequence_number, resp.error)
         elif kind == "status":
@@ -686,9 +769,11 @@ class ObservationStream:
 
     def _on_error(self, seq: int, err: pb.StreamError) -> None:
         if err.request_id:
-            entry = self._recalls.pop(err.request_id, None)
-            if entry is not None and not entry[1].done():
-                entry[1].set_exception(from_proto(err))
+            waiting = self._recalls.pop(err.request_id, None) or self._deletes.pop(
+                err.request_id, None
+            )
+            if waiting is not None and not waiting[1].done():
+                waiting[1].set_exception(from_proto(err))
             return
         self._emit("error", f"{pb.ErrorCode.Name(err.code)}: {err.message}")
         if err.code in _STREAM_FATAL:  # e.g. the key was revoked: no resume can help
