@@ -9,6 +9,7 @@
     engram bench [--seconds 60] [--rate 100000] [--dim 384] [--json PATH] [--target ADDR]
     engram move SPACE --to shard-N [--data-dir ./.engram]
     engram keys create|list|revoke --keys-file FILE ...
+    engram delete --space S --id ID... | drop-space S | retention --space S --max-age 30d
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("recall", help="one recall at a chosen consistency level (engram recall -h)")
     sub.add_parser("move", help="move a memory space to another shard (engram move -h)")
     sub.add_parser("keys", help="create, list or revoke API keys (engram keys -h)")
+    sub.add_parser("delete", help="delete observations by id or time (engram delete -h)")
+    sub.add_parser("drop-space", help="drop a memory space and all of it (engram drop-space -h)")
+    sub.add_parser("retention", help="a space's maximum age or rows (engram retention -h)")
     return parser
 
 
@@ -110,6 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from engram.keys_cli import main as keys_main
 
         return keys_main(args_list[1:])
+    if args_list and args_list[0] in ("delete", "drop-space", "retention"):
+        from engram.forget_cli import main as forget_main
+
+        return forget_main(args_list)
     if args_list and args_list[0] == "recall":
         from engram.recall_cli import main as recall_main
 
