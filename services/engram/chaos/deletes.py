@@ -1,7 +1,8 @@
 """The deleting side of the chaos workload: deletes by id, and the check of every read.
 
 * :class:`Deleter` — deletes a share (``WorkloadShape.delete_share``) of the acknowledged
-  observations, by id, with the public unary ``Delete`` call, while the writers go on. It picks
+  observations, by id, with the public unary ``Delete`` call (the client's
+  :meth:`~engram_client.EngramClient.delete`), while the writers go on. It picks
   rows of batches acknowledged at least ``delete_after_s`` ago (old ones, in HNSW, and recent
   ones, still in the fresh tier), each row at most once. A delete whose call fails is sent again
   with the same request id until answered (deleting twice is a no-op) or until
@@ -35,7 +36,6 @@ from engram.chaos.ledger import BatchRecord, DeleteRecord, Ledger
 from engram.contract.errors import EngramError
 from engram.v1 import streaming_pb2 as pb
 from engram_client import EngramClient
-from engram_client.errors import from_rpc_error
 
 if TYPE_CHECKING:
     from engram.chaos.workload import WorkloadShape
@@ -163,19 +163,17 @@ class Deleter:
     async def _delete(self, rec: DeleteRecord) -> None:
         """Sends ``rec`` until it is answered or its retry time is over."""
         ledger = self.ledger
-        req = pb.DeleteRequest(
-            memory_space_id=rec.space,
-            request_id=f"{ledger.run}.d{rec.k}",
-            ids=[ledger.row_id(g, i) for g, i in rec.rows],
-        )
+        request_id = f"{ledger.run}.d{rec.k}"
+        ids = [ledger.row_id(g, i) for g, i in rec.rows]
         give_up = rec.sent_at + self.shape.delete_retry_s
         while True:
             rec.attempts += 1
             started = time.monotonic()
             try:
-                resp = await self.client.stub.Delete(req, timeout=self.shape.delete_timeout_s)
-            except (grpc.aio.AioRpcError, EngramError) as exc:
-                err = from_rpc_error(exc) if isinstance(exc, grpc.aio.AioRpcError) else exc
+                resp = await self.client.delete(
+                    rec.space, ids, request_id=request_id, timeout=self.shape.delete_timeout_s
+                )
+            except EngramError as err:
                 now = time.monotonic()
                 rec.detail = f"{pb.ErrorCode.Name(err.code)}: {err}"[:300]
                 ledger.op("delete", False, t=now)
