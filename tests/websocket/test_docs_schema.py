@@ -33,8 +33,8 @@ def _blocks() -> tuple[dict[str, dict[str, Any]], list[tuple[str, dict[str, Any]
 
 
 SCHEMAS, EXAMPLES = _blocks()
-CLIENT = ["init", "batch", "observation", "recall", "flow_control", "close", "heartbeat"]
-SERVER = ["init_ack", "ack", "status", "recall_result", "error", "heartbeat"]
+CLIENT = ["init", "batch", "observation", "recall", "delete", "flow_control", "close", "heartbeat"]
+SERVER = ["init_ack", "ack", "status", "recall_result", "deleted", "error", "heartbeat"]
 
 
 def validate(name: str, frame: dict[str, Any]) -> None:
@@ -64,6 +64,12 @@ def test_schemas_reject_what_the_server_refuses():
         validate("client/batch", {"type": "batch", "sequence_number": 1, "vectors_b64": "AAAA"})
     with pytest.raises(jsonschema.ValidationError):
         validate("client/recall", {"type": "recall", "cue": [1.0]})  # no k
+    with pytest.raises(jsonschema.ValidationError):
+        validate("client/delete", {"type": "delete", "request_id": "d"})  # names nothing
+    with pytest.raises(jsonschema.ValidationError):
+        validate(
+            "client/delete", {"type": "delete", "since": "2026-01-01T00:00:00Z", "since_us": 1}
+        )
 
 
 async def test_live_frames_match_the_schemas(shared_cluster, ws_connect, space_id):
@@ -79,6 +85,10 @@ async def test_live_frames_match_the_schemas(shared_cluster, ws_connect, space_i
     validate("server/ack", await ws.expect("ack"))
     await ws.send({"type": "recall", "request_id": "r1", "cue": v[0].tolist(), "k": 2})
     validate("server/recall_result", await ws.expect("recall_result"))
+    await ws.send({"type": "delete", "request_id": "d1", "ids": ["obs-2"]})
+    deleted = await ws.expect("deleted")
+    validate("server/deleted", deleted)
+    assert (deleted["request_id"], deleted["deleted"]) == ("d1", 1)
     await ws.send({"type": "flow_control", "action": "buffer_status"})
     validate("server/status", await ws.expect("status"))
     await ws.send({"type": "batch", "sequence_number": 9, "vectors": v.tolist()})
@@ -110,5 +120,6 @@ async def test_client_examples_are_accepted_by_the_server(shared_cluster, ws_con
         "batch": "ack",
         "observation": "ack",
         "recall": "recall_result",
+        "delete": "deleted",
         "flow_control": "status",
     }
