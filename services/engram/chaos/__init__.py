@@ -2,12 +2,12 @@
 
 A run drives a mixed workload (several sessions on several memory spaces, batches of varied
 size, deletes by id of a share of what was acknowledged, recalls at every consistency level)
-through the real Python client while injecting
-faults on a seeded schedule — SIGKILL of shards (also during their recovery), the gateway and
-Redis, SIGSTOP of shards, latency, resets and partitions between gateway and shards through a
-TCP proxy, fsync errors and ENOSPC on a shard's WAL — and then checks that every acknowledged
-observation is stored exactly once, in its session's order, unless a delete named it, that
-nothing refused was stored, and that no row is read after its delete was acknowledged.
+through the real Python client while injecting faults on a seeded schedule — SIGKILL of
+shards (also during their recovery), the gateway and Redis, SIGSTOP of shards, latency, resets
+and partitions between gateway and shards through a TCP proxy, fsync errors and ENOSPC on a
+shard's WAL — and then checks that every acknowledged observation is stored exactly once, in
+its session's order, unless a delete named it, that nothing refused was stored, and that no
+row is read after its delete was acknowledged.
 
 Modules: :mod:`~engram.chaos.proxy` (fault-injecting TCP proxy), :mod:`~engram.chaos.faults`
 (the faults), :mod:`~engram.chaos.workload` (writers, recallers, visibility probes),
