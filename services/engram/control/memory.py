@@ -8,8 +8,8 @@ same semantics, with one difference: **a session's TTL is ignored** (the record 
 store is dropped, where Redis would let it expire). A shard's registration expires as in Redis,
 on ``clock`` (monotonic seconds; a test may pass its own).
 
-Like Redis, an ``update_session`` of an unknown session leaves a partial record that
-``get_session`` does not return until a ``put_session`` names its space.
+Like Redis, an ``update_session`` of an unknown session changes nothing (a stream that ends
+after its space was dropped must not bring the session back).
 """
 
 from __future__ import annotations
@@ -71,9 +71,9 @@ class MemoryControlStore:
     async def update_session(
         self, session_id: str, *, last_acked: int, state: str, ttl_s: int
     ) -> None:
-        now = _now_us()
-        s = self._sessions.setdefault(session_id, _Session(None, state, last_acked, now, now))
-        s.last_acked, s.state, s.updated_us = last_acked, state, now
+        s = self._sessions.get(session_id)
+        if s is not None:
+            s.last_acked, s.state, s.updated_us = last_acked, state, _now_us()
 
     async def count_sessions(self) -> int:
         return len(self._sessions)

@@ -14,6 +14,9 @@ claim only over one of a lower epoch), again after Redis lost them.
 
 Keys (``P`` is the configured prefix):
   P:session:<id>       hash {space, state, last_acked, created_us, updated_us}, with a TTL
+  P:space:<space>:sessions
+                       set of the space's session ids (put_session adds, with the sessions'
+                       TTL renewed): a dropped space's sessions are found without a SCAN
   P:assign:epoch       integer, the table's version: rises on every change of the owners
   P:assign:owners      hash space -> "<shard>:<epoch>"
   P:assign:published   set of the shard ids that published their owners since Redis started
@@ -26,7 +29,7 @@ Keys (``P`` is the configured prefix):
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -79,6 +82,8 @@ class ControlStore:
             redis_url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0
         )
         self._publish = self._redis.register_script(_PUBLISH)  # EVALSHA after the first
+        self._unroute = self._redis.register_script(_UNROUTE)
+        self._update = self._redis.register_script(_UPDATE)
         self._p = prefix
         self.shard_count = shard_count
 
@@ -105,7 +110,12 @@ class ControlStore:
             )
             pipe.hsetnx(key, "created_us", now)
             pipe.expire(key, ttl_s)
+            pipe.sadd(self._space_sessions(rec.space), rec.session_id)
+            pipe.expire(self._space_sessions(rec.space), ttl_s)
             await pipe.execute()
+
+    def _space_sessions(self, space: str) -> str:
+        return f"{self._p}:space:{space}:sessions"
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
         data = await self._redis.hgetall(f"{self._p}:session:{session_id}")
@@ -121,13 +131,33 @@ class ControlStore:
     async def update_session(
         self, session_id: str, *, last_acked: int, state: str, ttl_s: int
     ) -> None:
+        """Updates a known session; an unknown one (expired, or of a dropped space: a stream
+        ending after the drop) is left unknown rather than created partly."""
         key = f"{self._p}:session:{session_id}"
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hset(
-                key, mapping={"last_acked": last_acked, "state": state, "updated_us": _now_us()}
-            )
-            pipe.expire(key, ttl_s)
+        await self._update(keys=[key], args=[last_acked, state, _now_us(), ttl_s])
+
+    async def forget_space(
+        self,
+        space: str,
+        *,
+        shard: int,
+        epoch: int,
+        sessions: Collection[str] = (),
+        keep_route: bool = False,
+    ) -> None:
+        """Forgets a dropped space: its sessions (those of its set and ``sessions``), the set,
+        and its routing entry if it is still ``shard`` at ``epoch`` (a claim published since,
+        by another shard or at a higher epoch, stays) unless ``keep_route``."""
+        members = await self._redis.smembers(self._space_sessions(space))
+        ids = sorted(set(members) | set(sessions))
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for session_id in ids:
+                pipe.delete(f"{self._p}:session:{session_id}")
+            pipe.delete(self._space_sessions(space))
             await pipe.execute()
+        if not keep_route:
+            keys = [f"{self._p}:assign:owners", f"{self._p}:assign:epoch"]
+            await self._unroute(keys=keys, args=[space, f"{shard}:{epoch}"])
 
     async def count_sessions(self) -> int:
         n = 0
@@ -224,4 +254,22 @@ end
 redis.call('SADD', KEYS[3], shard)
 if changed > 0 then redis.call('INCR', KEYS[2]) end
 return changed
+"""
+
+# KEYS: owners hash, version counter. ARGV: space, the claim "<shard>:<epoch>" to remove.
+_UNROUTE = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('INCR', KEYS[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: a session's hash. ARGV: last_acked, state, updated_us, ttl_s. Only an existing session.
+_UPDATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'last_acked', ARGV[1], 'state', ARGV[2], 'updated_us', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
 """

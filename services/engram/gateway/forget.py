@@ -94,6 +94,14 @@ class AnsweredBefore:
             future.set_result(None)
         return future
 
+    def fail(self, err: Exception) -> None:
+        """The batches will never be answered (the space was dropped): every waiting delete
+        fails with ``err``."""
+        for _, future in self._waiting:
+            if not future.done():
+                future.set_exception(err)
+        self._waiting = []
+
     def answered(self, in_flight: Container[int]) -> None:
         """A batch was answered: releases the deletes none of whose batches is ``in_flight``."""
         if not self._waiting:

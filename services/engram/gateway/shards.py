@@ -36,6 +36,7 @@ APPEND_METHOD = f"/{ipb.DESCRIPTOR.services_by_name['Shard'].full_name}/Append"
 MOVED_RETRY_S = 0.02
 MOVED_WAIT_S = 10.0
 # A delete is answered once its tombstone is durable; a wide time range resolves many rows.
+# Also the bound of a drop (in-flight writes settle, files go) and of a retention change.
 DELETE_TIMEOUT_S = 60.0
 
 
@@ -92,6 +93,16 @@ class Shards(Protocol):
     async def delete(self, space: str, request: pb.DeleteRequest) -> pb.DeleteResponse:
         """The owning shard's answer once the delete's tombstone is durable (a NOT_OWNER is
         followed to the new owner); raises the shard's error or UnavailableError."""
+        ...
+
+    async def drop_space(self, space: str) -> int:
+        """Has the owning shard drop ``space`` (its data, its sessions, its control-plane
+        entries); returns the observations it held (0: unknown). Raises the shard's error
+        (UNAVAILABLE while the space moves) or UnavailableError."""
+        ...
+
+    async def set_retention(self, space: str, retention: pb.Retention) -> pb.Retention:
+        """Sets ``space``'s retention on its owning shard once durable; returns it as set."""
         ...
 
     async def refresh(self) -> None:
@@ -187,6 +198,40 @@ class GrpcShards:
                 err = from_rpc_error(exc, f"the shard of memory space {space!r}")
                 if not isinstance(err, NotOwnerError) or time.monotonic() > deadline:
                     raise err from None
+            await asyncio.sleep(MOVED_RETRY_S)
+            await self.router.refresh()
+
+    async def drop_space(self, space: str) -> int:
+        answer: ipb.ShardDropResponse = await self._unary(
+            space,
+            lambda stub: stub.DropSpace(
+                ipb.ShardDropRequest(memory_space_id=space), timeout=DELETE_TIMEOUT_S
+            ),
+        )
+        return answer.observations
+
+    async def set_retention(self, space: str, retention: pb.Retention) -> pb.Retention:
+        req = ipb.ShardRetentionRequest(memory_space_id=space, retention=retention)
+        answer: ipb.ShardRetentionResponse = await self._unary(
+            space, lambda stub: stub.SetRetention(req, timeout=DELETE_TIMEOUT_S)
+        )
+        return answer.retention
+
+    async def _unary(self, space: str, call: Callable[[shard_pb2_grpc.ShardStub], Any]) -> Any:
+        """A unary call's answer from the owning shard, whose in-band ``error`` is raised; a
+        NOT_OWNER (the space moved) is followed to the new owner for up to ``moved_wait_s``."""
+        deadline = time.monotonic() + self.moved_wait_s
+        while True:
+            _, stub = await self.router.stub(space)
+            try:
+                answer = await call(stub)
+            except grpc.aio.AioRpcError as exc:
+                raise from_rpc_error(exc, f"the shard of memory space {space!r}") from None
+            if not answer.HasField("error"):
+                return answer
+            err = from_proto(answer.error)
+            if not isinstance(err, NotOwnerError) or time.monotonic() > deadline:
+                raise err
             await asyncio.sleep(MOVED_RETRY_S)
             await self.router.refresh()
 

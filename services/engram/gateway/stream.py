@@ -573,7 +573,10 @@ class ClientStream:
                 sent = self._sent[seq]
                 await append.write(seq, sent.batch, sent.traceparent)
         except EngramError as exc:
-            self._shard_lost(f"following memory space {self.space!r} to its new owner: {exc}")
+            if exc.code == pb.SPACE_DROPPED:
+                self._space_dropped()
+            else:
+                self._shard_lost(f"following memory space {self.space!r} to its new owner: {exc}")
             return
         finally:
             self._routed.set()
@@ -584,6 +587,33 @@ class ClientStream:
             self.space,
             (time.perf_counter() - started) * 1000,
         )
+
+    def _space_dropped(self) -> None:
+        """The shard dropped this stream's space: every batch in flight is answered with
+        SPACE_DROPPED, the session ends and the stream stays open for a new init (which, on
+        the same name, starts an empty space)."""
+        err = SessionError(
+            f"memory space {self.space!r} was dropped: session {self.session_id!r} ended with "
+            "it and nothing unacknowledged was stored; send an init to go on (a new session "
+            "on the name starts an empty space)",
+            code=pb.SPACE_DROPPED,
+        )
+        if not self._sent:
+            self._error(err)
+        for seq in sorted(self._sent):
+            sent = self._sent.pop(seq)
+            if sent.span is not None:
+                tracing.fail(sent.span, err)
+            self._error(err, seq)
+        self._deletes.fail(err)
+        if self._append is not None:
+            self._append.cancel()
+        if self._shard_reader is not None:  # it may be the task running this: let it end
+            self._tasks.add(self._shard_reader)
+            self._shard_reader.add_done_callback(self._tasks.discard)
+        self._append = self._shard_reader = None
+        self.session_id, self.space, self.dim = "", "", 0
+        self.next_expected, self.last_acked, self._rejected_from = 1, 0, None
 
     def _shard_lost(self, why: str) -> None:
         metrics.shard_stream_failures_total.inc()
@@ -598,6 +628,9 @@ class ClientStream:
         seq = resp.sequence_number
         if resp.HasField("error") and resp.error.code == pb.NOT_OWNER and not resp.rejected:
             self._follow_move()  # the batch stays in flight: it is resent to the new owner
+            return
+        if resp.HasField("error") and resp.error.code == pb.SPACE_DROPPED:
+            self._space_dropped()
             return
         sent = self._sent.pop(seq, None)
         self._deletes.answered(self._sent)

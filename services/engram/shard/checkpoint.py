@@ -36,6 +36,8 @@ class Manifest:
     meta_files: list[str] = field(default_factory=list)
     sessions: dict[str, int] = field(default_factory=dict)
     created_us: int = 0
+    # the space's retention (max_age_s, max_rows; empty: none): its WAL record may be trimmed
+    retention: dict[str, int] = field(default_factory=dict)
 
 
 def fsync_dir(path: Path) -> None:
@@ -76,6 +78,7 @@ def read_manifest(directory: Path) -> Manifest | None:
         meta_files=list(raw["meta_files"]),
         sessions={k: int(v) for k, v in raw["sessions"].items()},
         created_us=int(raw.get("created_us", 0)),
+        retention={k: int(v) for k, v in raw.get("retention", {}).items()},
     )
 
 

@@ -177,14 +177,18 @@ class Maintenance(SpaceState):
         loop = self._loop
         rows = self.hnsw.count
 
-        async def prepare() -> tuple[dict[str, int], int]:
-            # sessions still being opened may fail: let them settle, then record durable ones
+        async def prepare() -> tuple[dict[str, int], int, dict[str, int]]:
+            # sessions still being opened, a retention being set may fail: let them settle,
+            # then record the durable ones (their WAL records may be trimmed below)
             opening = self.sessions.opening
-            while opening:
-                await asyncio.gather(*opening.values(), return_exceptions=True)
-            return dict(self.sessions.durable), self.wal.rotate()
+            while opening or self.retention_pending is not None:
+                pending = [*opening.values(), self.retention_pending]
+                await asyncio.gather(*[f for f in pending if f], return_exceptions=True)
+            r = self.retention
+            retention = {"max_age_s": r.max_age_s, "max_rows": r.max_rows}
+            return dict(self.sessions.durable), self.wal.rotate(), retention
 
-        sessions, closed = asyncio.run_coroutine_threadsafe(prepare(), loop).result()
+        sessions, closed, retention = asyncio.run_coroutine_threadsafe(prepare(), loop).result()
         lo = self.checkpoint_rows
         meta = list(self._checkpoint_meta)
         if rows > lo:
@@ -209,6 +213,7 @@ class Maintenance(SpaceState):
             meta_files=meta,
             sessions=sessions,
             created_us=now_us(),
+            retention=retention,
         )
         ckpt.write_manifest(self._ckpt_dir, manifest)
         old_index = self._checkpoint_index_file

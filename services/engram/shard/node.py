@@ -23,6 +23,7 @@ from engram.control.store import ControlStore
 from engram.shard import faults as fault_file
 from engram.shard.admission import AdmissionController
 from engram.shard.builder import Background
+from engram.shard.drop import Drops
 from engram.shard.move_source import Outgoing
 from engram.shard.move_target import Incoming
 from engram.shard.ownership import OWNED, Owner, Ownership
@@ -50,6 +51,7 @@ class ShardNode:
         )
         self.placement = Placement(self)
         self.background = Background(self)
+        self.drops = Drops(self)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._publish_soon = asyncio.Event()
@@ -77,6 +79,7 @@ class ShardNode:
     def recover(self) -> None:
         """Recovers every space this shard owns (blocking; before serving)."""
         recovered: dict[str, Space] = {}
+        self.drops.finish_on_start()  # a drop a crash interrupted: its files must not be served
         for name in self.placement.load():
             space = self.new_space(name)
             space.recover()
@@ -98,6 +101,7 @@ class ShardNode:
         self.ready = True
         self.background.start()
         self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
+        self._tasks.append(asyncio.create_task(self.drops.run()))
         if self.settings.shard.fault_file:
             log.warning("fault injection enabled: %s", self.settings.shard.fault_file)
             self._tasks.append(
@@ -154,8 +158,11 @@ class ShardNode:
         self.placement.check_route(name)
         if not create:
             return None
+        self.drops.check(name, "", create=True)
         self.placement.check_create(name)
-        self.ownership.set(name, Owner(OWNED, 0))  # a few ms, once per space
+        # epoch 0, or the one a dropped space of this name had (its routing entry may remain)
+        epoch = max(self.placement.epoch(name), self.assignment.space_epoch(name))
+        self.ownership.set(name, Owner(OWNED, epoch))  # a few ms, once per space
         space = self.new_space(name)
         space.recover()  # an empty directory: creates it
         space.start(self.loop)

@@ -67,7 +67,8 @@ class Recovery(SpaceState):
         rec = ipb.WalRecord.FromString(payload)
         self._replay_record(rec)
         sid = rec.session_open.session_id if rec.HasField("session_open") else rec.batch.session_id
-        self.sessions.assigned[sid] = self.sessions.durable[sid]
+        if sid:  # a retention (or delete) record names no session
+            self.sessions.assigned[sid] = self.sessions.durable[sid]
         self._next_row = self.visible
         if self.visible > before:
             n = self.visible - before
@@ -98,11 +99,15 @@ class Recovery(SpaceState):
         self._checkpoint_index_file = manifest.index_file
         self._checkpoint_meta = list(manifest.meta_files)
         self.fresh = FreshTier(manifest.dim, manifest.rows)
+        self.retention = pb.Retention(**manifest.retention)
 
     def _replay_record(self, rec: ipb.WalRecord) -> int:
         """Applies one durable WAL record; returns the rows it added."""
         if rec.HasField("session_open"):
             self.sessions.durable.setdefault(rec.session_open.session_id, 0)
+            return 0
+        if rec.HasField("retention"):
+            self.retention.CopyFrom(rec.retention.retention)
             return 0
         return self._replay_batch(rec.batch)
 

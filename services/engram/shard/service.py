@@ -29,7 +29,7 @@ from engram.contract.errors import (
 )
 from engram.internal.v1 import shard_pb2 as ipb
 from engram.internal.v1 import shard_pb2_grpc
-from engram.shard import admission
+from engram.shard import admission, retention
 from engram.shard.move_rpcs import MoveRpcs
 from engram.shard.node import ShardNode
 from engram.shard.ownership import MOVED
@@ -120,6 +120,7 @@ class ShardService(MoveRpcs, shard_pb2_grpc.ShardServicer):
         if req.traceparent and tracing.active:  # the gateway traces this batch
             span = tracing.start("engram.shard.append", tracing.parent_from(req.traceparent))
         try:
+            self.node.drops.check(req.memory_space_id, req.session_id)
             space = self.node.space(req.memory_space_id, create=False)
             if space is not None and req.epoch > self.node.placement.epoch(space.name):
                 raise NotOwnerError(
@@ -152,6 +153,7 @@ class ShardService(MoveRpcs, shard_pb2_grpc.ShardServicer):
         self, request: ipb.OpenSessionRequest, context: grpc.aio.ServicerContext
     ) -> ipb.OpenSessionResponse:
         try:
+            self.node.drops.check(request.memory_space_id, request.session_id)
             if request.create and request.memory_space_id not in self.node.spaces:
                 await self.node.placement.refresh_incomplete()
             space = self.node.space(request.memory_space_id, create=request.create)
@@ -273,6 +275,33 @@ class ShardService(MoveRpcs, shard_pb2_grpc.ShardServicer):
             return
         for ids, lsns in space.scan_ids(request.chunk_size or 10_000):
             yield pb.ListObservationsResponse(ids=ids, lsns=lsns, dim=space.dim)
+
+    async def DropSpace(  # noqa: N802
+        self, request: ipb.ShardDropRequest, context: grpc.aio.ServicerContext
+    ) -> ipb.ShardDropResponse:
+        """Drops the space here (:mod:`engram.shard.drop`); its Append streams and sessions
+        are answered SPACE_DROPPED from then on."""
+        try:
+            observations = await self.node.drops.drop(request.memory_space_id)
+        except EngramError as exc:
+            return ipb.ShardDropResponse(error=exc.to_proto())
+        self._recalls.pop(request.memory_space_id, None)
+        return ipb.ShardDropResponse(observations=observations)
+
+    async def SetRetention(  # noqa: N802
+        self, request: ipb.ShardRetentionRequest, context: grpc.aio.ServicerContext
+    ) -> ipb.ShardRetentionResponse:
+        """Sets a space's retention once durable (:mod:`engram.shard.retention`); a space not
+        created yet is created (empty), so a retention can be set before the first write."""
+        try:
+            if request.memory_space_id not in self.node.spaces:
+                await self.node.placement.refresh_incomplete()
+            space = self.node.space(request.memory_space_id, create=True)
+            assert space is not None
+            await retention.set_retention(space, request.retention)
+            return ipb.ShardRetentionResponse(retention=space.retention)
+        except EngramError as exc:
+            return ipb.ShardRetentionResponse(error=exc.to_proto())
 
     async def Stats(  # noqa: N802
         self, request: ipb.StatsRequest, context: grpc.aio.ServicerContext

@@ -37,6 +37,7 @@ from engram.shard.index import HnswTier
 from engram.shard.lanes import LaneBacklog
 from engram.shard.sessions import Sessions
 from engram.shard.wal import Wal, WalFaults
+from engram.v1 import streaming_pb2 as pb
 
 
 class _Grow:
@@ -142,6 +143,10 @@ class SpaceState:
         self.bounded_staleness_s = 0.1
         self.last_write = 0.0  # monotonic time rows were last published
         self.last_recall = 0.0  # monotonic time a recall last started
+        # the durable retention (engram.shard.retention; zeros: keep everything), and the
+        # setting being written, which a checkpoint waits for before it records the retention
+        self.retention = pb.Retention()
+        self.retention_pending: asyncio.Future[None] | None = None
 
     @property
     def ckpt_dir(self) -> Path:
