@@ -24,6 +24,7 @@ from engram.shard import faults as fault_file
 from engram.shard.admission import AdmissionController
 from engram.shard.builder import Background
 from engram.shard.drop import Drops
+from engram.shard.retention import Enforcer
 from engram.shard.move_source import Outgoing
 from engram.shard.move_target import Incoming
 from engram.shard.ownership import OWNED, Owner, Ownership
@@ -52,6 +53,7 @@ class ShardNode:
         self.placement = Placement(self)
         self.background = Background(self)
         self.drops = Drops(self)
+        self.retention = Enforcer(self)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._publish_soon = asyncio.Event()
@@ -102,6 +104,7 @@ class ShardNode:
         self.background.start()
         self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
         self._tasks.append(asyncio.create_task(self.drops.run()))
+        self._tasks.append(asyncio.create_task(self.retention.run()))
         if self.settings.shard.fault_file:
             log.warning("fault injection enabled: %s", self.settings.shard.fault_file)
             self._tasks.append(
