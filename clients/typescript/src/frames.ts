@@ -102,6 +102,21 @@ export interface RecallResultFrame extends ServerEnvelope {
   metadata?: RecallMetadataJson;
 }
 
+/** The answer to a `delete` frame, once the delete is durable. */
+export interface DeletedFrame extends ServerEnvelope {
+  type: "deleted";
+  request_id: string;
+  /** Observations this delete removed. */
+  deleted: number;
+  /** Named by id but deleted before. */
+  already_deleted: number;
+  /** Ids the space does not hold. */
+  not_found: number;
+  /** The space's visible LSN the delete took effect at. */
+  lsn: number;
+  committed_at?: string;
+}
+
 /** The proto ErrorCode names in lower case (a newer server may send others). */
 export type ErrorCode =
   | "malformed_message"
@@ -127,6 +142,8 @@ export type ErrorCode =
   | "unauthenticated"
   /** The key does not cover this memory space for this operation: not retried. */
   | "permission_denied"
+  /** The space was dropped while this stream used it; a new session starts it empty. */
+  | "space_dropped"
   | "shard_unavailable"
   | "not_owner"
   | "overloaded"
@@ -159,6 +176,7 @@ export type ServerFrame =
   | AckFrame
   | StatusFrame
   | RecallResultFrame
+  | DeletedFrame
   | ErrorFrame
   | HeartbeatFrame;
 

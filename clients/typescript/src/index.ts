@@ -6,6 +6,7 @@
  * const stream = await openStream({ url: "ws://127.0.0.1:7432/v1/stream", space: "agent-1" });
  * const ack = await stream.send({ vectors: embeddings, dim: 384 }); // n x 384, durable
  * const { results } = await stream.recall(cue, { k: 5, consistency: "session" });
+ * await stream.delete({ ids: ["obs-1"] }); // durable once it resolves
  * await stream.close();
  * ```
  */
@@ -13,9 +14,12 @@
 export {
   EngramError,
   EngramStream,
+  deleteObservations,
   openStream,
   type Ack,
   type BatchInput,
+  type DeleteOptions,
+  type DeleteResult,
   type Memory,
   type RecallOptions,
   type RecallResult,

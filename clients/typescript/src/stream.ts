@@ -8,10 +8,16 @@
  * refuses for good (bad input) fails its own promise only; later batches are renumbered so the
  * session's sequence stays gap-free. A batch refused for now (`ack` with status `rejected`,
  * admission control) is resent with the same number after its `retry_after_ms`.
+ *
+ * `delete` forgets observations of the stream's space by id and/or time; the server applies it
+ * after every batch sent before it is durable, so a stream can delete what it has just written.
+ * A delete still unanswered when the connection drops is sent again after the resume (rows it
+ * had deleted are then counted in `alreadyDeleted`).
  */
 
 import type {
   AckFrame,
+  DeletedFrame,
   ErrorFrame,
   FlowAction,
   InitAckFrame,
@@ -111,6 +117,29 @@ export interface RecallOptions {
   minConfidence?: number;
 }
 
+/** What to delete: ids and/or a time range `[since, until)` (either bound alone is open),
+ * each bound as unix microseconds or as a Date / RFC 3339 string. */
+export interface DeleteOptions {
+  ids?: readonly string[];
+  sinceUs?: number;
+  untilUs?: number;
+  since?: Date | string;
+  until?: Date | string;
+}
+
+export interface DeleteResult {
+  requestId: string;
+  /** Observations this delete removed. */
+  deleted: number;
+  /** Named by id but deleted before. */
+  alreadyDeleted: number;
+  /** Ids the space does not hold (not an error). */
+  notFound: number;
+  /** The space's visible LSN the delete took effect at. */
+  lsn: number;
+  committedAt?: string;
+}
+
 export interface RecallResult {
   requestId: string;
   results: Memory[];
@@ -190,6 +219,12 @@ interface RecallPending {
   reject: (err: Error) => void;
 }
 
+interface DeletePending {
+  frame: string;
+  resolve: (r: DeleteResult) => void;
+  reject: (err: Error) => void;
+}
+
 interface Conn {
   ws: WebSocketLike;
   gen: number;
@@ -255,6 +290,7 @@ export class EngramStream {
   private reserved = 0;
   private waiters: Array<() => void> = [];
   private recalls = new Map<string, RecallPending>();
+  private deletes = new Map<string, DeletePending>();
   private rid = 0;
   private rejected = new Set<number>();
   private resendAt = 0;
@@ -380,6 +416,19 @@ export class EngramStream {
     const text = JSON.stringify(frame);
     return new Promise<RecallResult>((resolve, reject) => {
       this.recalls.set(requestId, { frame: text, resolve, reject });
+      this.sendText(text);
+    });
+  }
+
+  /** Deletes observations of this stream's space (needs `write` on it); resolves once the
+   * delete is durable: no recall after that returns them. */
+  delete(opts: DeleteOptions): Promise<DeleteResult> {
+    this.throwIfUnusable();
+    const requestId = `d${++this.rid}`;
+    const frame = deleteFrame(requestId, opts);
+    const text = JSON.stringify(frame);
+    return new Promise<DeleteResult>((resolve, reject) => {
+      this.deletes.set(requestId, { frame: text, resolve, reject });
       this.sendText(text);
     });
   }
@@ -596,6 +645,7 @@ export class EngramStream {
     this.connected = true;
     for (const seq of [...this.pending.keys()].sort((a, b) => a - b)) this.transmit(seq);
     for (const r of this.recalls.values()) this.sendText(r.frame);
+    for (const d of this.deletes.values()) this.sendText(d.frame); // after the batches
     this.startTimers();
     this.wake();
     this.emit({
@@ -674,6 +724,9 @@ export class EngramStream {
         break;
       case "recall_result":
         this.onRecall(frame);
+        break;
+      case "deleted":
+        this.onDeleted(frame);
         break;
       case "error":
         this.onError(frame);
@@ -761,12 +814,27 @@ export class EngramStream {
     });
   }
 
+  private onDeleted(frame: DeletedFrame): void {
+    const entry = this.deletes.get(frame.request_id);
+    if (!entry) return;
+    this.deletes.delete(frame.request_id);
+    entry.resolve({
+      requestId: frame.request_id,
+      deleted: frame.deleted,
+      alreadyDeleted: frame.already_deleted,
+      notFound: frame.not_found,
+      lsn: frame.lsn,
+      committedAt: frame.committed_at,
+    });
+  }
+
   private onError(frame: ErrorFrame): void {
     const err = EngramError.fromFrame(frame);
     if (frame.request_id) {
-      const entry = this.recalls.get(frame.request_id);
+      const entry = this.recalls.get(frame.request_id) ?? this.deletes.get(frame.request_id);
       if (entry) {
         this.recalls.delete(frame.request_id);
+        this.deletes.delete(frame.request_id);
         entry.reject(err);
       }
       return;
@@ -947,6 +1015,8 @@ export class EngramStream {
     this.pending.clear();
     for (const r of this.recalls.values()) r.reject(err);
     this.recalls.clear();
+    for (const d of this.deletes.values()) d.reject(err);
+    this.deletes.clear();
     this.wake();
     this.emit({ kind: "error", detail: err.message });
     this.drop(1000, "client gave up", true);
@@ -992,4 +1062,35 @@ export class EngramStream {
 /** Shorthand for `EngramStream.open(opts)`. */
 export function openStream(opts: StreamOptions): Promise<EngramStream> {
   return EngramStream.open(opts);
+}
+
+/** One delete in `opts.space` on a stream of its own (opened, used, closed). Dropping a space
+ * and setting its retention are administrative calls of the gRPC service, not of this client. */
+export async function deleteObservations(
+  opts: StreamOptions & DeleteOptions,
+): Promise<DeleteResult> {
+  const stream = await EngramStream.open(opts);
+  try {
+    return await stream.delete(opts);
+  } finally {
+    await stream.close();
+  }
+}
+
+function deleteFrame(requestId: string, opts: DeleteOptions): Record<string, unknown> {
+  const frame: Record<string, unknown> = { type: "delete", request_id: requestId };
+  if (opts.ids?.length) frame.ids = [...opts.ids];
+  for (const name of ["since", "until"] as const) {
+    const us = opts[`${name}Us`];
+    const time = opts[name];
+    if (us !== undefined && time !== undefined) {
+      throw new EngramError("invalid_argument", `give ${name} or ${name}Us, not both`);
+    }
+    if (us !== undefined) frame[`${name}_us`] = us;
+    if (time !== undefined) frame[name] = time instanceof Date ? time.toISOString() : time;
+  }
+  if (Object.keys(frame).length === 2) {
+    throw new EngramError("invalid_argument", "a delete names ids, or a time range (since/until)");
+  }
+  return frame;
 }
