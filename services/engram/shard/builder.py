@@ -119,6 +119,8 @@ class Background:
                 self.node.admission.idle()
                 for s in spaces:
                     with self._working_on("builder", s) as served:
+                        if served:
+                            s.mark_step()  # deletes' rows, out of the index's searches
                         if served and s.checkpoint_due():
                             self._checkpoint(s)
                 if not idle:

@@ -5,6 +5,10 @@ Layout under ``<space>/ckpt/``::
     manifest.json                  the current checkpoint (replaced atomically)
     hnsw-<rows>.bin                the index holding rows [0, rows)
     meta-<lo>-<hi>.pb              ids, contents, confidences, timestamps of rows [lo, hi)
+    deleted-<rows>.bin             which rows of [0, rows) are deleted: a bitmap (little bit
+                                   order); absent while none is. Deletes of later rows, and
+                                   those applied after the checkpoint took its tombstones,
+                                   are in the WAL it keeps
 
 Every file is written to a temporary name, fsynced, renamed and the directory fsynced, and the
 manifest is written last: a crash at any step leaves the previous checkpoint whole, and files
@@ -38,6 +42,12 @@ class Manifest:
     created_us: int = 0
     # the space's retention (max_age_s, max_rows; empty: none): its WAL record may be trimmed
     retention: dict[str, int] = field(default_factory=dict)
+    deleted_file: str = ""  # the deleted rows' bitmap ("": none is deleted)
+
+    def files(self) -> list[str]:
+        """Every file of the checkpoint, the manifest last (the order to copy them in)."""
+        extra = [self.deleted_file] if self.deleted_file else []
+        return [*self.meta_files, *extra, self.index_file, MANIFEST]
 
 
 def fsync_dir(path: Path) -> None:
@@ -79,6 +89,7 @@ def read_manifest(directory: Path) -> Manifest | None:
         sessions={k: int(v) for k, v in raw["sessions"].items()},
         created_us=int(raw.get("created_us", 0)),
         retention={k: int(v) for k, v in raw.get("retention", {}).items()},
+        deleted_file=str(raw.get("deleted_file", "")),
     )
 
 
@@ -115,12 +126,32 @@ def read_meta(directory: Path, name: str) -> pb.ObservationBatch:
     return chunk
 
 
+def write_deleted(directory: Path, deleted: np.ndarray) -> str:
+    """Writes which rows of ``[0, len(deleted))`` are deleted (a boolean mask); returns the
+    file's name, or "" when none is (no file then)."""
+    if not deleted.any():
+        return ""
+    name = f"deleted-{len(deleted):012d}.bin"
+    body = np.packbits(deleted, bitorder="little").tobytes()
+    write_atomic(directory / name, lambda tmp: tmp.write_bytes(body))
+    return name
+
+
+def read_deleted(directory: Path, name: str, rows: int) -> np.ndarray:
+    """The deleted rows of ``[0, rows)`` as a boolean mask ("": none)."""
+    if not name:
+        return np.zeros(rows, bool)
+    bits = np.frombuffer((directory / name).read_bytes(), np.uint8)
+    if len(bits) != (rows + 7) // 8:
+        raise ValueError(f"{name} holds {len(bits)} bytes, a bitmap of {rows} rows needs more")
+    return np.unpackbits(bits, count=rows, bitorder="little").astype(bool)
+
+
 def remove_unreferenced(directory: Path, manifest: Manifest | None) -> list[str]:
     """Deletes files no manifest names (left by a crash mid-checkpoint); returns their names."""
     keep = {MANIFEST}
     if manifest is not None:
-        keep.add(manifest.index_file)
-        keep.update(manifest.meta_files)
+        keep.update(manifest.files())
     removed = []
     for entry in directory.iterdir():
         if entry.name not in keep:

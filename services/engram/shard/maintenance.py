@@ -5,14 +5,16 @@ The shard's background threads (:mod:`engram.shard.builder`) call these, one spa
 * the partitioner thread: :meth:`Maintenance.partition_step` lists fresh blocks IVF-style once
   the backlog is large (learning the space's quantiser, again when rows drift), and
   :meth:`Maintenance.prepare_spare` readies the next fresh block while writes arrive;
-* the builder thread: :meth:`Maintenance.index_step` moves rows from the fresh tier into HNSW,
+* the builder thread: :meth:`Maintenance.index_step` moves rows from the fresh tier into HNSW
+  (:meth:`Maintenance.mark_step` first marks the rows of applied deletes there),
   :meth:`Maintenance.checkpoint` writes the indexed rows to disk and has the WAL they cover
   deleted, and :meth:`Maintenance.release_idle_memory` lets go of fresh blocks once the backlog
   is gone. It picks a space by :meth:`Maintenance.top_lane` and
   :meth:`Maintenance.oldest_low_since` (:class:`~engram.shard.lanes.LaneBacklog`).
 
-A checkpoint takes the session marks and a WAL rotation on the event loop, then writes a
-metadata chunk for the newly indexed rows, the HNSW index and last the manifest
+A checkpoint takes the session marks, the tombstones (once no delete is between its WAL
+record and its tombstones) and a WAL rotation on the event loop, then writes a metadata chunk
+for the newly indexed rows, the deleted rows' bitmap, the HNSW index and last the manifest
 (:mod:`engram.shard.checkpoint`), and trims the WAL on the event loop again. A move holds
 checkpoints back (``checkpoint_holds``) while it copies the current one.
 """
@@ -136,15 +138,31 @@ class Maintenance(SpaceState):
             return 0
         if self.hnsw is None:
             self.hnsw = HnswTier(self.dim, self._index_settings)
+        self.mark_step()
         lo = self.hnsw.count
         hi = min(self.visible, lo + max_rows)
         if hi <= lo:
             return 0
-        self.hnsw.add(self.fresh.rows(lo, hi), lo, threads)
+        # rows deleted before they are indexed are marked as they are added
+        at = self.tombstones.at[lo:hi]
+        dead = np.flatnonzero((at != 0) & (at <= self.hnsw.marked_seq)) + lo if len(at) else None
+        self.hnsw.add(self.fresh.rows(lo, hi), lo, threads, dead)
         self.fresh.drop_below(hi)
         self.lanes.drop(hi, lo)
         self.admission.indexed((hi - lo) * self.dim * 4)
         return hi - lo
+
+    def mark_step(self) -> bool:
+        """Marks the rows of applied deletes in the HNSW index, one delete at a time (builder
+        thread); True if it marked any."""
+        pending = self.tombstones.unmarked
+        hnsw = self.hnsw
+        if hnsw is None or not pending:
+            return False
+        while pending:
+            seq, rows = pending.popleft()
+            hnsw.mark(rows, seq)
+        return True
 
     def checkpoint_due(self) -> bool:
         if self.checkpoint_holds:
@@ -177,18 +195,23 @@ class Maintenance(SpaceState):
         loop = self._loop
         rows = self.hnsw.count
 
-        async def prepare() -> tuple[dict[str, int], int, dict[str, int]]:
+        async def prepare() -> tuple[dict[str, int], int, dict[str, int], np.ndarray]:
             # sessions still being opened, a retention being set may fail: let them settle,
-            # then record the durable ones (their WAL records may be trimmed below)
+            # then record the durable ones (their WAL records may be trimmed below). Deletes
+            # whose records are queued are applied before the tombstones are taken, for the
+            # same reason.
             opening = self.sessions.opening
-            while opening or self.retention_pending is not None:
-                pending = [*opening.values(), self.retention_pending]
+            while opening or self.retention_pending is not None or self.deletes_inflight:
+                pending = [*opening.values(), self.retention_pending, *self.deletes_inflight]
                 await asyncio.gather(*[f for f in pending if f], return_exceptions=True)
             r = self.retention
             retention = {"max_age_s": r.max_age_s, "max_rows": r.max_rows}
-            return dict(self.sessions.durable), self.wal.rotate(), retention
+            deleted = self.tombstones.mask(rows)
+            return dict(self.sessions.durable), self.wal.rotate(), retention, deleted
 
-        sessions, closed, retention = asyncio.run_coroutine_threadsafe(prepare(), loop).result()
+        sessions, closed, retention, deleted = asyncio.run_coroutine_threadsafe(
+            prepare(), loop
+        ).result()
         lo = self.checkpoint_rows
         meta = list(self._checkpoint_meta)
         if rows > lo:
@@ -203,6 +226,7 @@ class Maintenance(SpaceState):
                     self.timestamps_us.view()[lo:rows].copy(),
                 )
             )
+        deleted_file = ckpt.write_deleted(self._ckpt_dir, deleted)
         index_file = f"hnsw-{rows:012d}.bin"
         hnsw = self.hnsw
         ckpt.write_atomic(self._ckpt_dir / index_file, lambda tmp: hnsw.save(str(tmp)))
@@ -214,8 +238,13 @@ class Maintenance(SpaceState):
             sessions=sessions,
             created_us=now_us(),
             retention=retention,
+            deleted_file=deleted_file,
         )
         ckpt.write_manifest(self._ckpt_dir, manifest)
+        old_deleted = self._checkpoint_deleted_file
+        self._checkpoint_deleted_file = deleted_file
+        if old_deleted and old_deleted != deleted_file:
+            (self._ckpt_dir / old_deleted).unlink(missing_ok=True)
         old_index = self._checkpoint_index_file
         self.checkpoint_rows, self._checkpoint_index_file = rows, index_file
         self._checkpoint_meta = meta

@@ -79,7 +79,7 @@ class Outgoing:
         manifest = ckpt.read_manifest(space.ckpt_dir)
         files: list[str] = []
         if manifest is not None and manifest.rows:
-            files = [*manifest.meta_files, manifest.index_file, ckpt.MANIFEST]
+            files = manifest.files()
         self.files = files
         owner = self.node.ownership.get(self.name)
         out = ipb.OpenMoveOutResponse(

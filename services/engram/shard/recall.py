@@ -9,7 +9,13 @@ raises ``CONSISTENCY_TIMEOUT`` rather than answer from staler data.
 :meth:`Recall.recall` then runs in a worker thread: it searches both tiers with the row
 :class:`Filters` applied inside each, drops rows at or beyond the snapshot, de-duplicates rows
 found in both (a row being indexed can be in both) and returns the top ``k``.
-:meth:`Recall.scan_ids` lists every visible id. Called by the shard's gRPC service.
+:meth:`Recall.scan_ids` lists every visible id.
+
+Deleted rows are left out in both tiers: the snapshot records the delete sequence it saw
+(:class:`~engram.shard.tombstones.Tombstones`); the HNSW search skips the rows the builder
+marked (hnswlib keeps finding ``k`` others) and filters the deletes it has not marked yet, and
+raises the recall's sequence to its marks, so the fresh scan hides exactly the same deletes.
+Called by the shard's gRPC service.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from engram.contract.errors import ConsistencyTimeout, SessionError
 from engram.shard.fresh import Block, scan
 from engram.shard.index import HnswTier
 from engram.shard.state import SpaceState
+from engram.shard.tombstones import DeleteView
 from engram.v1 import streaming_pb2 as pb
 
 
@@ -41,6 +48,8 @@ class Snapshot:
     consistency: int = pb.EVENTUAL
     waited_us: int = 0
     staleness_us: int = 0
+    delete_seq: int = 0  # the deletes it sees: 0 < deleted_at[row] <= delete_seq
+    deleted_at: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -77,7 +86,18 @@ class Recall(SpaceState):
         indexed = hnsw.count if hnsw is not None else 0
         behind_since = self.wal.durable_since(visible)
         staleness = int((time.monotonic() - behind_since) * 1e6) if behind_since else 0
-        return Snapshot(visible, indexed, blocks, hnsw, consistency, waited_us, staleness)
+        tombstones = self.tombstones
+        return Snapshot(
+            visible,
+            indexed,
+            blocks,
+            hnsw,
+            consistency,
+            waited_us,
+            staleness,
+            tombstones.seq,
+            tombstones.at,
+        )
 
     async def consistent_snapshot(
         self, consistency: int, session_id: str = "", deadline_s: float = 5.0
@@ -168,15 +188,21 @@ class Recall(SpaceState):
             )
         q = (cue / np.linalg.norm(cue)).astype(np.float32)
         accept = self._row_filter(filters)
+        at = snap.deleted_at if snap.deleted_at is not None else self.tombstones.at[:0]
+        deletes = DeleteView(self.tombstones, snap.delete_seq, at)
         parts_rows, parts_scores = [], []
         t_index = time.perf_counter()
         if snap.hnsw is not None and snap.indexed:
-            rows, scores = snap.hnsw.search(q, k, limit_row=snap.visible, accept=accept)
+            rows, scores = snap.hnsw.search(
+                q, k, limit_row=snap.visible, accept=accept, deletes=deletes
+            )
             parts_rows.append(rows)
             parts_scores.append(scores)
         t_fresh = time.perf_counter()
         if timeline is not None:
             timeline.end("index")
+        # the deletes the index search saw (its marks may be newer than the snapshot)
+        accept = _without_deleted(accept, deletes)
         rows, scores = scan(snap.blocks, q, snap.indexed, snap.visible, k, accept)
         parts_rows.append(rows)
         parts_scores.append(scores)
@@ -211,10 +237,35 @@ class Recall(SpaceState):
         out.metadata.fresh_us = int((t_merge - t_fresh) * 1e6)
         return out
 
-    def scan_ids(self, chunk: int) -> list[tuple[list[str], range]]:
-        """Every visible id in LSN order, in chunks of (ids, lsns)."""
+    def scan_ids(self, chunk: int) -> list[tuple[list[str], list[int]]]:
+        """Every visible id that is not deleted, in LSN order, in chunks of (ids, lsns)."""
         visible = self.visible
-        return [
-            (self.ids[lo : min(lo + chunk, visible)], range(lo + 1, min(lo + chunk, visible) + 1))
-            for lo in range(0, visible, chunk)
-        ]
+        out = []
+        for lo in range(0, visible, chunk):
+            hi = min(lo + chunk, visible)
+            ids = self.ids[lo:hi]
+            rows = np.arange(lo, hi)
+            dead = self.tombstones.deleted(rows)
+            if dead.any():
+                live = np.flatnonzero(~dead)
+                ids = [ids[i] for i in live.tolist()]
+                rows = rows[live]
+            if ids:
+                out.append((ids, (rows + 1).tolist()))
+        return out
+
+
+def _without_deleted(
+    accept: Callable[[np.ndarray], np.ndarray] | None, deletes: DeleteView
+) -> Callable[[np.ndarray], np.ndarray] | None:
+    """``accept`` that also drops the rows ``deletes`` sees deleted."""
+    if not deletes.seq:
+        return accept
+    if accept is None:
+        return deletes.live
+    rows_ok = accept
+
+    def both(rows: np.ndarray) -> np.ndarray:
+        return rows_ok(rows) & deletes.live(rows)
+
+    return both

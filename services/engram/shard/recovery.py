@@ -4,8 +4,10 @@
 and when it creates a space, a move before the copy serves). It removes the files of an
 unfinished checkpoint, loads the manifest's metadata chunks and HNSW index, then replays the
 WAL: rows at or below the checkpoint are skipped (a checkpoint may end inside a batch), the
-rest go to the fresh tier, and session records and batches restore the sessions' durable
-marks. The WAL itself truncates a torn or corrupt tail (:meth:`~engram.shard.wal.Wal.replay`).
+rest go to the fresh tier, session records and batches restore the sessions' durable marks,
+and delete records the tombstones (over the checkpoint's bitmap; deleting twice is a no-op).
+The index's marks are redone by the builder from the tombstones. The WAL itself truncates a
+torn or corrupt tail (:meth:`~engram.shard.wal.Wal.replay`).
 
 :meth:`Recovery.apply_record` applies a record copied from another shard's WAL the same way,
 while a move fills this space.
@@ -78,8 +80,12 @@ class Recovery(SpaceState):
 
     def _load_checkpoint(self, manifest: ckpt.Manifest) -> None:
         self.dim = manifest.dim
+        deleted = ckpt.read_deleted(self._ckpt_dir, manifest.deleted_file, manifest.rows)
         self.hnsw = HnswTier(
-            manifest.dim, self._index_settings, str(self._ckpt_dir / manifest.index_file)
+            manifest.dim,
+            self._index_settings,
+            str(self._ckpt_dir / manifest.index_file),
+            deleted=np.flatnonzero(deleted),
         )
         for name in manifest.meta_files:
             chunk = ckpt.read_meta(self._ckpt_dir, name)
@@ -98,6 +104,8 @@ class Recovery(SpaceState):
         self.checkpointed_at = manifest.created_us / 1e6
         self._checkpoint_index_file = manifest.index_file
         self._checkpoint_meta = list(manifest.meta_files)
+        self._checkpoint_deleted_file = manifest.deleted_file
+        self.tombstones.load(deleted)
         self.fresh = FreshTier(manifest.dim, manifest.rows)
         self.retention = pb.Retention(**manifest.retention)
 
@@ -109,7 +117,19 @@ class Recovery(SpaceState):
         if rec.HasField("retention"):
             self.retention.CopyFrom(rec.retention.retention)
             return 0
+        if rec.HasField("delete"):
+            self._replay_delete(rec.delete)
+            return 0
         return self._replay_batch(rec.batch)
+
+    def _replay_delete(self, rec: ipb.WalDelete) -> None:
+        rows = np.frombuffer(rec.rows, "<u8").astype(np.int64)
+        if len(rows) and int(rows.max()) >= self.visible:
+            raise StorageError(
+                f"WAL of space {self.name} deletes row {int(rows.max())} before it exists "
+                f"(visible: {self.visible})"
+            )
+        self.tombstones.apply(rows)
 
     def _replay_batch(self, rec: ipb.WalBatch) -> int:
         sid = rec.session_id

@@ -20,6 +20,8 @@ LSN assignment back to ``visible``, so nothing that was not acked leaves a trace
 * :mod:`~engram.shard.state`: the shared state (one ``__init__``) and rows made visible;
 * :mod:`~engram.shard.recovery`: ``recover``, the checkpoint loaded and the WAL replayed;
 * :mod:`~engram.shard.writes`: ``open_session``, ``begin_append``, ``_publish``, WAL failures;
+* :mod:`~engram.shard.deletes`: ``resolve_delete``, ``begin_delete`` (built on the write path:
+  its records share the WAL's order and failure handling), ``live_count``;
 * :mod:`~engram.shard.recall`: ``snapshot``, ``consistent_snapshot``, ``recall``, ``scan_ids``;
 * :mod:`~engram.shard.maintenance`: the builder's and partitioner's work (``index_step``,
   ``partition_step``, ``checkpoint`` ...).
@@ -36,24 +38,25 @@ several parts assign) through properties: a function call added to every such re
 write path. No part calls a method of another; they meet only in the state.
 
 Callers (the shard node and gRPC service, the builder, moves, tests) import everything from
-here: :class:`Space`, :class:`AppendResult`, :class:`Snapshot`, :class:`Filters` and
-:func:`batch_record`.
+here: :class:`Space`, :class:`AppendResult`, :class:`DeleteResult`, :class:`Snapshot`,
+:class:`Filters` and :func:`batch_record`.
 """
 
 from __future__ import annotations
 
 import asyncio
 
+from engram.shard.deletes import DeleteResult, Deletes
 from engram.shard.maintenance import Maintenance
 from engram.shard.recall import Filters, Recall, Snapshot
 from engram.shard.recovery import Recovery
 from engram.shard.sessions import AppendResult
 from engram.shard.writes import WritePath, batch_record
 
-__all__ = ["AppendResult", "Filters", "Snapshot", "Space", "batch_record"]
+__all__ = ["AppendResult", "DeleteResult", "Filters", "Snapshot", "Space", "batch_record"]
 
 
-class Space(Recovery, WritePath, Recall, Maintenance):
+class Space(Recovery, Deletes, WritePath, Recall, Maintenance):
     """One memory space: ``Space(name, directory, wal=..., index=..., limits=...)``, then
     :meth:`recover`, :meth:`start` on the event loop, and :meth:`close` at the end."""
 

@@ -10,7 +10,8 @@ per field. It holds:
   their ids, contents, confidences and timestamps in columns by row;
 * the WAL, the shard's admission controller and the event loop the space runs on;
 * the components with state of their own: :class:`~engram.shard.sessions.Sessions`,
-  :class:`~engram.shard.lanes.LaneBacklog` and :class:`VisibilityWaiters`;
+  :class:`~engram.shard.lanes.LaneBacklog`, :class:`VisibilityWaiters` and the deleted rows
+  (:class:`~engram.shard.tombstones.Tombstones`, :class:`~engram.shard.tombstones.IdIndex`);
 * the bookkeeping of the last checkpoint.
 
 :meth:`SpaceState._make_visible` appends rows to every column and the fresh tier and then
@@ -36,6 +37,7 @@ from engram.shard.fresh import FreshTier, Partitioning
 from engram.shard.index import HnswTier
 from engram.shard.lanes import LaneBacklog
 from engram.shard.sessions import Sessions
+from engram.shard.tombstones import IdIndex, Tombstones
 from engram.shard.wal import Wal, WalFaults
 from engram.v1 import streaming_pb2 as pb
 
@@ -119,6 +121,11 @@ class SpaceState:
         self.confidences = _Grow("float32")
         self.timestamps_us = _Grow("int64")
         self.sessions = Sessions()
+        # deleted rows by delete sequence, and rows by id (built at the first delete by id)
+        self.tombstones = Tombstones()
+        self.id_index = IdIndex()
+        # WAL futures of deletes not applied yet (a checkpoint waits for them)
+        self.deletes_inflight: set[asyncio.Future[None]] = set()
         self._inflight = 0  # WAL records queued and not settled yet
         self._recovering = False  # after a WAL failure, until the WAL is reset
         # moving out: why writes are refused (NOT_OWNER) from the fence on; empty otherwise
@@ -131,6 +138,7 @@ class SpaceState:
         self.checkpoint_rows = 0
         self._checkpoint_index_file = ""
         self._checkpoint_meta: list[str] = []
+        self._checkpoint_deleted_file = ""
         self.last_checkpoint = time.monotonic()
         # wall-clock time of the checkpoint on disk (of the space's opening while it has none)
         self.checkpointed_at = time.time()
