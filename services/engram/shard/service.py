@@ -30,6 +30,7 @@ from engram.contract.errors import (
 from engram.internal.v1 import shard_pb2 as ipb
 from engram.internal.v1 import shard_pb2_grpc
 from engram.shard import admission, retention
+from engram.shard.delete_rpc import DeleteRpcs
 from engram.shard.move_rpcs import MoveRpcs
 from engram.shard.node import ShardNode
 from engram.shard.ownership import MOVED
@@ -41,7 +42,7 @@ log = logging.getLogger("engram.shard.service")
 _END = object()
 
 
-class ShardService(MoveRpcs, shard_pb2_grpc.ShardServicer):
+class ShardService(MoveRpcs, DeleteRpcs, shard_pb2_grpc.ShardServicer):
     def __init__(self, node: ShardNode) -> None:
         self.node = node
         self._streams: set[asyncio.Queue[object]] = set()
@@ -316,7 +317,7 @@ class ShardService(MoveRpcs, shard_pb2_grpc.ShardServicer):
             out.spaces.add(
                 memory_space_id=name,
                 dim=space.dim,
-                count=space.visible,
+                count=space.live_count,
                 indexed=space.visible - space.backlog(),
                 checkpoint_lsn=space.checkpoint_rows,
                 sessions=space.session_count,
