@@ -42,6 +42,7 @@ ROLES: dict[str, dict[str, Any]] = {
     "a_write_only": {"scopes": ["write:ta-*"]},
     "a_read_only": {"scopes": ["read:ta-*"]},
     "b": {"scopes": ["read:tb-*", "write:tb-*"]},
+    "a_admin": {"scopes": ["admin:ta-*"]},
     "expired": {"scopes": ["admin:*"], "expires": dt.datetime(2020, 1, 1, tzinfo=dt.UTC)},
     "to_revoke": {"scopes": ["read:ta-*", "write:ta-*"]},
     "limited": {
@@ -292,6 +293,41 @@ async def test_another_tenants_space_and_session_are_refused(keyed: Keyed, stub)
         async for _ in listing:
             pass
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_read_key_cannot_delete_and_a_write_key_cannot_drop(keyed: Keyed, stub) -> None:  # type: ignore[no-untyped-def]
+    s = space("a")
+    call, _ = await open_stream(stub, keyed.plain["a"], s)
+    await call.write(pb.ObservationRequest(sequence_number=1, batch=batch(2)))
+    assert (await read_until(call, "ack")).ack.count == 2
+    await call.done_writing()
+
+    async def refused(role: str, method: str, request: Any) -> str:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await getattr(stub, method)(request, metadata=bearer(keyed.plain[role]), timeout=10)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED, info.value
+        return info.value.details() or ""
+
+    delete = pb.DeleteRequest(memory_space_id=s, since_us=0)
+    assert "no 'write' scope" in await refused("a_read_only", "Delete", delete)
+    assert "no 'write' scope" in await refused("b", "Delete", delete)  # another tenant's space
+    drop = pb.DropSpaceRequest(memory_space_id=s)
+    assert "no 'admin' scope" in await refused("a", "DropSpace", drop)
+    retention = pb.SetRetentionRequest(memory_space_id=s, retention=pb.Retention(max_rows=1))
+    assert "no 'admin' scope" in await refused("a", "SetRetention", retention)
+
+    read_call, _ = await open_stream(stub, keyed.plain["a_read_only"], s)  # in-band on a stream
+    await read_call.write(pb.ObservationRequest(delete=pb.DeleteRequest(request_id="d", ids=["x"])))
+    err = (await read_until(read_call, "error")).error
+    assert (err.code, err.request_id) == (pb.PERMISSION_DENIED, "d")
+    await read_call.done_writing()
+
+    listing = stub.ListObservations(
+        pb.ListObservationsRequest(memory_space_id=s), metadata=bearer(keyed.plain["a"])
+    )
+    assert sum([len(chunk.ids) async for chunk in listing]) == 2  # nothing was forgotten
+    dropped = await stub.DropSpace(drop, metadata=bearer(keyed.plain["a_admin"]), timeout=30)
+    assert dropped.observations == 2
 
 
 async def test_revoked_key_is_refused_after_a_reload_without_restart(keyed: Keyed, stub) -> None:  # type: ignore[no-untyped-def]
