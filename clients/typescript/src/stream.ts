@@ -220,7 +220,10 @@ interface RecallPending {
 }
 
 interface DeletePending {
+  requestId: string;
   frame: string;
+  /** Not sent yet: a send called before it still waits for a credit. */
+  held: boolean;
   resolve: (r: DeleteResult) => void;
   reject: (err: Error) => void;
 }
@@ -291,6 +294,9 @@ export class EngramStream {
   private waiters: Array<() => void> = [];
   private recalls = new Map<string, RecallPending>();
   private deletes = new Map<string, DeletePending>();
+  private sendsCalled = 0; // send() calls so far
+  private sendsQueued = 0; // of those, how many (in call order) are transmitted or failed
+  private heldDeletes: { after: number; entry: DeletePending }[] = [];
   private rid = 0;
   private rejected = new Set<number>();
   private resendAt = 0;
@@ -366,21 +372,26 @@ export class EngramStream {
 
   /** Sends one batch (after waiting for a credit); resolves when it is durable. */
   async send(input: BatchInput): Promise<Ack> {
-    this.throwIfUnusable();
-    const batch = this.encode(input);
-    await this.credit();
-    this.reserved--;
-    this.throwIfUnusable();
-    const seq = this.nextSeq++;
-    let resolve!: (a: Ack) => void;
-    let reject!: (e: Error) => void;
-    const promise = new Promise<Ack>((res, rej) => {
-      resolve = res;
-      reject = rej;
-    });
-    this.pending.set(seq, { batch, sentAt: now(), promise, resolve, reject });
-    this.transmit(seq);
-    return promise;
+    const ticket = ++this.sendsCalled;
+    try {
+      this.throwIfUnusable();
+      const batch = this.encode(input);
+      await this.credit();
+      this.reserved--;
+      this.throwIfUnusable();
+      const seq = this.nextSeq++;
+      let resolve!: (a: Ack) => void;
+      let reject!: (e: Error) => void;
+      const promise = new Promise<Ack>((res, rej) => {
+        resolve = res;
+        reject = rej;
+      });
+      this.pending.set(seq, { batch, sentAt: now(), promise, resolve, reject });
+      this.transmit(seq);
+      return promise;
+    } finally {
+      this.queued(ticket);
+    }
   }
 
   /** Resolves when a credit is free: `await stream.writable(); stream.send(b)` pipelines. */
@@ -427,10 +438,23 @@ export class EngramStream {
     const requestId = `d${++this.rid}`;
     const frame = deleteFrame(requestId, opts);
     const text = JSON.stringify(frame);
+    const after = this.sendsCalled; // the server orders it after those batches' acks
     return new Promise<DeleteResult>((resolve, reject) => {
-      this.deletes.set(requestId, { frame: text, resolve, reject });
-      this.sendText(text);
+      const entry = { requestId, frame: text, held: this.sendsQueued < after, resolve, reject };
+      this.deletes.set(requestId, entry);
+      if (!entry.held) this.sendText(text);
+      else this.heldDeletes.push({ after, entry });
     });
+  }
+
+  /** Send `ticket` is on the wire (or failed): deletes called after it may go. */
+  private queued(ticket: number): void {
+    this.sendsQueued = Math.max(this.sendsQueued, ticket);
+    while (this.heldDeletes.length && this.heldDeletes[0].after <= this.sendsQueued) {
+      const { entry } = this.heldDeletes.shift()!;
+      entry.held = false;
+      if (this.deletes.has(entry.requestId)) this.sendText(entry.frame);
+    }
   }
 
   /** Flow control (pause, resume, slow_down, speed_up, buffer_status); the server answers
@@ -645,7 +669,7 @@ export class EngramStream {
     this.connected = true;
     for (const seq of [...this.pending.keys()].sort((a, b) => a - b)) this.transmit(seq);
     for (const r of this.recalls.values()) this.sendText(r.frame);
-    for (const d of this.deletes.values()) this.sendText(d.frame); // after the batches
+    for (const d of this.deletes.values()) if (!d.held) this.sendText(d.frame); // after batches
     this.startTimers();
     this.wake();
     this.emit({
