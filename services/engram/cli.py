@@ -92,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("recall", help="one recall at a chosen consistency level (engram recall -h)")
     sub.add_parser("move", help="move a memory space to another shard (engram move -h)")
     sub.add_parser("keys", help="create, list or revoke API keys (engram keys -h)")
+    sub.add_parser("backup", help="back memory spaces up to a directory (engram backup -h)")
+    sub.add_parser("restore", help="restore a backup into a cluster (engram restore -h)")
     sub.add_parser("delete", help="delete observations by id or time (engram delete -h)")
     sub.add_parser("drop-space", help="drop a memory space and all of it (engram drop-space -h)")
     sub.add_parser("retention", help="a space's maximum age or rows (engram retention -h)")
@@ -110,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from engram.move_cli import main as move_main
 
         return move_main(args_list[1:])
+    if args_list and args_list[0] in ("backup", "restore"):
+        from engram.backup_cli import main as backup_main
+
+        return backup_main(args_list)
     if args_list and args_list[0] == "keys":
         from engram.keys_cli import main as keys_main
 

@@ -25,6 +25,7 @@ from engram.contract.errors import (
     grpc_status,
 )
 from engram.internal.v1 import shard_pb2 as ipb
+from engram.shard.backup import Backup
 from engram.shard.move_source import Outgoing
 from engram.shard.move_target import Incoming
 from engram.shard.node import ShardNode
@@ -95,6 +96,14 @@ class MoveRpcs:
         out.check(move_id)
         return out
 
+    def _source(self, name: str, move_id: str) -> Outgoing | Backup:
+        """What FetchFile and ReadWal read: a move out, or a backup (its id as ``move_id``)."""
+        backup = self.node.backups.get(move_id)
+        if backup is not None and backup.name == name:
+            backup.touched = time.monotonic()
+            return backup
+        return self._outgoing(name, move_id)
+
     async def OpenMoveOut(  # noqa: N802
         self, request: ipb.OpenMoveOutRequest, context: Context
     ) -> ipb.OpenMoveOutResponse:
@@ -124,7 +133,7 @@ class MoveRpcs:
         self, request: ipb.FetchFileRequest, context: Context
     ) -> AsyncIterator[ipb.FileChunk]:
         try:
-            out = self._outgoing(request.memory_space_id, request.move_id)
+            out = self._source(request.memory_space_id, request.move_id)
             chunks = out.read_file(request.name, request.offset)
             while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
                 yield ipb.FileChunk(data=chunk)
@@ -136,7 +145,7 @@ class MoveRpcs:
         self, request: ipb.ReadWalRequest, context: Context
     ) -> AsyncIterator[ipb.WalChunk]:
         try:
-            out = self._outgoing(request.memory_space_id, request.move_id)
+            out = self._source(request.memory_space_id, request.move_id)
             for number in await out.closed_segments(request.after_segment):
                 records = out.read_segment(number)
                 while (record := await asyncio.to_thread(next, records, None)) is not None:

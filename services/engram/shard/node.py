@@ -22,6 +22,7 @@ from engram.control.assignment import Assignment
 from engram.control.store import ControlStore
 from engram.shard import faults as fault_file
 from engram.shard.admission import AdmissionController
+from engram.shard.backup import Backup
 from engram.shard.builder import Background
 from engram.shard.drop import Drops
 from engram.shard.retention import Enforcer
@@ -58,6 +59,8 @@ class ShardNode:
         self._tasks: list[asyncio.Task[None]] = []
         self._publish_soon = asyncio.Event()
         self.ready = False  # True once every space on disk is recovered and started
+        self.backups: dict[str, Backup] = {}  # open backups by id (engram.shard.backup)
+        self.restoring: set[str] = set()  # spaces a Restore is filling: no session may create one
 
     @property
     def ownership(self) -> Ownership:
@@ -157,6 +160,8 @@ class ShardNode:
         space = self.spaces.get(name)
         if space is not None:
             return space
+        if name in self.restoring:
+            raise UnavailableError(f"memory space {name!r} is being restored; retry shortly")
         self.placement.check_served(name)
         self.placement.check_route(name)
         if not create:

@@ -30,6 +30,7 @@ from engram.contract.errors import (
 from engram.internal.v1 import shard_pb2 as ipb
 from engram.internal.v1 import shard_pb2_grpc
 from engram.shard import admission, retention
+from engram.shard.backup import BackupRpcs
 from engram.shard.delete_rpc import DeleteRpcs
 from engram.shard.move_rpcs import MoveRpcs
 from engram.shard.node import ShardNode
@@ -42,7 +43,7 @@ log = logging.getLogger("engram.shard.service")
 _END = object()
 
 
-class ShardService(MoveRpcs, DeleteRpcs, shard_pb2_grpc.ShardServicer):
+class ShardService(MoveRpcs, BackupRpcs, DeleteRpcs, shard_pb2_grpc.ShardServicer):
     def __init__(self, node: ShardNode) -> None:
         self.node = node
         self._streams: set[asyncio.Queue[object]] = set()
