@@ -111,6 +111,11 @@ def batch(n: int, seed: int = 0) -> pb.ObservationBatch:
     return pb.ObservationBatch(dim=DIM, vectors=vectors(n, seed).tobytes())
 
 
+def _altered(key: str) -> str:
+    """``key`` with its last character changed: well-formed, never accepted."""
+    return key[:-1] + ("A" if not key.endswith("A") else "B")
+
+
 def bearer(key: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {key}"),)
 
@@ -484,7 +489,7 @@ async def test_ws_init_frame_key(keyed: Keyed, ws_open) -> None:  # type: ignore
     assert ack["type"] == "ack" and ack["status"] == "accepted", ack
 
     conn = await ws_open()
-    await conn.send(json.dumps({**init, "api_key": keyed.plain["a"][:-1] + "0"}))
+    await conn.send(json.dumps({**init, "api_key": _altered(keyed.plain["a"])}))
     code, reason, frames = await closed(conn)
     assert code == 1008, (code, reason)
     assert frames and frames[-1]["type"] == "error" and frames[-1]["code"] == "unauthenticated"
@@ -527,7 +532,7 @@ async def test_ws_auth_timeout(keyed: Keyed, ws_open) -> None:  # type: ignore[n
 
 
 async def test_audit_lines_name_the_failure_never_the_key(keyed: Keyed, stub, ws_open) -> None:  # type: ignore[no-untyped-def]
-    wrong = keyed.plain["b"][:-1] + ("A" if not keyed.plain["b"].endswith("A") else "B")
+    wrong = _altered(keyed.plain["b"])
     err = await recall_call_error(stub, wrong, space("b"))
     assert err.code() == grpc.StatusCode.UNAUTHENTICATED
     await recall_call_error(stub, None, space("b"))
