@@ -237,7 +237,7 @@ bench-ws: setup
 
 BENCH_ARGS ?=
 
-.PHONY: bench bench-smoke
+.PHONY: bench bench-smoke bench-forget
 
 # Starts its own cluster on free ports (BENCH_ARGS='--target 127.0.0.1:50051' uses a running
 # one); installs the 'bench' extra here and the peers into bench/.venv-<peer> on first use.
@@ -250,6 +250,11 @@ bench: setup
 # The 10-second CI version (tests/bench): checks the benchmark works, not its speed.
 bench-smoke: setup
 	$(PY) -m pytest -q tests/bench
+
+# Forgetting: delete throughput, recall latency while 10 % of a space is deleted, the shard's
+# memory before/after deletes and compaction, backup/restore MB/s next to cp (BENCH_FORGET_ARGS).
+bench-forget: setup
+	$(PY) -m engram.bench.forget $(BENCH_FORGET_ARGS)
 
 # ---------------------------------------------------------------------------- container image
 
