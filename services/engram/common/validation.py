@@ -1,4 +1,5 @@
-"""Validation of everything a client sends: space ids, batches, episodes, recall requests.
+"""Validation of everything a client sends: space ids, batches, episodes, recall requests,
+deletes.
 
 Called by the gateway before it routes a message (so most bad input never reaches a shard)
 and by the shard before it writes (so a shard never trusts its caller). Every failure raises
@@ -22,6 +23,10 @@ DEFAULT_CONFIDENCE = 0.7
 # google.protobuf.Timestamp's range, 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z, in seconds:
 # an episode's ``when`` outside it does not fit the batch's int64 microseconds.
 _MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
+# A request_id is echoed in the answer and in errors: an identifier, not a payload.
+MAX_REQUEST_ID_CHARS = 128
+# An observation id, as a batch may carry it (the shard stores ids as given).
+MAX_ID_CHARS = 1024
 
 
 def space_id(raw: str) -> str:
@@ -164,3 +169,42 @@ def recall(r: pb.RecallRequest, limits: LimitSettings) -> np.ndarray:
             f"min_score must be in [-1, 1], got {r.min_score}", code=pb.INVALID_ARGUMENT
         )
     return cue
+
+
+def delete(req: pb.DeleteRequest, limits: LimitSettings) -> None:
+    """Checks a delete (its space id aside): it names ids and/or a time range
+    (``[since_us, until_us)``, either bound alone an open range), at most
+    ``ENGRAM_MAX_BATCH_OBSERVATIONS`` ids (as many as a batch may write), none empty.
+
+    The gateway checks before it routes, the shard again before it writes its tombstone: both
+    read the same setting, so a shard takes every delete its gateways let through."""
+    has_range = req.HasField("since_us") or req.HasField("until_us")
+    if not req.ids and not has_range:
+        raise ValidationError(
+            "the delete names nothing: give ids, or a time range (since_us and/or until_us)",
+            code=pb.INVALID_ARGUMENT,
+        )
+    if len(req.request_id) > MAX_REQUEST_ID_CHARS:
+        raise ValidationError(
+            f"request_id has {len(req.request_id)} characters, the limit is {MAX_REQUEST_ID_CHARS}",
+            code=pb.INVALID_ARGUMENT,
+        )
+    if len(req.ids) > limits.max_batch_observations:
+        raise ValidationError(
+            f"a delete of {len(req.ids)} ids exceeds the limit of "
+            f"{limits.max_batch_observations} (ENGRAM_MAX_BATCH_OBSERVATIONS): split it",
+            code=pb.BATCH_TOO_LARGE,
+        )
+    for i, obs_id in enumerate(req.ids):
+        if not obs_id or len(obs_id) > MAX_ID_CHARS:
+            raise ValidationError(
+                f"ids[{i}] is {'empty' if not obs_id else f'{len(obs_id)} characters long'}: "
+                f"an observation id has 1..{MAX_ID_CHARS} characters",
+                code=pb.INVALID_ARGUMENT,
+            )
+    if req.HasField("since_us") and req.HasField("until_us") and req.since_us >= req.until_us:
+        raise ValidationError(
+            f"since_us ({req.since_us}) must be before until_us ({req.until_us}): "
+            "the range [since_us, until_us) holds no time",
+            code=pb.INVALID_ARGUMENT,
+        )

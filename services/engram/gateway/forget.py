@@ -15,52 +15,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Collection, Container
 
+from engram.common import validation
 from engram.common.settings import LimitSettings
 from engram.contract.errors import ValidationError
 from engram.v1 import streaming_pb2 as pb
 
-# A request_id is echoed in the answer and in errors: an identifier, not a payload.
-MAX_REQUEST_ID_CHARS = 128
-# An observation id, as a batch may carry it (the shard stores ids as given).
-MAX_ID_CHARS = 1024
 # 10,000 years: a larger maximum age would overflow the microseconds it is compared in.
 MAX_AGE_S = 10_000 * 366 * 86_400
 
 
 def delete_request(req: pb.DeleteRequest, space: str, limits: LimitSettings) -> pb.DeleteRequest:
-    """A copy of ``req`` addressed to ``space`` once checked: it names ids and/or a time range
-    (``[since_us, until_us)``, either bound alone an open range), at most
-    ``ENGRAM_MAX_BATCH_OBSERVATIONS`` ids, none empty."""
-    has_range = req.HasField("since_us") or req.HasField("until_us")
-    if not req.ids and not has_range:
-        raise ValidationError(
-            "the delete names nothing: give ids, or a time range (since_us and/or until_us)",
-            code=pb.INVALID_ARGUMENT,
-        )
-    if len(req.request_id) > MAX_REQUEST_ID_CHARS:
-        raise ValidationError(
-            f"request_id has {len(req.request_id)} characters, the limit is {MAX_REQUEST_ID_CHARS}",
-            code=pb.INVALID_ARGUMENT,
-        )
-    if len(req.ids) > limits.max_batch_observations:
-        raise ValidationError(
-            f"a delete of {len(req.ids)} ids exceeds the limit of "
-            f"{limits.max_batch_observations}: split it",
-            code=pb.BATCH_TOO_LARGE,
-        )
-    for i, obs_id in enumerate(req.ids):
-        if not obs_id or len(obs_id) > MAX_ID_CHARS:
-            raise ValidationError(
-                f"ids[{i}] is {'empty' if not obs_id else f'{len(obs_id)} characters long'}: "
-                f"an observation id has 1..{MAX_ID_CHARS} characters",
-                code=pb.INVALID_ARGUMENT,
-            )
-    if req.HasField("since_us") and req.HasField("until_us") and req.since_us >= req.until_us:
-        raise ValidationError(
-            f"since_us ({req.since_us}) must be before until_us ({req.until_us}): "
-            "the range [since_us, until_us) holds no time",
-            code=pb.INVALID_ARGUMENT,
-        )
+    """A copy of ``req`` addressed to ``space`` once checked (:func:`validation.delete`, the
+    rules the shard applies again)."""
+    validation.delete(req, limits)
     checked = pb.DeleteRequest()
     checked.CopyFrom(req)
     checked.memory_space_id = space

@@ -1,10 +1,11 @@
 """The shard's ``Delete`` RPC (``engram.internal.v1.Shard``), mixed into its service.
 
-Checks the request (a space id; ids and/or a time range; at most ``MAX_DELETE_IDS`` ids, each
-1..``MAX_ID_CHARS`` characters), refuses a space this shard does not own at the gateway's
-epoch (NOT_OWNER, as ``Append`` does), resolves ids and range to rows and answers once the
-delete is durable and visible (:mod:`engram.shard.deletes`). A space this shard owns but has
-no data for holds none of the ids. Errors end the call with the error's status.
+Checks the request (a space id, then the gateway's own rules,
+:func:`engram.common.validation.delete`: at most ``ENGRAM_MAX_BATCH_OBSERVATIONS`` ids), refuses
+a space this shard does not own at the gateway's epoch (NOT_OWNER, as ``Append`` does),
+resolves ids and range to rows and answers once the delete is durable and visible
+(:mod:`engram.shard.deletes`). A space this shard owns but has no data for holds none of the
+ids. Errors end the call with the error's status.
 """
 
 from __future__ import annotations
@@ -12,35 +13,18 @@ from __future__ import annotations
 import grpc
 
 from engram.common import validation
+from engram.common.settings import LimitSettings
 from engram.contract.errors import EngramError, NotOwnerError, abort_details, grpc_status
 from engram.internal.v1 import shard_pb2 as ipb
 from engram.shard.node import ShardNode
 from engram.v1 import streaming_pb2 as pb
 
-MAX_DELETE_IDS = 100_000
-MAX_ID_CHARS = 1024
 
-
-def check_delete(req: pb.DeleteRequest) -> str:
-    """Returns the request's space id once the request is sane; raises ValidationError."""
+def check_delete(req: pb.DeleteRequest, limits: LimitSettings) -> str:
+    """Returns the request's space id once the request is sane (the gateway's rules,
+    :func:`validation.delete`, with this shard's limits); raises ValidationError."""
     name = validation.space_id(req.memory_space_id)
-    has_range = req.HasField("since_us") or req.HasField("until_us")
-    if not req.ids and not has_range:
-        raise validation.ValidationError(
-            "the delete names nothing: give ids, or a time range (since_us and/or until_us)",
-            code=pb.INVALID_ARGUMENT,
-        )
-    if len(req.ids) > MAX_DELETE_IDS:
-        raise validation.ValidationError(
-            f"a delete of {len(req.ids)} ids exceeds the limit of {MAX_DELETE_IDS}: split it",
-            code=pb.BATCH_TOO_LARGE,
-        )
-    for i, obs_id in enumerate(req.ids):
-        if not 0 < len(obs_id) <= MAX_ID_CHARS:
-            raise validation.ValidationError(
-                f"ids[{i}] has {len(obs_id)} characters: an observation id has 1..{MAX_ID_CHARS}",
-                code=pb.INVALID_ARGUMENT,
-            )
+    validation.delete(req, limits)
     return name
 
 
@@ -52,7 +36,7 @@ class DeleteRpcs:
     ) -> pb.DeleteResponse:
         req = request.delete
         try:
-            name = check_delete(req)
+            name = check_delete(req, self.node.settings.limits)
             space = self.node.space(name, create=False)
             if space is not None and request.epoch > self.node.placement.epoch(space.name):
                 raise NotOwnerError(
