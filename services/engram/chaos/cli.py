@@ -1,7 +1,8 @@
 """Command line of the chaos harness: ``python -m engram.chaos`` or ``chaos/local/run.py``.
 
-Exit status: 0 when nothing was lost, duplicated, reordered or half-stored; 1 when a checker
-found a violation (or the final read-back failed); 2 when the run itself could not be done.
+Exit status: 0 when nothing was lost, duplicated, reordered, half-stored or read after its
+delete was acknowledged (resurrected); 1 when a checker found a violation (or the final
+read-back failed); 2 when the run itself could not be done.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from engram.chaos.harness import run
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="engram-chaos",
-        description="Run a workload against a local cluster while injecting faults; "
-        "verify that nothing acknowledged is lost, duplicated or reordered.",
+        description="Run a workload (writes, deletes, recalls) against a local cluster while "
+        "injecting faults; verify that nothing acknowledged is lost, duplicated or reordered "
+        "and that nothing deleted is read again.",
     )
     p.add_argument(
         "--seconds",
