@@ -78,6 +78,7 @@ class Recaller:
                 await self.client.recall(SPACE, cue, k=10)
             except Exception:
                 self.failed += 1
+                await asyncio.sleep(0.1)  # not a tight loop against a shard that is down
                 continue
             self.samples.append((started, time.perf_counter() - started))
 
