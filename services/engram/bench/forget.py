@@ -334,6 +334,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             result["deleted_returned_by_recall"] = await check_gone(
                 client, vectors, deleted, args.check_samples
             )
+            result["recall_failures"] = recaller.failed
             result["memory_after_deletes"] = await memory(cluster)
             result["live_rows_match"] = result["memory_after_deletes"]["live_rows"] == live
             _say(f"waiting up to {args.compact_timeout:g} s for compaction")
