@@ -1,15 +1,20 @@
-"""``engram backup`` and ``engram restore``: a space's consistent copy in a directory, and back.
+"""``engram backup`` and ``engram restore``: a space's consistent copy in a directory or an
+S3-compatible bucket, and back.
 
 ::
 
-    engram backup --space S [--space S2 ... | --all] --to DIR     each space into DIR/<space>/
-    engram restore --from DIR [--space NEW_NAME]                   DIR/<space>/ or DIR of many
+    engram backup --space S [--space S2 ... | --all] --to DEST [--stamp]   DEST/<space>/
+    engram restore --from DEST [--space NEW_NAME]            DEST/<space>/ or DEST of many
 
-A backup is consistent as of one LSN and taken while ingest goes on; ``backup.json`` is written
-last, so a directory without it is no backup. A restore goes into a running cluster whose
-space of that name is new or empty, and refuses a backup that is incomplete, corrupt, of a
-newer format or of another dimension than the space. ``--disk-rate`` also times a plain copy
-of the same bytes on the same disk, so the MB/s can be read next to what the disk does.
+DEST is a directory or ``s3://bucket/prefix`` (boto3, the ``s3`` extra; the endpoint of an
+S3-compatible service from ``--s3-endpoint`` or ``AWS_ENDPOINT_URL``, credentials the
+standard boto3 way). ``--stamp`` backs up into ``DEST/<UTC time>/`` instead, one location a
+run, as the chart's scheduled backups do. A backup is consistent as of one LSN and taken while
+ingest goes on; ``backup.json`` is written last, so a location without it holds no backup. A
+restore goes into a running cluster whose space of that name is new or empty, and refuses a
+backup that is incomplete, corrupt, of a newer format or of another dimension than the space.
+``--disk-rate`` (directories) also times a plain copy of the same bytes on the same disk, so
+the MB/s can be read next to what the disk does.
 
 Shards are found as ``engram move`` finds them (:mod:`engram.move_cli`): the cluster's
 ``cluster.json`` (``--data-dir``) or the control plane's registry (``--redis URL``).
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import os
 import shutil
 import sys
@@ -32,6 +38,7 @@ from engram.common.settings import SecuritySettings
 from engram.contract.errors import EngramError
 from engram.control import backup_format as fmt
 from engram.control.assignment import Assignment
+from engram.control.backup_store import BackupStore, DirStore, open_store
 from engram.control.backups import Progress, backup_space, restore_space
 from engram.control.moves import shard_stats, spaces_of
 from engram.control.store import ControlStore
@@ -49,11 +56,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     what = b.add_mutually_exclusive_group(required=True)
     what.add_argument("--space", action="append", help="a memory space (repeat for more)")
     what.add_argument("--all", action="store_true", help="every space of the cluster")
-    b.add_argument("--to", required=True, help="directory: each space goes to DIR/<space>/")
+    b.add_argument(
+        "--to", required=True, help="directory or s3://bucket/prefix: each space to DEST/<space>/"
+    )
+    b.add_argument("--stamp", action="store_true", help="into DEST/<UTC time>/: one location a run")
     r = sub.add_parser("restore", help="restore a backup into a running cluster")
-    r.add_argument("--from", dest="source", required=True, help="DIR/<space>, or DIR of many")
+    r.add_argument("--from", dest="source", required=True, help="DEST/<space>, or DEST of many")
     r.add_argument("--space", default="", help="restore under this name (one backup only)")
     for cmd in (b, r):
+        cmd.add_argument(
+            "--s3-endpoint",
+            default="",
+            help="an S3-compatible service's URL (default: AWS_ENDPOINT_URL, else AWS S3)",
+        )
         cmd.add_argument("--data-dir", default="./.engram", help="the cluster's data directory")
         cmd.add_argument("--redis", default="", help="find the shards in this Redis instead")
         cmd.add_argument("--key-prefix", default="engram", help="with --redis: the prefix")
@@ -121,7 +136,24 @@ def _disk_rate(paths: list[Path], scratch: Path) -> float:
         return total / MB / max(time.monotonic() - started, 1e-9)
 
 
+def stamp(now: datetime.datetime | None = None) -> str:
+    """A run's location name: its UTC time, sorting as the runs came."""
+    return (now or datetime.datetime.now(datetime.UTC)).strftime("%Y%m%dT%H%M%SZ")
+
+
+async def _disk_rate_of(store: BackupStore, mb: float) -> None:
+    if not isinstance(store, DirStore):
+        print("  (--disk-rate times directories only)", flush=True)
+        return
+    files = sorted(f for f in store.path.iterdir() if f.is_file())
+    rate = await asyncio.to_thread(_disk_rate, files, store.path.parent)
+    print(f"  disk copy of the same {mb:.1f} MB: {rate:.1f} MB/s", flush=True)
+
+
 async def _backup(args: argparse.Namespace) -> int:
+    dest = open_store(args.to, s3_endpoint=args.s3_endpoint)
+    if args.stamp:
+        dest = dest.space(stamp())
     addresses, security, _ = await _cluster(args)
     spaces = args.space or sorted(spaces_of(await shard_stats(addresses, security)))
     if not spaces:
@@ -129,30 +161,28 @@ async def _backup(args: argparse.Namespace) -> int:
         return 2
     show = Shown(args.quiet)
     for space in spaces:
-        result = await backup_space(addresses, space, args.to, security=security, on_progress=show)
+        result = await backup_space(addresses, space, dest, security=security, on_progress=show)
         mb = result.bytes / MB
         print(
             f"backed up {space} from shard-{result.shard} at LSN {result.lsn:,} (dim "
             f"{result.dim}): {mb:.1f} MB in {result.seconds:.2f} s "
-            f"({mb / result.seconds:.1f} MB/s) -> {result.directory}",
+            f"({mb / result.seconds:.1f} MB/s) -> {result.location}",
             flush=True,
         )
         if args.disk_rate:
-            files = sorted(f for f in result.directory.iterdir() if f.is_file())
-            rate = await asyncio.to_thread(_disk_rate, files, Path(args.to))
-            print(f"  disk copy of the same {mb:.1f} MB: {rate:.1f} MB/s", flush=True)
+            await _disk_rate_of(result.store, mb)
     return 0
 
 
-def _backups_in(source: Path) -> list[Path]:
-    if (source / fmt.MANIFEST).exists() or not source.is_dir():
+async def _backups_in(source: BackupStore) -> list[BackupStore]:
+    """The backup at ``source``, or those one level under it (a run of ``--all``)."""
+    if await source.size(fmt.MANIFEST) is not None:
         return [source]
-    found = sorted(d for d in source.iterdir() if (d / fmt.MANIFEST).exists())
-    return found or [source]  # none: the error names the directory
+    return await source.backups() or [source]  # none: the error names the location
 
 
 async def _restore(args: argparse.Namespace) -> int:
-    dirs = _backups_in(Path(args.source))
+    dirs = await _backups_in(open_store(args.source, s3_endpoint=args.s3_endpoint))
     if args.space and len(dirs) > 1:
         print(
             f"error: {args.source} holds {len(dirs)} backups; --space renames one",
@@ -179,9 +209,7 @@ async def _restore(args: argparse.Namespace) -> int:
             flush=True,
         )
         if args.disk_rate:
-            files = sorted(f for f in directory.iterdir() if f.is_file())
-            rate = await asyncio.to_thread(_disk_rate, files, directory.parent)
-            print(f"  disk copy of the same {mb:.1f} MB: {rate:.1f} MB/s", flush=True)
+            await _disk_rate_of(directory, mb)
     return 0
 
 

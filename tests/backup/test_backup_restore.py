@@ -218,3 +218,54 @@ async def test_hold_released_after_the_backup_client_dies(
             assert time.monotonic() < deadline, "the hold of the dead backup was never released"
             await asyncio.sleep(0.5)
         await writer.stop()
+
+
+async def test_deletes_before_the_backup_stay_deleted_after_the_restore(
+    make_cluster, mv: ModuleType, tmp_path: Path
+) -> None:
+    """Deletes whose rows a checkpoint holds and deletes only the WAL holds are both in the
+    backup; a delete after the backup's LSN is not (its rows come back with the backup)."""
+    source = make_cluster(shards=1, env=ENV)
+    space = "forgets"
+    rng = np.random.default_rng(7)
+    vectors = rng.standard_normal((1200, mv.DIM))
+    ids = [f"r{i}" for i in range(len(vectors))]
+
+    async def write(client: EngramClient, lo: int, hi: int) -> None:
+        stream = await client.open_stream(space)
+        acks = [
+            await stream.send(vectors[a : a + mv.BATCH], ids=ids[a : a + mv.BATCH])
+            for a in range(lo, hi, mv.BATCH)
+        ]
+        await asyncio.gather(*acks)
+        await stream.close()
+
+    manifest = source.data_dir / "shard-0" / "spaces" / space / "ckpt" / "manifest.json"
+    async with EngramClient(source.gateway_address) as client:
+        await write(client, 0, 1000)
+        for _ in range(100):  # a checkpoint holds the first rows and then their deletes
+            if manifest.exists():
+                break
+            await asyncio.sleep(0.1)
+        early = set(ids[0:1000:3])
+        assert (await client.delete(space, sorted(early))).deleted == len(early)
+        await write(client, 1000, 1200)
+        late = set(ids[1000:1200:4])  # rows and their deletes in the WAL only
+        assert (await client.delete(space, sorted(late))).deleted == len(late)
+        result = await backup_space(addresses(source), space, tmp_path / "b")
+        after = {ids[1], ids[1001]}  # deleted after the backup's LSN
+        assert (await client.delete(space, sorted(after))).deleted == 2
+    assert result.lsn == len(ids)
+
+    target = make_cluster(shards=1)
+    await restore_space(addresses(target), result.directory)
+    gone = early | late
+    async with EngramClient(target.gateway_address) as client:
+        listed = await listing(client, space)
+        assert [i for i, _ in listed] == [i for i in ids if i not in gone]
+        assert after <= {i for i, _ in listed}
+        for row in [0, 3, 999, 1000, 1196, 1, 1001]:
+            hits = await client.recall(space, vectors[row], k=5)
+            found = [h.id for h in hits.hits]
+            assert len(found) == 5 and not gone & set(found), (row, found)
+            assert (found[0] == ids[row]) == (ids[row] not in gone), (row, found)
