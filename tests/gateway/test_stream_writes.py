@@ -233,7 +233,7 @@ async def test_a_moved_space_is_followed_and_unanswered_batches_resent(
 async def test_a_move_that_does_not_commit_in_time_ends_the_stream(
     open_stream: OpenStream, fake_shard: Any, monkeypatch: pytest.MonkeyPatch
 ):
-    monkeypatch.setattr("engram.gateway.stream._REROUTE_S", 0.1)
+    monkeypatch.setattr("engram.gateway.stream_move._REROUTE_S", 0.1)
     s = await _started(open_stream)
     fake_shard.fence("alpha")
     s.batch(1)

@@ -1,7 +1,7 @@
 """OpenTelemetry traces of batches and recalls: set up once per process, off unless configured.
 
 The gateway and shard entry points call :func:`configure` after loading their settings and
-:func:`shutdown` when they stop. The write and recall paths (``gateway/stream.py``,
+:func:`shutdown` when they stop. The write and recall paths (``gateway/stream_*.py``,
 ``gateway/service.py``, ``shard/service.py``) test :data:`active` first: with tracing off that
 one module attribute read is all a batch pays. With it on, :func:`start` asks the sampler once
 per batch (or recall); an unsampled one gets ``None`` and nothing else is built for it.

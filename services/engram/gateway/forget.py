@@ -2,8 +2,8 @@
 stream's delete waits for the batches the stream sent before it.
 
 Called by the public service's ``Delete`` / ``SetRetention`` (``service.py``) and by a client
-stream's ``delete`` op (``stream.py``); the shard checks again before it writes its tombstone.
-Every refusal is a :class:`~engram.contract.errors.ValidationError` naming the field.
+stream's ``delete`` op (``stream_forget.py``); the shard checks again before it writes its
+tombstone. Every refusal is a :class:`~engram.contract.errors.ValidationError` naming the field.
 
 A stream's delete must see the stream's own writes (write, then delete what was written), so
 it is sent to the shard only once every batch the stream forwarded before it is answered:
