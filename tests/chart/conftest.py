@@ -58,6 +58,16 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "metrics": {"serviceMonitor": {"enabled": True}},
     },
     "internal-tls": {"internalTls": {"enabled": True, "secretName": "engram-internal-tls"}},
+    # Scheduled backups (docs/operations.md, "Backups"): to a volume, or to a bucket with keys.
+    "backup-pvc": {"backup": {"enabled": True, "pvc": {"size": "5Gi", "storageClassName": "fast"}}},
+    "backup-s3": {
+        "backup": {
+            "enabled": True,
+            "destination": "s3",
+            "s3": {"bucket": "engram-backups", "endpoint": "http://minio.minio:9000"},
+        },
+        "internalTls": {"enabled": True, "secretName": "engram-internal-tls"},
+    },
 }
 
 

@@ -27,12 +27,22 @@ RENDERS = {
         "gatewayApi": {"enabled": True, "parentRefs": [{"name": "public"}]},
         "tls": {"enabled": True, "secretName": "engram-gateway-tls"},
         "internalTls": {"enabled": True, "secretName": "engram-internal-tls"},
+        "backup": {
+            "enabled": True,
+            "destination": "s3",
+            "s3": {
+                "bucket": "engram-backups",
+                "existingSecret": "engram-s3",
+                "region": "eu-west-1",
+            },
+        },
     },
     "external": {
         "redis": {"enabled": False, "external": {"url": "redis://r.example:6379/0"}},
         "gateways": {"autoscaling": {"enabled": False}},
         "auth": {"enabled": False},
         "internalAuth": {"enabled": False},
+        "backup": {"enabled": True},
     },
 }
 

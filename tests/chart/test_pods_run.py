@@ -241,6 +241,8 @@ class LocalKubelet:
 
         def sub(m: re.Match[str]) -> str:
             host, port = m[1], int(m[2])
+            if host == "127.0.0.1":  # mapped already (an argument's $(VAR) of a mapped value)
+                return m.group(0)
             if host == "0.0.0.0":
                 assert port in pod.ports, f"{pod.name} listens on {port}, not a container port"
                 return f"127.0.0.1:{pod.ports[port]}"
@@ -497,6 +499,48 @@ def test_rendered_pods_with_tls_on_both_sides(chart, tmp_path: Path) -> None:
             assert _refused(lambda: stub.Stats(shard_pb2.StatsRequest(), timeout=5)) == (
                 grpc.StatusCode.UNAVAILABLE
             ), "a shard answered plaintext gRPC with internalTls on"
+        _terminate_cleanly(kubelet, [gateway, *shards])
+    finally:
+        kubelet.kill_all()
+
+
+def test_the_backup_jobs_pod_backs_up_the_running_cluster(chart, tmp_path: Path) -> None:
+    """The CronJob's pod (backup.destination pvc) run once against the pods started here: it
+    finds the shards in Redis, calls them with the mounted internal token and writes every
+    demo space into its volume under the run's UTC time."""
+    key, keys_file = _demo_key()
+    docs = chart.render({"auth": {"keysJson": keys_file}, "backup": {"enabled": True}})
+    kubelet = LocalKubelet(docs, tmp_path, chart.NAMESPACE)
+    try:
+        gateway, *shards = _start_all(chart, kubelet, docs)
+        service = chart.one(docs, "Service", "gateway")
+        host = f"{service['metadata']['name']}.{chart.NAMESPACE}.svc.cluster.local"
+        port = {p["name"]: p["port"] for p in service["spec"]["ports"]}["grpc"]
+        demo = subprocess.run(
+            [str(VENV_BIN / "engram"), "demo", "--target", kubelet.address(host, port)]
+            + ["--api-key", key, "--spaces", "2", "--count", "1000", "--dim", "16"]
+            + ["--batch", "500"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+
+        cron = chart.one(docs, "CronJob", "backup")
+        job = {"kind": "Job", "metadata": cron["metadata"], "spec": cron["spec"]["jobTemplate"]}
+        job["spec"] = {"template": cron["spec"]["jobTemplate"]["spec"]["template"]}
+        (pod,) = kubelet.schedule(job)
+        kubelet.start(pod)
+        assert pod.proc is not None
+        code = pod.proc.wait(timeout=120)
+        assert code == 0, procs.log_tail(pod.log)
+        (run,) = kubelet.volume_dir(pod, "backups").iterdir()  # one run, named by its time
+        assert re.fullmatch(r"[0-9]{8}T[0-9]{6}Z", run.name), run.name
+        backed_up = {d.name for d in run.iterdir() if (d / "backup.json").is_file()}
+        assert {"demo-0", "demo-1"} <= backed_up, procs.log_tail(pod.log)  # and the canaries'
+        for space in ("demo-0", "demo-1"):
+            manifest = json.loads((run / space / "backup.json").read_text())
+            assert manifest["lsn"] > 0, manifest
         _terminate_cleanly(kubelet, [gateway, *shards])
     finally:
         kubelet.kill_all()

@@ -130,9 +130,12 @@ def test_crd_schema_catches_a_bad_engramcluster(chart) -> None:
 def test_every_workload_is_restricted(manifests: list[dict[str, Any]]) -> None:
     """Pod Security "restricted" on every pod and container, init containers included."""
     for doc in manifests:
-        if doc["kind"] not in ("StatefulSet", "Deployment"):
+        if doc["kind"] == "CronJob":
+            pod = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        elif doc["kind"] in ("StatefulSet", "Deployment"):
+            pod = doc["spec"]["template"]["spec"]
+        else:
             continue
-        pod = doc["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
         for c in pod["containers"] + pod.get("initContainers", []):
