@@ -307,12 +307,87 @@ class AdmissionSettings:
         lo=0.0,
         hi=60.0,
     )
+    # The floor of latency-driven shedding: however slow recalls are, NORMAL and LOW batches
+    # are still admitted at this rate (HIGH ones are never shed for latency), so acks go on.
+    latency_floor_obs_per_s: int = setting(
+        "ENGRAM_LATENCY_FLOOR_OBS_PER_S",
+        10_000,
+        "Observations/s a shard still admits while it sheds for recall latency or "
+        "visibility lag (not for memory).",
+        lo=1,
+        hi=1 << 40,
+    )
     low_every: int = setting(
         "ENGRAM_INDEX_LOW_EVERY",
         4,
         "Every this-many builder picks go to the space whose LOW rows waited longest.",
         lo=1,
         hi=1000,
+    )
+
+
+@dataclass(frozen=True)
+class RecallFirstSettings:
+    """Recalls get the CPU first (:mod:`engram.shard.recall_first`)."""
+
+    # OFF: background work ignores recalls (only the builder's duty cycle); QUEUED: indexing,
+    # partitioning and checkpoints wait while recalls are queued; LATENCY: while the recent
+    # recall P99 is above its bound; BOTH: either.
+    isolation: str = setting(
+        "ENGRAM_RECALL_ISOLATION",
+        "BOTH",
+        "When the builder and partitioner yield to recalls.",
+        choices=("OFF", "QUEUED", "LATENCY", "BOTH"),
+    )
+    queue: int = setting(
+        "ENGRAM_RECALL_QUEUE",
+        16,
+        "Recalls a shard holds for its recall workers (waiting or running); beyond, a recall "
+        "is refused OVERLOADED with a retry-after from the measured recall rate.",
+        lo=1,
+        hi=100_000,
+    )
+    recall_bound_ms: float = setting(
+        "ENGRAM_RECALL_LATENCY_BOUND_MS",
+        20.0,
+        "Bound on the shard's recall P99 (queue + search) over the latency window.",
+        lo=0.1,
+        hi=60_000.0,
+    )
+    visibility_bound_ms: float = setting(
+        "ENGRAM_VISIBILITY_LAG_BOUND_MS",
+        50.0,
+        "Bound on the age of a space's oldest durable write not yet visible to recalls.",
+        lo=0.1,
+        hi=60_000.0,
+    )
+    window_s: float = setting(
+        "ENGRAM_RECALL_LATENCY_WINDOW_S",
+        2.0,
+        "Window of recent recalls the P99 and the recall rate are taken over.",
+        lo=0.1,
+        hi=600.0,
+    )
+    yield_max_ms: float = setting(
+        "ENGRAM_RECALL_YIELD_MAX_MS",
+        250.0,
+        "Longest the builder or the partitioner waits for recalls before one step of its work.",
+        lo=1.0,
+        hi=60_000.0,
+    )
+    latency_pressure: bool = setting(
+        "ENGRAM_LATENCY_PRESSURE",
+        True,
+        "Feed recall latency and visibility lag into the admission levels (0 or 1).",
+    )
+    # The signal rises at once and falls with this time constant: with the levels' own
+    # hysteresis and dwell, admission does not flap between a slow and a fast second.
+    fall_s: float = setting(
+        "ENGRAM_LATENCY_PRESSURE_FALL_S",
+        1.0,
+        "Time constant (seconds) of the latency pressure's fall once latencies are back.",
+        lo=0.0,
+        hi=600.0,
     )
 
 
@@ -383,6 +458,7 @@ class ShardSettings:
     wal: WalSettings = field(default_factory=WalSettings)
     index: IndexSettings = field(default_factory=IndexSettings)
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
+    recall_first: RecallFirstSettings = field(default_factory=RecallFirstSettings)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ error, False for the rest of the client's faults.
 :data:`CODES` is the one table from an ``ErrorCode`` to its class, the gRPC status of a call
 that fails as a whole with it, and the WebSocket close code of a stream that must end with it.
 :func:`from_proto` rebuilds an error received in-band, :func:`from_rpc_error` one that ended a
-call (details ``"CODE_NAME: message"``, as :func:`abort_details` writes them).
+call (details ``"CODE_NAME: message"``, as :func:`abort_details` writes them; the wait of a
+refused call also in the trailing metadata :func:`retry_after_metadata` writes).
 """
 
 from __future__ import annotations
@@ -224,6 +225,16 @@ def abort_details(err: EngramError) -> str:
     return str(err)
 
 
+# Trailing metadata naming the wait of a refused call (milliseconds).
+RETRY_AFTER_KEY = "retry-after-ms"
+
+
+def retry_after_metadata(err: EngramError) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata of a call ended with ``err``: its retry-after, if it has one."""
+    wait = getattr(err, "retry_after_ms", 0)
+    return ((RETRY_AFTER_KEY, str(wait)),) if wait else ()
+
+
 def from_proto(err: pb.StreamError) -> EngramError:
     """Rebuilds an error received in-band (from a shard, or by a client)."""
     if err.code == pb.SEQUENCE_GAP:
@@ -248,6 +259,12 @@ def from_rpc_error(
     details = (exc.details() if call else str(exc)) or ""  # type: ignore[union-attr]
     name, _, message = details.partition(": ")
     if name in pb.ErrorCode.keys():
-        return from_proto(pb.StreamError(code=pb.ErrorCode.Value(name), message=message))
+        wait = 0
+        for key, value in (exc.trailing_metadata() or ()) if call else ():  # type: ignore[union-attr]
+            if key == RETRY_AFTER_KEY and str(value).isdigit():
+                wait = int(value)
+        return from_proto(
+            pb.StreamError(code=pb.ErrorCode.Value(name), message=message, retry_after_ms=wait)
+        )
     status = code.name if code is not None else "ERROR"
     return UnavailableError(f"{what} did not answer: {status} {details}".rstrip())

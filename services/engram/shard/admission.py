@@ -6,14 +6,20 @@ What is counted (all per shard):
 * **unindexed bytes**: what the fresh tier holds (vectors and metadata not yet in HNSW).
 
 ``pressure`` is the fullest of these against its limit: intake + unindexed bytes against the
-memory budget, and each lane's intake against its hard limits. Levels NORMAL / WARNING /
+memory budget, and each lane's intake against its hard limits (``memory_pressure``), or the
+latency pressure if higher: recall P99 and visibility lag against their bounds
+(:mod:`engram.shard.recall_first`, via :meth:`AdmissionController.set_latency`), scaled so that
+at the bound the shard is CRITICAL and at 1.19 × the bound OVERLOADED. Levels NORMAL / WARNING /
 CRITICAL / OVERLOADED start at 0.5 / 0.8 / 0.95 of it; a level is left only when pressure falls
 below ``hysteresis`` × its threshold and it has lasted ``min_dwell_s``, so levels do not flap.
 
 Shedding, LOW first and HIGH last: a LOW batch is refused from CRITICAL on, a NORMAL one at
 OVERLOADED, a HIGH one only when it would not fit in the budget; any lane above its hard limit
 is refused, and above its soft limit from CRITICAL on. A refusal carries a retry-after computed
-from the measured drain rate (how fast indexing frees memory). Called by
+from the measured drain rate (how fast indexing frees memory). A shed that only latency
+causes (memory alone would not shed the batch) still admits NORMAL and LOW batches at
+``latency_floor_obs_per_s`` (a token bucket), so acks never stop; its retry-after is the
+time the floor takes to have room for the batch. Called by
 :class:`~engram.shard.space.Space` (admit / settle) and the builder (indexed); level changes
 go to listeners (the shard service pushes them to every stream).
 """
@@ -34,6 +40,8 @@ LEVEL_NAMES = ("NORMAL", "WARNING", "CRITICAL", "OVERLOADED")
 THRESHOLDS = (0.0, 0.5, 0.8, 0.95)
 # Batch sizes to recommend per level: small for latency when calm, large for throughput.
 RECOMMENDED_BATCH = (10, 100, 500, 1000)
+# Latency pressure per unit of latency ratio: at the bound (1.0) the shard is CRITICAL.
+LATENCY_SCALE = 0.8
 
 HIGH, LOW = pb.PRIORITY_HIGH, pb.PRIORITY_LOW
 LANES = (pb.PRIORITY_HIGH, pb.PRIORITY_NORMAL, pb.PRIORITY_LOW)
@@ -59,6 +67,34 @@ class Snapshot:
     budget_bytes: int
     intake: dict[int, tuple[int, int]] = field(default_factory=dict)
     retry_after_ms: int = 0
+    latency_pressure: float = 0.0
+
+
+def level_of(pressure: float) -> int:
+    """The level a pressure reaches (before hysteresis and dwell)."""
+    return max(lvl for lvl in range(4) if pressure >= THRESHOLDS[lvl])
+
+
+class FloorBucket:
+    """Admits ``rate`` observations/s (bursts of one second) whatever the latency says."""
+
+    def __init__(self, rate: int, now: float) -> None:
+        self.rate = rate
+        self.tokens = float(rate)
+        self._at = now
+
+    def take(self, n: int, now: float) -> bool:
+        self.tokens = min(float(self.rate), self.tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self.tokens < n and self.tokens < self.rate:  # a batch above the rate fits a full one
+            return False
+        self.tokens -= n
+        return True
+
+    def wait_ms(self, n: int) -> int:
+        """When ``n`` observations will fit."""
+        short = min(n, self.rate) - self.tokens
+        return int(min(5_000, max(50, 1000 * short / self.rate)))
 
 
 class AdmissionController:
@@ -76,6 +112,9 @@ class AdmissionController:
         self.unindexed_bytes = 0
         self.level = NORMAL
         self.pressure = 0.0
+        self.memory_pressure = 0.0  # the pressure memory and intake alone make
+        self.latency_pressure = 0.0  # LATENCY_SCALE x the latency ratio (set_latency)
+        self._floor = FloorBucket(settings.latency_floor_obs_per_s, clock())
         self._entered = clock()
         self._drain_bps = 0.0  # EWMA of bytes/s freed by indexing
         self._last_drain: float | None = None
@@ -96,8 +135,20 @@ class AdmissionController:
         with self._lock:
             lane = self._lanes[lane_id]
             reason = self._refusal(lane_id, lane, observations, nbytes)
+            if reason is not None and self._latency_shed(reason):
+                if self._floor.take(observations, self._clock()):
+                    reason = None
+                else:
+                    reason = (
+                        f"latency: recall latency or visibility lag is above its bound, the "
+                        f"shard is {LEVEL_NAMES[self.level]} and its floor of "
+                        f"{self._floor.rate} observations/s is taken"
+                    )
             if reason is not None:
-                retry = self._retry_after_ms(nbytes, lane_id)
+                if reason.startswith("latency"):
+                    retry = self._floor.wait_ms(observations)
+                else:
+                    retry = self._retry_after_ms(nbytes, lane_id)
                 raise OverloadedError(
                     f"{LANE_NAMES[lane_id]} priority batch refused: {reason}; retry in {retry} ms",
                     reason=reason.split(":")[0],
@@ -106,6 +157,20 @@ class AdmissionController:
             lane.observations += observations
             lane.bytes += nbytes
             self._notify(self._update())  # under the lock: listeners see changes in order
+
+    def _latency_shed(self, reason: str) -> bool:
+        """Whether a refusal for the level is the latency's doing: memory alone would not
+        have the shard at a level that sheds (the budget and hard limits are never waived)."""
+        if reason.split(":")[0] not in ("shed_low", "shed_normal", "lane_soft"):
+            return False
+        return self._latency_driven()
+
+    def _latency_driven(self) -> bool:
+        """The level is the latency's: above memory's own, with latency the higher pressure."""
+        return (
+            self.latency_pressure > self.memory_pressure
+            and level_of(self.memory_pressure) < self.level
+        )
 
     def _refusal(self, lane_id: int, lane: _Lane, n: int, nbytes: int) -> str | None:
         lim = lane.limits
@@ -165,6 +230,12 @@ class AdmissionController:
         """The builder has nothing to do: the next drain interval starts now."""
         self._last_drain = None
 
+    def set_latency(self, ratio: float) -> None:
+        """The latency ratio (:mod:`engram.shard.recall_first`) changed: 1.0 at the bound."""
+        with self._lock:
+            self.latency_pressure = LATENCY_SCALE * ratio
+            self._notify(self._update())  # under the lock: listeners see changes in order
+
     def tick(self) -> None:
         """Re-evaluates the level (dwell times pass even without traffic)."""
         with self._lock:
@@ -177,12 +248,13 @@ class AdmissionController:
         for lane in self._lanes.values():
             lim = lane.limits
             p = max(p, lane.observations / lim.hard_observations, lane.bytes / lim.hard_bytes)
-        return p
+        self.memory_pressure = p
+        return max(p, self.latency_pressure)
 
     def _update(self) -> Snapshot | None:
         """Recomputes pressure and level (lock held); returns a snapshot if the level changed."""
         self.pressure = p = self._current_pressure()
-        target = max(lvl for lvl in range(4) if p >= THRESHOLDS[lvl])
+        target = level_of(p)
         now = self._clock()
         if target > self.level:
             self.level, self._entered = target, now
@@ -203,8 +275,12 @@ class AdmissionController:
             memory_bytes=self.memory_bytes(),
             budget_bytes=self.budget,
             intake={k: (v.observations, v.bytes) for k, v in self._lanes.items()},
-            retry_after_ms=self._retry_after_ms(0) if self.level >= CRITICAL else 0,
+            retry_after_ms=self._snapshot_retry_ms() if self.level >= CRITICAL else 0,
+            latency_pressure=self.latency_pressure,
         )
+
+    def _snapshot_retry_ms(self) -> int:
+        return self._floor.wait_ms(1) if self._latency_driven() else self._retry_after_ms(0)
 
     def snapshot(self) -> Snapshot:
         with self._lock:

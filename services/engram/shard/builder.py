@@ -4,9 +4,12 @@ One builder thread serves all spaces of a shard: it moves fresh rows into HNSW i
 (so recalls never wait long for the index lock) and writes checkpoints. While writes arrive it
 works only part of the time, so acks and recalls keep the CPU. The partitioner keeps large
 fresh tiers partitioned (cheap: a fraction of ingest's cost) so recalls stay fast however far
-HNSW lags. Both take the spaces from :meth:`ShardNode.working_spaces` and name the space they
-work on in ``working`` (:meth:`ShardNode.retire_space` waits until neither works on a space it
-takes away). Started and stopped by :class:`~engram.shard.node.ShardNode`.
+HNSW lags. Both yield to recalls first (:mod:`engram.shard.recall_first`): before each step
+they wait while recalls are queued or slow, for at most ``ENGRAM_RECALL_YIELD_MAX_MS`` at a
+time, and not at all while memory is CRITICAL (indexing is what frees it). Both take the
+spaces from :meth:`ShardNode.working_spaces` and name the space they work on in
+``working`` (:meth:`ShardNode.retire_space` waits until neither works on a space it takes
+away). Started and stopped by :class:`~engram.shard.node.ShardNode`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from engram.common import metrics
 from engram.common.threads import name_os_thread, trim_heap
+from engram.shard.admission import CRITICAL, THRESHOLDS
 from engram.shard.space import Space
 
 if TYPE_CHECKING:
@@ -94,6 +98,11 @@ class Background:
         by_time = int(self._build_rate * idx.build_chunk_ms / 1000)
         return max(8, min(idx.build_chunk, by_time, max(16, backlog // 4)))
 
+    def _yield_to_recalls(self) -> None:
+        """Waits while recalls come first, unless memory presses (see the module)."""
+        if self.node.admission.memory_pressure < THRESHOLDS[CRITICAL]:
+            self.node.recalls.wait_for_recalls(self._stop)
+
     def _arriving(self) -> tuple[bool, bool]:
         """Whether writes, and whether recalls, arrived in the last second."""
         now = time.monotonic()
@@ -113,6 +122,7 @@ class Background:
                 log.warning("could not lower the index builder's priority: %s", exc)
         idle = True
         while not self._stop.is_set():
+            self._yield_to_recalls()
             spaces = self.node.working_spaces()
             space = self._pick(spaces)
             if space is None:
@@ -163,7 +173,9 @@ class Background:
             return 0.0
         # leave the CPU to acks and recalls most of the time, the more so the more room the
         # memory budget has: as it fills, indexing is what frees it
-        share = max(self.node.settings.shard.index.build_busy_share, self.node.admission.pressure)
+        share = max(
+            self.node.settings.shard.index.build_busy_share, self.node.admission.memory_pressure
+        )
         return took * (1 - share) / share if share < 1.0 else 0.0
 
     def _partition_loop(self) -> None:
@@ -171,6 +183,7 @@ class Background:
         while not self._stop.is_set():
             worked = False
             for space in self.node.working_spaces():
+                self._yield_to_recalls()
                 failed = False
                 with self._working_on("partitioner", space) as served:
                     try:

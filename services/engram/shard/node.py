@@ -25,11 +25,12 @@ from engram.shard.admission import AdmissionController
 from engram.shard.backup import Backup
 from engram.shard.builder import Background
 from engram.shard.drop import Drops
-from engram.shard.retention import Enforcer
 from engram.shard.move_source import Outgoing
 from engram.shard.move_target import Incoming
 from engram.shard.ownership import OWNED, Owner, Ownership
 from engram.shard.placement import Placement
+from engram.shard.recall_first import RecallLoad, watch
+from engram.shard.retention import Enforcer
 from engram.shard.space import Space
 from engram.shard.wal import WalFaults
 
@@ -48,6 +49,7 @@ class ShardNode:
         self.move_faults = fault_file.MoveFaults()
         self.assignment = Assignment(settings.cluster.shard_count)
         self.admission = AdmissionController(settings.shard.admission)
+        self.recalls = RecallLoad(settings.shard.recall_first)  # queue bound, latency signal
         self.store = ControlStore(
             settings.cluster.redis_url, settings.cluster.key_prefix, settings.cluster.shard_count
         )
@@ -108,6 +110,7 @@ class ShardNode:
         self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
         self._tasks.append(asyncio.create_task(self.drops.run()))
         self._tasks.append(asyncio.create_task(self.retention.run()))
+        self._tasks.append(asyncio.create_task(watch(self)))
         if self.settings.shard.fault_file:
             log.warning("fault injection enabled: %s", self.settings.shard.fault_file)
             self._tasks.append(
@@ -239,6 +242,9 @@ class ShardNode:
             metrics.shard_rows.labels(space.name).set(space.visible)
             metrics.shard_index_backlog.labels(space.name).set(space.backlog())
             metrics.shard_checkpoint_age.labels(space.name).set(space.checkpoint_age(now))
+            if space.hnsw is not None:  # memory deleted rows hold until compacted
+                metrics.shard_space_bytes.labels(space.name, "index").set(space.hnsw.nbytes)
+            metrics.shard_space_bytes.labels(space.name, "columns").set(space.columns_bytes)
             metrics.backpressure_state.labels(space.name).set(snap.level)
         started = [m.started for m in (*self.incoming.values(), *self.outgoing.values())]
         metrics.shard_move_oldest.set(time.monotonic() - min(started) if started else 0.0)

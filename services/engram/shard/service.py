@@ -26,6 +26,7 @@ from engram.contract.errors import (
     SessionError,
     abort_details,
     grpc_status,
+    retry_after_metadata,
 )
 from engram.internal.v1 import shard_pb2 as ipb
 from engram.internal.v1 import shard_pb2_grpc
@@ -73,11 +74,12 @@ class ShardService(MoveRpcs, BackupRpcs, DeleteRpcs, shard_pb2_grpc.ShardService
             if rising:
                 metrics.backpressure_activations_total.labels(space, name).inc()
         log.info(
-            "admission level %s (pressure %.2f, %d of %d bytes)",
+            "admission level %s (pressure %.2f, %d of %d bytes; latency pressure %.2f)",
             name,
             snap.pressure,
             snap.memory_bytes,
             snap.budget_bytes,
+            snap.latency_pressure,
         )
         metrics.shard_memory_bytes.set(snap.memory_bytes)
         metrics.shard_pressure.set(snap.pressure)
@@ -204,17 +206,21 @@ class ShardService(MoveRpcs, BackupRpcs, DeleteRpcs, shard_pb2_grpc.ShardService
                 if timeline is not None:
                     timeline.end("snapshot")
                 queued_at = time.perf_counter()
-                out = await self._loop.run_in_executor(
-                    self._recall_pool,
-                    self._timed_recall,
-                    space,
-                    snap,
-                    cue,
-                    r.k,
-                    Filters.of(r),
-                    queued_at,
-                    timeline,
-                )
+                entered = self.node.recalls.enter()  # refused beyond the queue bound
+                try:
+                    out = await self._loop.run_in_executor(
+                        self._recall_pool,
+                        self._timed_recall,
+                        space,
+                        snap,
+                        cue,
+                        r.k,
+                        Filters.of(r),
+                        queued_at,
+                        timeline,
+                    )
+                finally:
+                    self.node.recalls.leave(entered)
                 self._note_slow(request.memory_space_id, out, time.perf_counter() - queued_at)
                 chunks = split(out, r.chunk_size)
                 if span is not None and timeline is not None:
@@ -222,7 +228,7 @@ class ShardService(MoveRpcs, BackupRpcs, DeleteRpcs, shard_pb2_grpc.ShardService
         except EngramError as exc:
             if span is not None:
                 tracing.fail(span, exc)
-            await context.abort(grpc_status(exc), abort_details(exc))
+            await context.abort(grpc_status(exc), abort_details(exc), retry_after_metadata(exc))
         for chunk in chunks:
             chunk.request_id = r.request_id
             yield chunk
@@ -353,12 +359,16 @@ def status_message(snap: admission.Snapshot) -> pb.StreamStatus:
     else:
         state = pb.StreamStatus.BACKPRESSURE
     name = admission.LEVEL_NAMES[snap.level]
+    latency = ""
+    if snap.latency_pressure >= admission.THRESHOLDS[admission.WARNING]:
+        ratio = snap.latency_pressure / admission.LATENCY_SCALE
+        latency = f"; recall latency or visibility lag at {ratio:.2f} of its bound"
     return pb.StreamStatus(
         state=state,
         level=snap.level,
         pressure=snap.pressure,
         message=f"shard pressure {name} ({snap.pressure:.2f}): "
-        f"{snap.memory_bytes >> 20} of {snap.budget_bytes >> 20} MiB un-indexed data",
+        f"{snap.memory_bytes >> 20} of {snap.budget_bytes >> 20} MiB un-indexed data{latency}",
         queue_depth=sum(n for n, _ in snap.intake.values()),
         recommended_batch_size=admission.RECOMMENDED_BATCH[snap.level],
         retry_after_ms=snap.retry_after_ms,
