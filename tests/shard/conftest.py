@@ -85,7 +85,7 @@ def stored_vectors(space: Space) -> np.ndarray:
     """Every visible row's vector as the space holds it (HNSW tier, then fresh tier)."""
     if space.visible == 0:
         return np.empty((0, space.dim), np.float32)
-    indexed = space.hnsw.count if space.hnsw is not None else 0
+    indexed = space.hnsw.covered if space.hnsw is not None else 0
     parts = []
     if indexed:
         assert space.hnsw is not None

@@ -104,7 +104,7 @@ async def test_crash_at_each_checkpoint_step(
         await _fill(space, ledger, 6)
     before = space.checkpoint_rows
     space.index_step(61)  # ends inside a batch too
-    indexed = space.hnsw.count
+    indexed = space.hnsw.covered
     await _fill(space, ledger, 2)
 
     with monkeypatch.context() as patch:

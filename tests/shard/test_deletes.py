@@ -63,7 +63,7 @@ async def test_exact_in_both_tiers_marked_or_not(harness: Any, kit: ModuleType) 
     space = harness.space(index=FAST_INDEX)
     vectors = await _fill(space, kit, 6000)
     await asyncio.to_thread(space.index_step, 5000)  # rows 0..4999 in HNSW, the rest fresh
-    assert space.hnsw.count == 5000
+    assert space.hnsw.covered == 5000
     # every third row, and a whole neighbourhood of row 100 (so k must come from further out)
     near = np.argsort(-(kit.normalise(vectors) @ kit.normalise(vectors[100:101])[0]))[:40]
     dead_ids = {f"id{i}" for i in range(0, 6000, 3)} | {f"id{i}" for i in near.tolist()}
@@ -79,7 +79,9 @@ async def test_exact_in_both_tiers_marked_or_not(harness: Any, kit: ModuleType) 
     assert space.hnsw.marked == len([r for r in dead if r < 5000])
     _check_exact(space, vectors, dead, probes)
     await asyncio.to_thread(space.index_step, 5000)  # fresh rows deleted before indexing
-    assert space.hnsw.count == 6000 and space.hnsw.marked == len(dead)
+    skipped = len([r for r in dead if r >= 5000])  # covered, never added
+    assert space.hnsw.covered == 6000 and space.hnsw.elements == 6000 - skipped
+    assert space.hnsw.marked == len(dead) - skipped
     _check_exact(space, vectors, dead, probes)
     listed = [i for ids, _ in space.scan_ids(1000) for i in ids]
     assert len(listed) == space.live_count and not dead_ids & set(listed)

@@ -23,4 +23,4 @@ def test_rows_added_past_the_capacity_are_all_found() -> None:
         tier.add(rows[lo : lo + 4_000], lo)
     trim_heap()  # hands freed memory back; the index is untouched by it
     found, _ = tier.search(rows[16_999], 1, limit_row=len(rows))
-    assert tier.count == 17_000 and found.tolist() == [16_999]
+    assert tier.covered == 17_000 and found.tolist() == [16_999]

@@ -80,7 +80,7 @@ async def _scenario(kit: ModuleType, root: Path, ops: list[tuple]) -> None:
             elif kind == "checkpoint":
                 if space.hnsw is not None:
                     rows = await asyncio.to_thread(space.checkpoint)
-                    assert rows == space.hnsw.count == space.checkpoint_rows
+                    assert rows == space.hnsw.covered == space.checkpoint_rows
             elif kind == "restart":
                 space = await harness.restart(space)
                 ledger.check(space)

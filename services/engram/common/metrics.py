@@ -123,6 +123,19 @@ shard_checkpoint_age = Gauge(
     "(a restart replays them from the WAL); 0 when the checkpoint covers every row",
     ["memory_space"],
 )
+shard_compactions_total = Counter(
+    "engram_shard_compactions_total",
+    "Compactions of a space: its HNSW index rebuilt from the live rows, deleted rows' ids and "
+    "contents emptied",
+    ["memory_space"],
+)
+shard_space_bytes = Gauge(
+    "engram_shard_space_bytes",
+    "Memory a space holds by part: index (HNSW, estimated from its rows and capacity), "
+    "columns (ids and contents)",
+    ["memory_space", "part"],
+)
+SPACE_BYTES_PARTS = ("index", "columns")
 shard_memory_bytes = Gauge(
     "engram_shard_memory_bytes",
     "Bytes held that are not yet in HNSW (intake + fresh tier), counted by admission control",
@@ -200,5 +213,10 @@ def forget_space(name: str) -> None:
     for gauge in _SPACE_GAUGES:
         try:
             gauge.remove(name)
+        except KeyError:
+            pass
+    for part in SPACE_BYTES_PARTS:
+        try:
+            shard_space_bytes.remove(name, part)
         except KeyError:
             pass

@@ -222,6 +222,23 @@ class IndexSettings:
         lo=0.01,
         hi=86_400,
     )
+    # Compaction rebuilds the HNSW index from the live rows and empties deleted rows' ids and
+    # contents, on the builder thread in steps like indexing (acks never wait for it).
+    compact_deleted_share: float = setting(
+        "ENGRAM_COMPACT_DELETED_SHARE",
+        0.2,
+        "Share of a space's indexed rows that are deleted (still in the index, or with their "
+        "id and content still held) above which the space is compacted.",
+        lo=0.01,
+        hi=1.0,
+    )
+    compact_min_rows: int = setting(
+        "ENGRAM_COMPACT_MIN_ROWS",
+        10_000,
+        "Indexed rows a space needs before it is compacted.",
+        lo=1,
+        hi=1 << 40,
+    )
 
 
 @dataclass(frozen=True)

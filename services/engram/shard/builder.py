@@ -1,7 +1,9 @@
 """The shard's background threads: the index builder and the fresh-tier partitioner.
 
 One builder thread serves all spaces of a shard: it moves fresh rows into HNSW in small chunks
-(so recalls never wait long for the index lock) and writes checkpoints. While writes arrive it
+(so recalls never wait long for the index lock), writes checkpoints, and compacts spaces with
+many deleted rows (:mod:`engram.shard.compaction`) in steps of the same size, taking turns
+with indexing. While writes arrive it
 works only part of the time, so acks and recalls keep the CPU. The partitioner keeps large
 fresh tiers partitioned (cheap: a fraction of ingest's cost) so recalls stay fast however far
 HNSW lags. Both yield to recalls first (:mod:`engram.shard.recall_first`): before each step
@@ -39,6 +41,8 @@ class Background:
     def __init__(self, node: ShardNode) -> None:
         self.node = node
         self._picks = 0
+        self._turns = 0  # while a space compacts, every other step is a compaction step
+        self._compact_failed: dict[str, float] = {}  # space -> monotonic time of its failure
         self._build_rate = 2_000.0  # rows/s of the builder's add_items calls (moving average)
         self._stop = threading.Event()
         self._wake = threading.Event()  # set by stop(): the idle builder need not finish its wait
@@ -125,6 +129,15 @@ class Background:
             self._yield_to_recalls()
             spaces = self.node.working_spaces()
             space = self._pick(spaces)
+            compacting = self._compacting(spaces) if space is None or self._turns % 2 else None
+            self._turns += 1
+            if compacting is not None:
+                idle = False
+                with self._working_on("builder", compacting) as served:
+                    rest = self._compact_step(compacting) if served else 0.0
+                if rest:
+                    self._stop.wait(rest)
+                continue
             if space is None:
                 self.node.admission.idle()
                 for s in spaces:
@@ -176,6 +189,40 @@ class Background:
         share = max(
             self.node.settings.shard.index.build_busy_share, self.node.admission.memory_pressure
         )
+        return took * (1 - share) / share if share < 1.0 else 0.0
+
+    def _compacting(self, spaces: list[Space]) -> Space | None:
+        """The space being compacted, else one due for it (see :mod:`engram.shard.compaction`)."""
+        now = time.monotonic()
+        spaces = [s for s in spaces if now - self._compact_failed.get(s.name, -1e9) > 60.0]
+        for s in spaces:
+            if s.rebuild is not None:
+                return s
+        for s in spaces:
+            try:
+                if s.compaction_due():
+                    return s
+            except Exception:  # a space racing a drop: its next look will tell
+                log.exception("space %s: could not tell whether to compact", s.name)
+        return None
+
+    def _compact_step(self, space: Space) -> float:
+        """One compaction step on ``space``; returns how long to rest after it (as indexing)."""
+        busy, serving = self._arriving()
+        started = time.perf_counter()
+        try:
+            space.mark_step()  # the marks the copy skips by, up to date
+            looked = space.compact_step(self._chunk(space.visible), 1 if serving else None)
+        except Exception:  # the old index stays in use; compaction starts over later
+            log.exception("space %s: compaction failed; trying again in 60 s", space.name)
+            self._compact_failed[space.name] = time.monotonic()
+            return 0.0
+        if not looked:
+            metrics.shard_compactions_total.labels(space.name).inc()
+        took = time.perf_counter() - started
+        if not busy:
+            return 0.0
+        share = self.node.settings.shard.index.build_busy_share
         return took * (1 - share) / share if share < 1.0 else 0.0
 
     def _partition_loop(self) -> None:

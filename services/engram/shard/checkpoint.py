@@ -3,18 +3,23 @@
 Layout under ``<space>/ckpt/``::
 
     manifest.json                  the current checkpoint (replaced atomically)
-    hnsw-<rows>.bin                the index holding rows [0, rows)
-    meta-<lo>-<hi>.pb              ids, contents, confidences, timestamps of rows [lo, hi)
-    deleted-<rows>.bin             which rows of [0, rows) are deleted: a bitmap (little bit
+    hnsw-<rows>[-c].bin            the index covering rows [0, rows) (a compacted one holds
+                                   only some of the deleted ones)
+    meta-<lo>-<hi>[-<n>].pb        ids, contents, confidences, timestamps of rows [lo, hi),
+                                   <n> of them deleted rows written as empty strings
+    deleted-<rows>[-c].bin         which rows of [0, rows) are deleted: a bitmap (little bit
                                    order); absent while none is. Deletes of later rows, and
                                    those applied after the checkpoint took its tombstones,
                                    are in the WAL it keeps
 
 Every file is written to a temporary name, fsynced, renamed and the directory fsynced, and the
 manifest is written last: a crash at any step leaves the previous checkpoint whole, and files
-no manifest names are removed at the next start. Metadata chunks are immutable and accumulate;
-the index file is rewritten at each checkpoint. Written by :mod:`engram.shard.maintenance`,
-read by :mod:`engram.shard.recovery`.
+no manifest names are removed at the next start. A file the manifest names is never written
+again: a checkpoint that keeps the row count writes its index and bitmap under the other name
+(``-c``). Metadata chunks are immutable and accumulate; after a compaction, the next checkpoint
+replaces the chunks holding deleted rows' strings with emptied ones (and removes the old files
+once the manifest names the new). The index file is rewritten at each checkpoint. Written by
+:mod:`engram.shard.maintenance`, read by :mod:`engram.shard.recovery`.
 """
 
 from __future__ import annotations
@@ -106,18 +111,43 @@ def write_meta(
     contents: list[str],
     confidences: np.ndarray,
     timestamps_us: np.ndarray,
+    deleted: np.ndarray | None = None,
 ) -> str:
-    """Writes the metadata of rows [lo, hi) as one immutable chunk; returns its file name."""
+    """Writes the metadata of rows [lo, hi) as one immutable chunk, the strings of the rows
+    ``deleted`` marks (a mask over them) empty; returns its file name."""
+    emptied = 0
+    if deleted is not None and deleted.any():
+        dead = deleted.tolist()
+        ids = ["" if d else v for v, d in zip(ids, dead, strict=True)]
+        contents = ["" if d else v for v, d in zip(contents, dead, strict=True)]
+        emptied = int(deleted.sum())
     chunk = pb.ObservationBatch(
         ids=ids,
         contents=contents,
         confidences=confidences.astype("<f4").tobytes(),
         timestamps_us=timestamps_us.astype("<i8").tobytes(),
     )
-    name = f"meta-{lo:012d}-{hi:012d}.pb"
+    name = f"meta-{lo:012d}-{hi:012d}" + (f"-{emptied:012d}" if emptied else "") + ".pb"
     body = chunk.SerializeToString()
     write_atomic(directory / name, lambda tmp: tmp.write_bytes(body))
     return name
+
+
+def meta_span(name: str) -> tuple[int, int, int]:
+    """The rows ``[lo, hi)`` of a metadata chunk and how many of them it holds emptied."""
+    parts = name.removesuffix(".pb").split("-")
+    if parts[0] != "meta" or len(parts) not in (3, 4):
+        raise ValueError(f"{name!r} is not a metadata chunk's name")
+    return int(parts[1]), int(parts[2]), int(parts[3]) if len(parts) == 4 else 0
+
+
+def unused_name(name: str, current: str) -> str:
+    """``name``, or its ``-c`` variant if the current checkpoint uses ``name``: a file the
+    manifest names is never overwritten."""
+    if name != current:
+        return name
+    stem, dot, ext = name.rpartition(".")
+    return f"{stem}-c{dot}{ext}"
 
 
 def read_meta(directory: Path, name: str) -> pb.ObservationBatch:
@@ -126,12 +156,13 @@ def read_meta(directory: Path, name: str) -> pb.ObservationBatch:
     return chunk
 
 
-def write_deleted(directory: Path, deleted: np.ndarray) -> str:
-    """Writes which rows of ``[0, len(deleted))`` are deleted (a boolean mask); returns the
-    file's name, or "" when none is (no file then)."""
+def write_deleted(directory: Path, deleted: np.ndarray, current: str = "") -> str:
+    """Writes which rows of ``[0, len(deleted))`` are deleted (a boolean mask), under a name
+    other than ``current`` (the manifest's); returns the file's name, or "" when none is (no
+    file then)."""
     if not deleted.any():
         return ""
-    name = f"deleted-{len(deleted):012d}.bin"
+    name = unused_name(f"deleted-{len(deleted):012d}.bin", current)
     body = np.packbits(deleted, bitorder="little").tobytes()
     write_atomic(directory / name, lambda tmp: tmp.write_bytes(body))
     return name

@@ -6,6 +6,12 @@ writer. Readers that wait go first; the builder adds in small chunks, so a recal
 for one chunk. Vectors arrive L2-normalised; the inner-product space then gives cosine scores.
 Labels are row numbers (LSN - 1) in the space.
 
+``covered`` says which rows the tier answers for: rows ``[0, covered)``. The index may hold
+fewer: rows deleted before they were indexed are skipped, and a compaction
+(:mod:`engram.shard.compaction`) rebuilds the index from the live rows and swaps it in
+(:meth:`HnswTier.swap`), labels unchanged. A row below ``covered`` missing from the index is
+always a deleted one (``elements`` counts what hnswlib holds).
+
 Deleted rows are marked in the index (``mark_deleted``) by the builder, under the writer lock,
 one whole delete at a time (:meth:`HnswTier.mark`), and rows deleted before they are indexed
 are marked in the same step that adds them; ``marked_seq`` is the last delete sequence whose
@@ -29,7 +35,7 @@ from engram.shard.tombstones import DeleteView
 
 _INITIAL_CAPACITY = 16_384
 # Indexes up to this size are searched by brute force: exact results, still fast.
-_EXACT_BELOW = 4_096
+EXACT_BELOW = 4_096
 
 
 class RecallFirstLock:
@@ -79,8 +85,16 @@ def grown_capacity(capacity: int, needed: int) -> int:
     return max(needed, capacity + capacity // 4)
 
 
+def new_index(dim: int, settings: IndexSettings, capacity: int) -> hnswlib.Index:
+    """An empty hnswlib index for ``dim``-dimensional unit vectors."""
+    index = hnswlib.Index(space="ip", dim=dim)
+    index.init_index(max_elements=capacity, M=settings.m, ef_construction=settings.ef_construction)
+    index.set_num_threads(settings.build_threads)
+    return index
+
+
 class HnswTier:
-    """Rows ``[0, count)`` of a space, searchable by approximate nearest neighbour."""
+    """Rows ``[0, covered)`` of a space, searchable by approximate nearest neighbour."""
 
     def __init__(
         self,
@@ -88,45 +102,61 @@ class HnswTier:
         settings: IndexSettings,
         path: str | None = None,
         deleted: np.ndarray | None = None,
+        covered: int | None = None,
     ) -> None:
-        """An empty index, or the one saved at ``path`` (``deleted``: its rows that may be
-        marked, whose vectors hnswlib no longer hands out)."""
+        """An empty index, or the one saved at ``path`` covering rows ``[0, covered)``
+        (``deleted``: its rows that may be marked or missing, whose vectors hnswlib no longer
+        hands out)."""
         self.dim = dim
         self._settings = settings
-        self._index = hnswlib.Index(space="ip", dim=dim)
         if path is None:
-            self._index.init_index(
-                max_elements=_INITIAL_CAPACITY,
-                M=settings.m,
-                ef_construction=settings.ef_construction,
-            )
+            self._index = new_index(dim, settings, _INITIAL_CAPACITY)
         else:
+            self._index = hnswlib.Index(space="ip", dim=dim)
             self._index.load_index(path, max_elements=0)
-        self._index.set_num_threads(settings.build_threads)
-        self.count = self._index.get_current_count()
+            self._index.set_num_threads(settings.build_threads)
+        elements = self._index.get_current_count()
+        self.covered = elements if covered is None else covered
         self.marked_seq = 0  # every delete up to this sequence is marked in the index
         self.marked = 0  # rows marked deleted
-        # while the index is small, its vectors are also kept here for exact recalls
-        self._small: np.ndarray | None = None
-        if self.count <= _EXACT_BELOW:
-            self._small = np.zeros((self.count, dim), np.float32)
-            rows = np.arange(self.count, dtype=np.int64)
+        # while the index is small, its rows and their vectors are also kept here for exact
+        # recalls
+        self._small: tuple[np.ndarray, np.ndarray] | None = None
+        if elements <= EXACT_BELOW:
+            rows = np.sort(np.asarray(self._index.get_ids_list(), np.int64))
             if deleted is not None and len(deleted):
-                rows = rows[~np.isin(rows, deleted)]
-            if len(rows):
                 # a marked row's vector is gone: a saved index may have marked any of ``deleted``
-                found = self._index.get_ids_list()
-                rows = rows[np.isin(rows, np.asarray(found, np.int64))]
+                rows = rows[~np.isin(rows, deleted)]
+            vectors = np.zeros((len(rows), dim), np.float32)
+            if len(rows):
                 try:
-                    vectors = self._index.get_items(rows, return_type="numpy")
+                    vectors[:] = self._index.get_items(rows, return_type="numpy")
                 except RuntimeError:  # rows marked but not listed as deleted: one by one
-                    vectors = np.zeros((len(rows), dim), np.float32)
                     for i, row in enumerate(rows.tolist()):
                         with contextlib.suppress(RuntimeError):
                             vectors[i] = self._index.get_items([row], return_type="numpy")[0]
-                self._small[rows] = np.asarray(vectors, np.float32).reshape(len(rows), dim)
+            self._small = (rows, vectors)
         self._lock = RecallFirstLock()
         self._query_lock = threading.Lock()  # set_ef + knn_query are one step
+
+    @property
+    def elements(self) -> int:
+        """Rows hnswlib holds (marked ones included); at most ``covered``."""
+        return int(self._index.get_current_count())
+
+    @property
+    def capacity(self) -> int:
+        return int(self._index.get_max_elements())
+
+    @property
+    def nbytes(self) -> int:
+        """An estimate of the memory the index holds: per row its vector, its level-0 links
+        (2M), its label and count; per slot of capacity hnswlib's mutex, level and list
+        pointer (see :func:`grown_capacity`); plus the small copy."""
+        m = self._settings.m
+        small = self._small
+        extra = small[0].nbytes + small[1].nbytes if small is not None else 0
+        return self.elements * (4 * self.dim + 8 * m + 16) + self.capacity * 52 + extra
 
     def add(
         self,
@@ -135,39 +165,53 @@ class HnswTier:
         threads: int | None = None,
         deleted: np.ndarray | None = None,
     ) -> None:
-        """Adds rows ``first_row .. first_row + len(vectors)`` and marks those of them in
-        ``deleted`` (rows of deletes up to ``marked_seq``); called by the builder only."""
+        """Covers rows ``first_row .. first_row + len(vectors)``, adding all but those in
+        ``deleted`` (rows of deletes up to ``marked_seq``, which searches skip anyway: they
+        are covered without taking room); called by the builder only."""
         n = len(vectors)
-        labels = np.arange(first_row, first_row + n, dtype=np.uint64)
+        labels = np.arange(first_row, first_row + n, dtype=np.int64)
+        if deleted is not None and len(deleted):
+            keep = ~np.isin(labels, deleted)
+            labels, vectors = labels[keep], vectors[keep]
         with self._lock.write():
-            capacity = self._index.get_max_elements()
-            if first_row + n > capacity:
-                self._index.resize_index(grown_capacity(capacity, first_row + n))
-            self._index.add_items(
-                vectors, labels, num_threads=threads or self._settings.build_threads
-            )
+            if len(labels):
+                capacity = self._index.get_max_elements()
+                needed = self._index.get_current_count() + len(labels)
+                if needed > capacity:
+                    self._index.resize_index(grown_capacity(capacity, needed))
+                self._index.add_items(
+                    vectors,
+                    labels.astype(np.uint64),
+                    num_threads=threads or self._settings.build_threads,
+                )
             if self._small is not None:
-                grown = np.concatenate([self._small[:first_row], vectors.astype(np.float32)])
-                self._small = grown if len(grown) <= _EXACT_BELOW else None
-            if deleted is not None:
-                self._mark_rows(deleted)
-        self.count = first_row + n
+                rows, small = self._small
+                grown = (
+                    np.concatenate([rows, labels]),
+                    np.concatenate([small, vectors.astype(np.float32)]),
+                )
+                self._small = grown if len(grown[0]) <= EXACT_BELOW else None
+            self.covered = first_row + n
+
+    def swap(
+        self, index: hnswlib.Index, marked: int, small: tuple[np.ndarray, np.ndarray] | None
+    ) -> None:
+        """Puts ``index`` (a compaction's: the same rows minus deleted ones, ``marked`` of
+        them marked) in place of the current one once the searches in progress are done;
+        ``small``: its rows (ascending) and their vectors, when it is small enough to search
+        exactly. Builder only, between its steps, so the covered rows and marks match."""
+        with self._lock.write():
+            self._index = index
+            self.marked = marked
+            self._small = small
 
     def mark(self, rows: np.ndarray, seq: int) -> None:
         """Marks the indexed ones of ``rows`` deleted, those of every delete up to ``seq``
         (builder only, deletes in sequence order); rows not indexed yet are marked when added.
         """
         with self._lock.write():
-            self._mark_rows(rows[rows < self.count])
+            self.marked += mark_rows(self._index, rows[rows < self.covered])
             self.marked_seq = seq
-
-    def _mark_rows(self, rows: np.ndarray) -> None:
-        for row in rows.tolist():
-            try:
-                self._index.mark_deleted(row)
-            except RuntimeError:  # marked already (a saved index keeps its marks)
-                continue
-            self.marked += 1
 
     def search(
         self,
@@ -190,16 +234,16 @@ class HnswTier:
                 deletes.see(self.marked_seq)
                 if deletes.seq:
                     accept = _and_live(accept, deletes)
-            count = self._index.get_current_count()
-            limit = count if limit_row is None else min(limit_row, count)
+            covered = self.covered
+            limit = covered if limit_row is None else min(limit_row, covered)
             if limit == 0 or k == 0:
                 return np.empty(0, np.int64), np.empty(0, np.float32)
-            if count <= _EXACT_BELOW:
+            if self._small is not None:
                 return self._exact(cue, k, limit, accept)
-            live = count - self.marked  # what the index can return at most
+            live = self._index.get_current_count() - self.marked  # the most it can return
             if live <= 0:
                 return np.empty(0, np.int64), np.empty(0, np.float32)
-            fetch = min(live, k + min(count - limit, 4 * k))
+            fetch = min(live, k + min(covered - limit, 4 * k))
             while True:
                 rows, scores = self._query(cue, fetch, live)
                 keep = rows < limit
@@ -213,13 +257,12 @@ class HnswTier:
     def _exact(
         self, cue: np.ndarray, k: int, limit: int, accept: Callable[[np.ndarray], np.ndarray] | None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Brute force over rows ``[0, limit)``: small indexes are answered exactly (HNSW can
-        leave some of many equal vectors unreachable)."""
-        rows = np.arange(limit, dtype=np.int64)
-        if self._small is not None and len(self._small) >= limit:
-            vectors = self._small[:limit]
-        else:
-            vectors = np.asarray(self._index.get_items(rows, return_type="numpy"), np.float32)
+        """Brute force over the small copy's rows below ``limit``: small indexes are answered
+        exactly (HNSW can leave some of many equal vectors unreachable)."""
+        assert self._small is not None
+        rows, vectors = self._small
+        below = int(np.searchsorted(rows, limit))  # rows ascend: see ``add`` and ``swap``
+        rows, vectors = rows[:below], vectors[:below]
         scores = vectors @ cue
         if accept is not None:
             keep = accept(rows)
@@ -249,8 +292,22 @@ class HnswTier:
             self._index.save_index(path)
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """The vectors of ``rows``: rows the index holds and has not marked."""
         with self._lock.read():
             return np.asarray(self._index.get_items(rows.tolist(), return_type="numpy"))
+
+
+def mark_rows(index: hnswlib.Index, rows: np.ndarray) -> int:
+    """Marks ``rows`` deleted in ``index``; returns how many it marked (a row marked already,
+    as a saved index keeps its marks, or missing, as a compaction left it out, is skipped)."""
+    marked = 0
+    for row in rows.tolist():
+        try:
+            index.mark_deleted(row)
+        except RuntimeError:
+            continue
+        marked += 1
+    return marked
 
 
 def _and_live(

@@ -14,7 +14,9 @@ The shard's background threads (:mod:`engram.shard.builder`) call these, one spa
 
 A checkpoint takes the session marks, the tombstones (once no delete is between its WAL
 record and its tombstones) and a WAL rotation on the event loop, then writes a metadata chunk
-for the newly indexed rows, the deleted rows' bitmap, the HNSW index and last the manifest
+for the newly indexed rows (deleted rows' strings empty; after a compaction, the older chunks
+holding deleted rows' strings again), the deleted rows' bitmap, the HNSW index and last the
+manifest
 (:mod:`engram.shard.checkpoint`), and trims the WAL on the event loop again. A move holds
 checkpoints back (``checkpoint_holds``) while it copies the current one.
 """
@@ -130,7 +132,7 @@ class Maintenance(SpaceState):
     def retire_indexed_tail(self) -> None:
         """Event loop: see :meth:`FreshTier.retire_tail`."""
         if self.fresh is not None and self.hnsw is not None:
-            self.fresh.retire_tail(self.hnsw.count)
+            self.fresh.retire_tail(self.hnsw.covered)
 
     def index_step(self, max_rows: int, threads: int | None = None) -> int:
         """Moves up to ``max_rows`` rows from the fresh tier into HNSW; builder thread only."""
@@ -139,11 +141,11 @@ class Maintenance(SpaceState):
         if self.hnsw is None:
             self.hnsw = HnswTier(self.dim, self._index_settings)
         self.mark_step()
-        lo = self.hnsw.count
+        lo = self.hnsw.covered
         hi = min(self.visible, lo + max_rows)
         if hi <= lo:
             return 0
-        # rows deleted before they are indexed are marked as they are added
+        # rows deleted before they are indexed are covered without being added
         at = self.tombstones.at[lo:hi]
         dead = np.flatnonzero((at != 0) & (at <= self.hnsw.marked_seq)) + lo if len(at) else None
         self.hnsw.add(self.fresh.rows(lo, hi), lo, threads, dead)
@@ -167,8 +169,10 @@ class Maintenance(SpaceState):
     def checkpoint_due(self) -> bool:
         if self.checkpoint_holds:
             return False
-        indexed = self.hnsw.count if self.hnsw is not None else 0
+        indexed = self.hnsw.covered if self.hnsw is not None else 0
         new = indexed - self.checkpoint_rows
+        if self.meta_stale and indexed:
+            return True  # a compaction finished: give its disk back too
         if new <= 0:
             return False
         if new >= self._index_settings.checkpoint_every:
@@ -193,7 +197,7 @@ class Maintenance(SpaceState):
     def _checkpoint(self) -> int:
         assert self.hnsw is not None and self._loop is not None
         loop = self._loop
-        rows = self.hnsw.count
+        rows = self.hnsw.covered
 
         async def prepare() -> tuple[dict[str, int], int, dict[str, int], np.ndarray]:
             # sessions still being opened, a retention being set may fail: let them settle,
@@ -213,21 +217,18 @@ class Maintenance(SpaceState):
             prepare(), loop
         ).result()
         lo = self.checkpoint_rows
-        meta = list(self._checkpoint_meta)
-        if rows > lo:
-            meta.append(
-                ckpt.write_meta(
-                    self._ckpt_dir,
-                    lo,
-                    rows,
-                    self.ids[lo:rows],
-                    self.contents[lo:rows],
-                    self.confidences.view()[lo:rows].copy(),
-                    self.timestamps_us.view()[lo:rows].copy(),
-                )
+        meta, replaced = (
+            self._rewrite_meta(deleted)
+            if self.meta_stale
+            else (
+                list(self._checkpoint_meta),
+                [],
             )
-        deleted_file = ckpt.write_deleted(self._ckpt_dir, deleted)
-        index_file = f"hnsw-{rows:012d}.bin"
+        )
+        if rows > lo:
+            meta.append(self._write_meta(lo, rows, deleted[lo:rows]))
+        deleted_file = ckpt.write_deleted(self._ckpt_dir, deleted, self._checkpoint_deleted_file)
+        index_file = ckpt.unused_name(f"hnsw-{rows:012d}.bin", self._checkpoint_index_file)
         hnsw = self.hnsw
         ckpt.write_atomic(self._ckpt_dir / index_file, lambda tmp: hnsw.save(str(tmp)))
         manifest = ckpt.Manifest(
@@ -248,6 +249,9 @@ class Maintenance(SpaceState):
         old_index = self._checkpoint_index_file
         self.checkpoint_rows, self._checkpoint_index_file = rows, index_file
         self._checkpoint_meta = meta
+        self.meta_stale = False
+        for name in replaced:
+            (self._ckpt_dir / name).unlink(missing_ok=True)
         self.last_checkpoint = time.monotonic()
         self.checkpointed_at = manifest.created_us / 1e6
         if old_index and old_index != index_file:
@@ -261,6 +265,33 @@ class Maintenance(SpaceState):
             "space %s: checkpoint at %d rows; %d WAL segments deleted", self.name, rows, deleted
         )
         return rows
+
+    def _write_meta(self, lo: int, hi: int, deleted: np.ndarray) -> str:
+        """Writes rows ``[lo, hi)``'s metadata chunk, the ``deleted`` ones' strings empty."""
+        return ckpt.write_meta(
+            self._ckpt_dir,
+            lo,
+            hi,
+            self.ids[lo:hi],
+            self.contents[lo:hi],
+            self.confidences.view()[lo:hi].copy(),
+            self.timestamps_us.view()[lo:hi].copy(),
+            deleted,
+        )
+
+    def _rewrite_meta(self, deleted: np.ndarray) -> tuple[list[str], list[str]]:
+        """After a compaction: the current metadata chunks, each holding more deleted rows
+        than it has emptied written again with them empty; and the names replaced."""
+        meta, replaced = [], []
+        for name in self._checkpoint_meta:
+            lo, hi, emptied = ckpt.meta_span(name)
+            dead = deleted[lo:hi]
+            if int(dead.sum()) > emptied:
+                meta.append(self._write_meta(lo, hi, dead))
+                replaced.append(name)
+            else:
+                meta.append(name)
+        return meta, replaced
 
 
 def _listed(block: Block) -> int:

@@ -30,6 +30,7 @@ import numpy as np
 from engram.common import validation
 from engram.common.tracing import Timeline
 from engram.contract.errors import ConsistencyTimeout, SessionError
+from engram.shard.columns import StringColumn
 from engram.shard.fresh import Block, scan
 from engram.shard.index import HnswTier
 from engram.shard.state import SpaceState
@@ -50,6 +51,10 @@ class Snapshot:
     staleness_us: int = 0
     delete_seq: int = 0  # the deletes it sees: 0 < deleted_at[row] <= delete_seq
     deleted_at: np.ndarray | None = None
+    # the id and content columns as of the snapshot (a compaction may empty deleted rows'
+    # strings later; a recall that began before the delete may still return the row)
+    ids: StringColumn | None = None
+    contents: StringColumn | None = None
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,7 @@ class Recall(SpaceState):
         visible = self.visible
         blocks = self.fresh.snapshot() if self.fresh is not None else []
         hnsw = self.hnsw
-        indexed = hnsw.count if hnsw is not None else 0
+        indexed = hnsw.covered if hnsw is not None else 0
         behind_since = self.wal.durable_since(visible)
         staleness = int((time.monotonic() - behind_since) * 1e6) if behind_since else 0
         tombstones = self.tombstones
@@ -97,6 +102,8 @@ class Recall(SpaceState):
             staleness,
             tombstones.seq,
             tombstones.at,
+            self.ids.view(),
+            self.contents.view(),
         )
 
     async def consistent_snapshot(
@@ -218,12 +225,14 @@ class Recall(SpaceState):
         order = np.argsort(-scores, kind="stable")[:k]
         conf = self.confidences.view()
         ts = self.timestamps_us.view()
+        ids = snap.ids if snap.ids is not None else self.ids
+        contents = snap.contents if snap.contents is not None else self.contents
         for row, score in zip(rows[order].tolist(), scores[order].tolist(), strict=True):
             if min_score is not None and score < min_score:
                 break
             m = out.results.add(
-                id=self.ids[row],
-                content=self.contents[row],
+                id=ids[row],
+                content=contents[row],
                 score=score,
                 confidence=float(conf[row]),
                 lsn=row + 1,

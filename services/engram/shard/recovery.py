@@ -86,6 +86,7 @@ class Recovery(SpaceState):
             self._index_settings,
             str(self._ckpt_dir / manifest.index_file),
             deleted=np.flatnonzero(deleted),
+            covered=manifest.rows,
         )
         for name in manifest.meta_files:
             chunk = ckpt.read_meta(self._ckpt_dir, name)
@@ -93,10 +94,10 @@ class Recovery(SpaceState):
             self.contents.extend(chunk.contents)
             self.confidences.extend(np.frombuffer(chunk.confidences, "<f4"))
             self.timestamps_us.extend(np.frombuffer(chunk.timestamps_us, "<i8"))
-        if len(self.ids) != manifest.rows or self.hnsw.count != manifest.rows:
+        if len(self.ids) != manifest.rows or self.hnsw.elements > manifest.rows:
             raise StorageError(
                 f"checkpoint of space {self.name} is inconsistent: manifest says {manifest.rows} "
-                f"rows, metadata has {len(self.ids)}, index has {self.hnsw.count}"
+                f"rows, metadata has {len(self.ids)}, index has {self.hnsw.elements}"
             )
         self.visible = manifest.rows
         self.sessions.durable = dict(manifest.sessions)
@@ -105,6 +106,7 @@ class Recovery(SpaceState):
         self._checkpoint_index_file = manifest.index_file
         self._checkpoint_meta = list(manifest.meta_files)
         self._checkpoint_deleted_file = manifest.deleted_file
+        self.blanked_rows = sum(ckpt.meta_span(name)[2] for name in manifest.meta_files)
         self.tombstones.load(deleted)
         self.fresh = FreshTier(manifest.dim, manifest.rows)
         self.retention = pb.Retention(**manifest.retention)

@@ -24,7 +24,9 @@ LSN assignment back to ``visible``, so nothing that was not acked leaves a trace
   its records share the WAL's order and failure handling), ``live_count``;
 * :mod:`~engram.shard.recall`: ``snapshot``, ``consistent_snapshot``, ``recall``, ``scan_ids``;
 * :mod:`~engram.shard.maintenance`: the builder's and partitioner's work (``index_step``,
-  ``partition_step``, ``checkpoint`` ...).
+  ``partition_step``, ``checkpoint`` ...);
+* :mod:`~engram.shard.compaction`: ``compaction_due``, ``compact_step``, the memory and disk
+  of deleted rows given back.
 
 State that stands on its own is a component instead, owned by the state:
 :class:`~engram.shard.sessions.Sessions` (marks, duplicates, sessions being opened, rows per
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 
+from engram.shard.compaction import Compaction
 from engram.shard.deletes import DeleteResult, Deletes
 from engram.shard.maintenance import Maintenance
 from engram.shard.recall import Filters, Recall, Snapshot
@@ -56,7 +59,7 @@ from engram.shard.writes import WritePath, batch_record
 __all__ = ["AppendResult", "DeleteResult", "Filters", "Snapshot", "Space", "batch_record"]
 
 
-class Space(Recovery, Deletes, WritePath, Recall, Maintenance):
+class Space(Recovery, Deletes, WritePath, Recall, Maintenance, Compaction):
     """One memory space: ``Space(name, directory, wal=..., index=..., limits=...)``, then
     :meth:`recover`, :meth:`start` on the event loop, and :meth:`close` at the end."""
 

@@ -27,6 +27,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -40,6 +41,9 @@ from engram.shard.sessions import Sessions
 from engram.shard.tombstones import IdIndex, Tombstones
 from engram.shard.wal import Wal, WalFaults
 from engram.v1 import streaming_pb2 as pb
+
+if TYPE_CHECKING:
+    from engram.shard.compaction import IndexRebuild
 
 
 class _Grow:
@@ -155,6 +159,13 @@ class SpaceState:
         # setting being written, which a checkpoint waits for before it records the retention
         self.retention = pb.Retention()
         self.retention_pending: asyncio.Future[None] | None = None
+        # compaction (engram.shard.compaction): the index being rebuilt, deleted rows whose
+        # strings are emptied (in memory), whether the checkpoint's metadata chunks still hold
+        # deleted rows' strings, and how many compactions finished
+        self.rebuild: IndexRebuild | None = None
+        self.blanked_rows = 0
+        self.meta_stale = False
+        self.compactions = 0
 
     @property
     def ckpt_dir(self) -> Path:
@@ -170,7 +181,7 @@ class SpaceState:
 
     def backlog(self) -> int:
         """Rows visible and not indexed yet (in the fresh tier only)."""
-        indexed = self.hnsw.count if self.hnsw is not None else 0
+        indexed = self.hnsw.covered if self.hnsw is not None else 0
         return self.visible - indexed
 
     def _fix_dim(self, dim: int) -> None:
