@@ -27,7 +27,12 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from engram.common import tracing, validation
-from engram.contract.errors import EngramError, abort_details, grpc_status
+from engram.contract.errors import (
+    EngramError,
+    abort_details,
+    grpc_status,
+    retry_after_metadata,
+)
 from engram.gateway import auth, forget
 from engram.gateway.auth import Principal
 from engram.gateway.context import GatewayContext
@@ -136,7 +141,7 @@ class EngramStreamService:
         except EngramError as exc:
             if span is not None:
                 tracing.fail(span, exc)
-            await context.abort(grpc_status(exc), abort_details(exc))
+            await context.abort(grpc_status(exc), abort_details(exc), retry_after_metadata(exc))
 
     async def ListObservations(  # noqa: N802
         self, request: pb.ListObservationsRequest, context: grpc.aio.ServicerContext
