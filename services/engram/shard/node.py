@@ -245,6 +245,7 @@ class ShardNode:
             if space.hnsw is not None:  # memory deleted rows hold until compacted
                 metrics.shard_space_bytes.labels(space.name, "index").set(space.hnsw.nbytes)
             metrics.shard_space_bytes.labels(space.name, "columns").set(space.columns_bytes)
+            metrics.shard_compactions_total.labels(space.name)  # shown at 0 before the first
             metrics.backpressure_state.labels(space.name).set(snap.level)
         started = [m.started for m in (*self.incoming.values(), *self.outgoing.values())]
         metrics.shard_move_oldest.set(time.monotonic() - min(started) if started else 0.0)
