@@ -5,8 +5,10 @@ Milvus Lite) in the same run.
 Modules, in the order a run uses them: :mod:`.config` (options), :mod:`.workload` (what is
 written), :mod:`.limits`, :mod:`.target` (the cluster), :mod:`.compare` and :mod:`.peers`
 (side-by-side), :mod:`.load` with :mod:`.workers` and :mod:`.monitor` (the timed phase),
-:mod:`.quality` (recall@10), :mod:`.profiling` (py-spy), :mod:`.report`, :mod:`.markdown` and
-:mod:`.plots` (results). :mod:`.run` strings them together.
+:mod:`.search` (``--find-max``: the highest rate holding the SLO), :mod:`.quality` (recall@10,
+during the backlog and after the drain), :mod:`.profiling` (py-spy), :mod:`.report` with
+:mod:`.targets`, :mod:`.cost` (core-seconds per million) and :mod:`.tradeoff` (what the service
+gave up), :mod:`.markdown` and :mod:`.plots` (results). :mod:`.run` strings them together.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import engram
 
+# Recalls per second of each scenario (the SLO is stated at 10/s, and again at 100/s).
+SCENARIO_RECALL_RATES = {"default": 10.0, "recall-heavy": 100.0}
+
 # The repository's bench/ folder (peer scripts, venvs, results), when running from a checkout.
 REPO_ROOT = Path(engram.__file__).resolve().parents[2]
 BENCH_DIR = REPO_ROOT / "bench"
@@ -34,12 +37,15 @@ class BenchConfig:
     cluster_env: tuple[str, ...] = ()  # NAME=VALUE for the own cluster's services
     json_path: str = ""
     out: str = ""
-    find_max: bool = False
-    start_rate: float = 20_000.0
-    step_factor: float = 1.25
-    step_seconds: float = 10.0
-    max_steps: int = 12
-    max_ack_p99_ms: float = 500.0
+    find_max: bool = False  # search the highest offered rate that holds the SLO (search.py)
+    start_rate: float = 20_000.0  # --find-max: the first step
+    step_factor: float = 1.5  # --find-max: rate factor per step until a step fails
+    step_seconds: float = 300.0  # --find-max: how long each rate must hold the SLO
+    max_steps: int = 8  # --find-max: steps in all (up, then bisection)
+    scenario: str = "default"  # "recall-heavy": 100 recalls/s unless --recall-rate is given
+    slo_recall_p99_ms: float = 20.0  # the SLO: recall P99 at most this
+    slo_visibility_p99_ms: float = 100.0  # ... visibility P99 at most this
+    slo_acked_tolerance: float = 0.02  # ... acked at least (1 - this) x offered
     peers: tuple[str, ...] = ("chroma", "milvus")
     compare_count: int = 50_000  # rows of the side-by-side, the raw hnswlib limit and the
     #                              idle indexing probe
@@ -82,7 +88,18 @@ def parser() -> argparse.ArgumentParser:
     a("--batch", type=int, default=1000, help="observations per batch (default 1000)")
     a("--spaces", type=int, default=4, help="memory spaces, spread over the shards (default 4)")
     a("--writers", type=int, default=2, help="writer processes (default 2)")
-    a("--recall-rate", type=float, default=10.0, help="recalls per second (default 10)")
+    a(
+        "--recall-rate",
+        type=float,
+        default=None,
+        help="recalls per second (default 10; 100 with --scenario recall-heavy)",
+    )
+    a(
+        "--scenario",
+        choices=tuple(SCENARIO_RECALL_RATES),
+        default="default",
+        help="default: 10 recalls/s; recall-heavy: 100 recalls/s (the SLO's second scenario)",
+    )
     a("--vis-rate", type=float, default=4.0, help="visibility samples per second (default 4)")
     a(
         "--client-target-latency-ms",
@@ -105,16 +122,34 @@ def parser() -> argparse.ArgumentParser:
     )
     a("--json", dest="json_path", default="", metavar="PATH", help="also write the JSON here")
     a("--out", default="", help="results root (default bench/results)")
-    a("--find-max", action="store_true", help="step the offered rate up until it stops keeping up")
-    a("--start-rate", type=float, default=20_000, help="--find-max: first step (default 20000)")
-    a("--step-factor", type=float, default=1.25, help="--find-max: rate factor per step")
-    a("--step-seconds", type=float, default=10.0, help="--find-max: seconds per step")
-    a("--max-steps", type=int, default=12, help="--find-max: most steps")
     a(
-        "--max-ack-p99-ms",
+        "--find-max",
+        action="store_true",
+        help="search the highest offered rate that holds the SLO for --step-seconds: acked "
+        "within --slo-acked-tolerance of offered, recall and visibility P99 within their bounds "
+        "at --recall-rate (steps up by --step-factor until one fails, then bisects)",
+    )
+    a("--start-rate", type=float, default=20_000, help="--find-max: first step (default 20000)")
+    a("--step-factor", type=float, default=1.5, help="--find-max: rate factor per step up")
+    a(
+        "--step-seconds",
         type=float,
-        default=500.0,
-        help="--find-max: a step keeps up if acked >= 95%% of offered and ack p99 <= this",
+        default=300.0,
+        help="--find-max: seconds each rate must hold the SLO (default 300)",
+    )
+    a("--max-steps", type=int, default=8, help="--find-max: steps in all (default 8)")
+    a("--slo-recall-p99-ms", type=float, default=20.0, help="SLO: recall P99 bound (default 20)")
+    a(
+        "--slo-visibility-p99-ms",
+        type=float,
+        default=100.0,
+        help="SLO: visibility P99 bound (default 100)",
+    )
+    a(
+        "--slo-acked-tolerance",
+        type=float,
+        default=0.02,
+        help="SLO: acked may fall short of offered by this fraction (default 0.02)",
     )
     a("--no-peers", action="store_true", help="skip Chroma and Milvus Lite")
     a("--peers", default="chroma,milvus", help="peers to run (default chroma,milvus)")
@@ -224,6 +259,12 @@ def parse(argv: list[str] | None) -> BenchConfig:
         p.error("--api-key and --ca are for --target; the cluster it starts uses --auth / --tls")
     if ns.corpus == "minilm" and ns.dim != 384:
         p.error("--corpus minilm gives dimension 384; drop --dim or pass --dim 384")
+    if ns.find_max and (ns.step_seconds <= 0 or ns.max_steps < 1 or ns.step_factor <= 1):
+        p.error("--find-max needs --step-seconds > 0, --max-steps >= 1 and --step-factor > 1")
+    if not 0 <= ns.slo_acked_tolerance < 1:
+        p.error("--slo-acked-tolerance must be in 0..1")
+    if ns.recall_rate is None:
+        ns.recall_rate = SCENARIO_RECALL_RATES[ns.scenario]
     pool = max(ns.batch, ns.pool // ns.batch * ns.batch)
     return BenchConfig(
         seconds=ns.seconds,
@@ -248,7 +289,10 @@ def parse(argv: list[str] | None) -> BenchConfig:
         step_factor=ns.step_factor,
         step_seconds=ns.step_seconds,
         max_steps=ns.max_steps,
-        max_ack_p99_ms=ns.max_ack_p99_ms,
+        scenario=ns.scenario,
+        slo_recall_p99_ms=ns.slo_recall_p99_ms,
+        slo_visibility_p99_ms=ns.slo_visibility_p99_ms,
+        slo_acked_tolerance=ns.slo_acked_tolerance,
         peers=() if ns.no_peers else tuple(p for p in ns.peers.split(",") if p),
         compare_count=max(ns.batch, ns.compare_count // ns.batch * ns.batch),
         compare_samples=ns.compare_samples,

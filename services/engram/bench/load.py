@@ -1,5 +1,7 @@
 """The timed phase: starts the load processes, paces them, collects telemetry, prints a line
-per second, steps the rate for ``--find-max``, then waits for the index backlog to drain.
+per second, searches the rate for ``--find-max`` (:mod:`.search`), takes the measurements that
+need the backlog at its peak (``at_peak``, once every ack is in), then waits for the index
+backlog to drain.
 
 Called by :mod:`engram.bench.run`; returns the raw telemetry (every batch, recall and
 visibility sample with its times) for :mod:`engram.bench.report` to summarise.
@@ -7,17 +9,19 @@ visibility sample with its times) for :mod:`engram.bench.report` to summarise.
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from engram.bench import profiling
+from engram.bench import profiling, search
 from engram.bench.access import NO_ACCESS, Access
 from engram.bench.config import BenchConfig
 from engram.bench.monitor import Monitor
@@ -40,6 +44,7 @@ class Telemetry:
     acks: list[tuple[Any, ...]] = field(default_factory=list)
     recalls: list[tuple[Any, ...]] = field(default_factory=list)
     vis: list[tuple[Any, ...]] = field(default_factory=list)
+    pushes: list[tuple[Any, ...]] = field(default_factory=list)  # StreamStatus and REJECTED
     events: list[tuple[Any, ...]] = field(default_factory=list)
     done: dict[str, dict[str, Any]] = field(default_factory=dict)
     ready: set[str] = field(default_factory=set)
@@ -53,6 +58,8 @@ class Telemetry:
             self.recalls.extend(msg[2])
         elif kind == "vis":
             self.vis.extend(msg[2])
+        elif kind == "pushes":
+            self.pushes.extend(msg[2])
         elif kind == "event":
             self.events.append(msg[1:])
             print(f"  [{msg[1]} {msg[2]}] {msg[3]}: {msg[4]}", flush=True)
@@ -75,9 +82,11 @@ class LoadRun:
     t_drained: float | None
     drain_deadline_hit: bool
     steps: list[dict[str, Any]]
+    step_windows: list[tuple[float, float, float]]  # (offered, from, to): what each step judged
     rate_changes: list[tuple[float, float]]  # (t, offered obs/s)
     profiles: dict[str, Any]
     worker_pids: dict[str, int]
+    at_peak: dict[str, Any] = field(default_factory=dict)  # what ``at_peak`` returned
 
 
 def _window(tel: Telemetry, lo: float, hi: float) -> tuple[int, list[float]]:
@@ -88,21 +97,6 @@ def _window(tel: Telemetry, lo: float, hi: float) -> tuple[int, list[float]]:
             n += size
             lat.append(t_ack - t_w)
     return n, lat
-
-
-def _step(tel: Telemetry, rate: float, step_end: float, cfg: BenchConfig) -> dict[str, Any]:
-    """Whether the step ending at ``step_end`` kept up (its first seconds are a transition)."""
-    lo = step_end - cfg.step_seconds + min(2.0, cfg.step_seconds / 4)
-    n, lat = _window(tel, lo, step_end)
-    acked = n / (step_end - lo)
-    p99 = _p(lat, 99)
-    return {
-        "offered": round(rate),
-        "acked": round(acked, 1),
-        "ack_p50_ms": round(_p(lat, 50), 1),
-        "ack_p99_ms": round(p99, 1),
-        "keeps_up": bool(acked >= 0.95 * rate and p99 <= cfg.max_ack_p99_ms),
-    }
 
 
 def _p(values: list[float], q: float) -> float:
@@ -143,7 +137,10 @@ def run_load(
     profile_pids: dict[str, int],
     out_dir: Path,
     access: Access = NO_ACCESS,
+    at_peak: Callable[[Telemetry], dict[str, Any]] | None = None,
 ) -> LoadRun:
+    """``at_peak`` runs once every writer's acks are in, before the drain: the backlog is then
+    at its peak and the acknowledged rows are final."""
     ctx = mp.get_context("spawn")
     ch = Channels(
         telemetry=ctx.Queue(),
@@ -221,19 +218,29 @@ def run_load(
                 raise RuntimeError("load processes not ready in time")
             time.sleep(0.05)
 
-        rate = cfg.start_rate if cfg.find_max else cfg.rate
+        finder = search.RateSearch(cfg.start_rate, cfg.step_factor, cfg.max_steps)
+        rate = finder.rate if cfg.find_max else cfg.rate
         ch.rate.value = rate
         t0 = time.monotonic() + 0.5
         ch.t0.value = t0
         ch.go.set()
         rate_changes = [(t0, rate)]
         steps: list[dict[str, Any]] = []
-        duration = cfg.step_seconds * cfg.max_steps if cfg.find_max else cfg.seconds
+        step_windows: list[tuple[float, float, float]] = []
+        duration = math.inf if cfg.find_max else cfg.seconds  # --find-max: the search ends it
         step_end = t0 + cfg.step_seconds
         prof_at = t0 + cfg.profile_start if cfg.profile_seconds > 0 else float("inf")
         i = 0
-        what = f"find-max from {rate:,.0f}" if cfg.find_max else f"{rate:,.0f}"
-        print(f"  timed phase: {what} obs/s offered for up to {duration:g} s", flush=True)
+        what = (
+            f"find-max ({search.criteria(cfg)}) from {rate:,.0f}"
+            if cfg.find_max
+            else f"{rate:,.0f}"
+        )
+        longest = f"{cfg.max_steps} steps of {cfg.step_seconds:g} s" if cfg.find_max else ""
+        print(
+            f"  timed phase: {what} obs/s offered for up to {longest or f'{duration:g} s'}",
+            flush=True,
+        )
         t_stop = 0.0
         while True:
             now = time.monotonic()
@@ -256,22 +263,22 @@ def run_load(
                 ch.stop_writes.set()
                 t_stop = t0 + duration
             if cfg.find_max and not t_stop and now >= step_end + TELEMETRY_LAG_S:
-                step = _step(tel, rate, step_end, cfg)
+                lo, hi = search.window(cfg, step_end)
+                step = search.judge(tel, cfg, rate, lo, hi)
+                s = monitor.latest()
+                step["backlog_end"] = s.backlog() if s else None
                 steps.append(step)
-                verdict = "keeps up" if step["keeps_up"] else "does NOT keep up"
-                print(
-                    f"  step {len(steps)}: offered {rate:,.0f}/s acked {step['acked']:,.0f}/s "
-                    f"ack p99 {step['ack_p99_ms']:,.0f} ms -> {verdict}",
-                    flush=True,
-                )
-                if not step["keeps_up"] or len(steps) >= cfg.max_steps:
+                step_windows.append((rate, lo, hi))
+                print(_step_line(len(steps), step), flush=True)
+                nxt = finder.next(step["keeps_up"])
+                if nxt is None:
                     ch.stop_writes.set()
                     t_stop = time.monotonic()
                 else:
-                    rate *= cfg.step_factor
+                    rate = nxt
                     ch.rate.value = rate
                     rate_changes.append((time.monotonic(), rate))
-                    step_end += cfg.step_seconds
+                    step_end = time.monotonic() + cfg.step_seconds
             if now >= t0 + i + 1 + TELEMETRY_LAG_S:
                 print(_progress(tel, t0, i, rate_changes[-1][1], monitor), flush=True)
                 i += 1
@@ -286,6 +293,12 @@ def run_load(
                 raise RuntimeError("a load process failed: " + tel.failures[0])
             time.sleep(0.1)
         t_writers_done = time.monotonic()
+        peak: dict[str, Any] = {}
+        if at_peak is not None:
+            s = monitor.latest()
+            peak = {"backlog_before": s.backlog() if s else None, **at_peak(tel)}
+            s = monitor.latest()
+            peak["backlog_after"] = s.backlog() if s else None
         for name, (proc, out) in spies.items():
             try:
                 proc.wait(cfg.profile_seconds + 30)
@@ -306,9 +319,11 @@ def run_load(
             t_drained,
             hit,
             steps,
+            step_windows,
             rate_changes,
             profiles,
             worker_pids,
+            peak,
         )
     finally:
         ch.stop_writes.set()
@@ -324,6 +339,21 @@ def run_load(
         time.sleep(TELEMETRY_LAG_S)
         collecting.clear()
         collector.join(5)
+
+
+def _step_line(n: int, step: dict[str, Any]) -> str:
+    def ms(x: float | None) -> str:
+        return "-" if x is None else f"{x:,.0f}"
+
+    failed = [k for k, ok in step["held"].items() if not ok]
+    verdict = "holds the SLO" if step["keeps_up"] else f"does NOT hold it ({', '.join(failed)})"
+    return (
+        f"  step {n}: offered {step['offered']:,.0f}/s acked {step['acked']:,.0f}/s "
+        f"({step['acked_ratio']:.1%}), recall P99 {ms(step['recall_p99_ms'])} ms over "
+        f"{step['recalls']} ({step['recalls_failed']} failed), visibility P99 "
+        f"{ms(step['visibility_p99_ms'])} ms over {step['visibility_samples']} "
+        f"({step['visibility_missed']} missed), ack p99 {ms(step['ack_p99_ms'])} ms -> {verdict}"
+    )
 
 
 def _stop_reads(ch: Channels, procs: dict[str, Any], tel: Telemetry) -> float:

@@ -78,20 +78,9 @@ def summary(r: dict[str, Any], images: list[str]) -> str:
         f"limit {tp['ratio_to_wal_limit']}, to the gRPC limit {tp['ratio_to_grpc_limit']}.",
     ]
     if r.get("find_max"):
-        fm = r["find_max"]
-        out += [
-            "",
-            f"Find-max ({fm['criteria']}): max sustainable "
-            f"{_f(fm['max_sustainable_obs_per_s'])} obs/s.",
-            "",
-            "| offered | acked | ack p50 ms | ack p99 ms | keeps up |",
-            "|---|---|---|---|---|",
-        ]
-        for s in fm["steps"]:
-            out.append(
-                f"| {_f(s['offered'])} | {_f(s['acked'])} | {_f(s['ack_p50_ms'])} | "
-                f"{_f(s['ack_p99_ms'])} | {'yes' if s['keeps_up'] else 'no'} |"
-            )
+        out += _find_max(r["find_max"])
+    out += _gave_up(r["gave_up"], r["config"])
+    out += _cost(r["cost"], r.get("recall_quality_during_backlog"))
     lat = r["latency"]
     out += [
         "",
@@ -206,3 +195,79 @@ def summary(r: dict[str, Any], images: list[str]) -> str:
     if images:
         out += ["", "## Plots", ""] + [f"![{i}]({i})" for i in images]
     return "\n".join(out) + "\n"
+
+
+def _find_max(fm: dict[str, Any]) -> list[str]:
+    out = [
+        "",
+        f"Find-max, scenario {fm['scenario']} ({fm['criteria']}): the highest offered rate "
+        f"holding the SLO is **{_f(fm['slo_sustained_obs_per_s'])} obs/s**. Steps in the "
+        "order they ran (back to back on one cluster):",
+        "",
+        "| step | offered | acked | acked share | ack p99 ms | recall P99 ms (n, failed) "
+        "| visibility P99 ms (n, missed) | backlog at end | holds the SLO |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, s in enumerate(fm["steps"], 1):
+        failed = [k for k, ok in s["held"].items() if not ok]
+        out.append(
+            f"| {i} | {_f(s['offered'])} | {_f(s['acked'])} | {_f(s['acked_ratio'], nd=3)} "
+            f"| {_f(s['ack_p99_ms'])} | {_f(s['recall_p99_ms'])} ({s['recalls']}, "
+            f"{s['recalls_failed']}) | {_f(s['visibility_p99_ms'])} ({s['visibility_samples']}, "
+            f"{s['visibility_missed']}) | {_f(s.get('backlog_end'))} "
+            f"| {'yes' if s['keeps_up'] else 'no: ' + ', '.join(failed)} |"
+        )
+    return out
+
+
+def _gave_up(g: dict[str, Any], c: dict[str, Any]) -> list[str]:
+    rej, lev, b = g["rejections"], g["levels"], g["bounds"]
+
+    def held(x: bool | None) -> str:
+        return {True: "held", False: "**NOT held**", None: "n/a"}[x]
+
+    out = [
+        "",
+        "## What the service gave up",
+        "",
+        f"Offered {_f(g['offered_obs_per_s'])} obs/s, acknowledged {_f(g['acked_obs_per_s'])} "
+        f"(share {_f(g['acked_share'], nd=3)}). Recall P99 during ingest "
+        f"{_f(b['recall_p99_ms_during_ingest'])} ms (bound {b['recall_bound_ms']:g}): "
+        f"{held(b['recall_held'])}; visibility P99 {_f(b['visibility_p99_ms'])} ms (bound "
+        f"{b['visibility_bound_ms']:g}): {held(b['visibility_held'])}; at "
+        f"{c['recall_rate']:g} recalls/s.",
+        "",
+        f"Rejections: {rej['batches_rejected_per_client']} batches REJECTED to the clients "
+        f"(by reason: {rej['by_reason_client'] or 'none'}); the gateway counted observations "
+        f"rejected by reason {rej['observations_rejected_by_reason_gateway'] or 'none'} and "
+        f"failed by code {rej['observations_failed_by_code_gateway'] or 'none'}.",
+        "",
+        f"Pushed levels (StreamStatus on the writers' streams): {lev['pushes']} pushes "
+        f"{lev['pushes_by_level'] or ''}; seconds at each level (highest on any stream): "
+        f"{lev['seconds_at_level']}; the shards entered levels "
+        f"{lev['activations_by_level_shards'] or 'none'}.",
+    ]
+    if g.get("metrics_errors"):
+        out += ["", f"Metrics not read: {g['metrics_errors']}."]
+    return out
+
+
+def _cost(c: dict[str, Any], during: dict[str, Any] | None) -> list[str]:
+    out = [
+        "",
+        "## CPU cost per million observations",
+        "",
+        f"Core-seconds of {', '.join(c['processes_counted']) or 'nothing'} (not counted: "
+        f"{', '.join(c['excluded'])}): {_f(c['core_seconds_per_million_acked'])} per million "
+        f"acknowledged, {_f(c['core_seconds_per_million_indexed'])} per million indexed "
+        f"({(c.get('indexed') or {}).get('window', 'not measured')}); raw hnswlib "
+        f"{_f(c['raw_hnswlib_core_seconds_per_million'])} per million vectors added.",
+    ]
+    if during:
+        out += [
+            "",
+            f"recall@10 with the backlog at its peak ({_f(during.get('backlog_before'))} rows "
+            f"un-indexed, asked {during['asked_at_s']}-{during['asked_for_s']} s into the run): "
+            f"{_f(during['recall_at_10'], nd=4)} over {during['queries']} queries.",
+        ]
+    return out

@@ -1,7 +1,8 @@
 """Once-a-second samples of the cluster while the benchmark runs.
 
 * RSS and CPU of every process by PID (psutil): the cluster's (from :class:`LocalCluster` or a
-  ``cluster.json``) and the benchmark's own;
+  ``cluster.json``) and the benchmark's own, as a rate (``cpu_pct``) and as the process's
+  cumulative user + system seconds (``cpu_s``, which :mod:`.cost` divides by work done);
 * CPU seconds of every thread of those processes, summed by thread name (the shard and gateway
   name their threads), so a report can say where the CPU went;
 * every shard's ``engram.internal.v1.Shard/Stats``: per space, visible and indexed rows, from
@@ -31,7 +32,7 @@ from engram.internal.v1 import shard_pb2, shard_pb2_grpc
 @dataclass
 class Sample:
     t: float
-    procs: dict[str, dict[str, float]]  # name -> {"rss_mb", "cpu_pct"}
+    procs: dict[str, dict[str, float]]  # name -> {"rss_mb", "cpu_pct", "cpu_s"}
     shards: dict[int, dict[str, Any]]  # shard id -> {"spaces": {name: {count, indexed}}}
     system_cpu_pct: float = 0.0  # whole machine, 100 = one core busy
     threads: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> CPU s by thread
@@ -144,7 +145,11 @@ class Monitor:
                 prev = self._cpu.get(name)
                 self._cpu[name] = (t, total)
                 pct = 100.0 * (total - prev[1]) / (t - prev[0]) if prev and t > prev[0] else 0.0
-                procs[name] = {"rss_mb": round(rss / 1e6, 1), "cpu_pct": round(pct, 1)}
+                procs[name] = {
+                    "rss_mb": round(rss / 1e6, 1),
+                    "cpu_pct": round(pct, 1),
+                    "cpu_s": round(total, 3),
+                }
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 procs[name] = {"rss_mb": 0.0, "cpu_pct": 0.0, "gone": 1.0}
         threads = {name: thread_cpu_seconds(pid) for name, pid in self.pids.items()}

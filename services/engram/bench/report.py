@@ -1,5 +1,6 @@
-"""Turns one run's raw data into the result: figures, targets with met / not met, the JSON and
-the table printed at the end (the markdown is :mod:`.markdown`, the plots :mod:`.plots`).
+"""Turns one run's raw data into the result: figures, targets with met / not met (their rows and
+the table printed at the end are :mod:`.targets`), the JSON (the markdown is :mod:`.markdown`,
+the plots :mod:`.plots`).
 
 Every figure is computed from the raw telemetry here, once; nothing is adjusted to look better:
 a target that is not met is reported with the measured figure, and a figure that could not be
@@ -23,22 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from engram.bench import stats
+from engram.bench import cost, search, stats, tradeoff
 from engram.bench.config import BenchConfig
 from engram.bench.load import LoadRun
 from engram.bench.monitor import Sample
-
-TARGETS = {
-    "acked_obs_per_s": 100_000.0,
-    "visibility_p99_ms": 100.0,
-    "recall_p99_ms": 20.0,
-    "recall_at_10": 0.95,
-    "index_rate_ratio_to_hnswlib": 0.80,
-    "shard_rss_gb_per_million": 2.0,
-}
-HIGHER_IS_BETTER = {"acked_obs_per_s", "recall_at_10", "index_rate_ratio_to_hnswlib"}
-PEAK_FRACTION = 0.9  # "backlog at its peak": while the backlog is >= 90 % of its peak
-
+from engram.bench.targets import PEAK_FRACTION, targets
 
 # ------------------------------------------------------------------------------ helpers
 
@@ -139,7 +129,7 @@ def _throughput(cfg: BenchConfig, load: LoadRun, n_sec: int) -> dict[str, Any]:
     out["headline_obs_per_s"] = out["sustained_obs_per_s"]
     if cfg.find_max:
         passing = [s for s in load.steps if s["keeps_up"]]
-        best = max(passing, key=lambda s: s["acked"]) if passing else None
+        best = max(passing, key=lambda s: s["offered"]) if passing else None
         out["headline_obs_per_s"] = best["acked"] if best else 0.0
     return out
 
@@ -269,131 +259,6 @@ def _peers(data: dict[str, Any]) -> dict[str, Any]:
     return {"results": results, "comparisons": comparisons}
 
 
-def _target(
-    key: str,
-    name: str,
-    measured: float | None,
-    unit: str,
-    limit: tuple[str, float | None] | None = None,
-    ratio_to_limit: float | None = None,
-    note: str = "",
-) -> dict[str, Any]:
-    goal = TARGETS[key]
-    higher = key in HIGHER_IS_BETTER
-    met = None if measured is None else (measured >= goal if higher else measured <= goal)
-    row: dict[str, Any] = {
-        "key": key,
-        "name": name,
-        "target": f"{'>=' if higher else '<='} {goal:g} {unit}".strip(),
-        "measured": None if measured is None else round(measured, 4),
-        "unit": unit,
-        "met": met,
-        "note": note,
-    }
-    if limit is not None:
-        row["limit"] = {"name": limit[0], "value": limit[1]}
-        row["ratio_to_limit"] = ratio_to_limit
-    return row
-
-
-def _targets(
-    cfg: BenchConfig,
-    r: dict[str, Any],
-    lat: dict[str, Any],
-    ix: dict[str, Any],
-    quality: dict[str, Any],
-) -> list[dict[str, Any]]:
-    lim, tp, mem = r["limits"], r["throughput"], ix["memory"]
-    io_limit = min(lim["wal"]["obs_per_s"], lim["grpc"]["obs_per_s"])
-    io_name = "WAL append" if lim["wal"]["obs_per_s"] <= lim["grpc"]["obs_per_s"] else "gRPC"
-    raw_b = mem["raw_hnswlib_rss_bytes_per_vector"]
-    raw_gb = round(raw_b / 1000, 3) if raw_b else None
-    probe = ix["idle_probe"]
-    out = [
-        _target(
-            "acked_obs_per_s",
-            "acked-durable throughput"
-            + (" (max sustainable)" if cfg.find_max else f", {tp['timed_seconds']:.0f} s"),
-            tp["headline_obs_per_s"],
-            "obs/s",
-            (f"{io_name} limit obs/s", io_limit),
-            stats.ratio(tp["headline_obs_per_s"], io_limit),
-            f"recalls/s meanwhile: {lat['recalls_per_s_during_ingest']}",
-        ),
-        _target(
-            "visibility_p99_ms",
-            "visibility P99 (ack -> a recall returns it)",
-            r["visibility_p99_ms"],
-            "ms",
-            note=f"{lat['visibility_samples']} samples, {lat['visibility_missed']} never found",
-        ),
-        _target(
-            "recall_p99_ms",
-            "recall P99 with the backlog at its peak",
-            r["recall_p99_ms"],
-            "ms",
-            note=f"{lat['_near_peak']} recalls while the backlog was >= {PEAK_FRACTION:.0%} of "
-            f"its peak ({lat['_peak']:,} rows)",
-        ),
-        _target(
-            "recall_at_10",
-            "recall@10 vs exact search",
-            r["recall_at_10"],
-            "",
-            note=f"{quality.get('queries', 0)} queries; backlog {ix['backlog_at_end']} rows then",
-        ),
-        _target(
-            "index_rate_ratio_to_hnswlib",
-            "fresh -> HNSW indexing rate / raw hnswlib",
-            ix["ratio"],
-            "",
-            ("raw hnswlib vectors/s", ix["raw_hnswlib_vectors_per_s"]),
-            ix["ratio"],
-            f"idle probe {probe.get('rows_per_s')} rows/s over {probe.get('rows', '?')} rows",
-        ),
-        _target(
-            "shard_rss_gb_per_million",
-            "shard RSS per 1 M observations",
-            mem["gb_per_million"],
-            "GB",
-            ("raw hnswlib index GB per M", raw_gb),
-            stats.ratio(mem["gb_per_million"], raw_gb),
-            "after the backlog drained" if ix["drained"] else "backlog NOT drained",
-        ),
-    ]
-    if not ix["drained"]:
-        # the target is per million observations once indexed: with rows still in the fresh
-        # tier (held once, without HNSW links) the figure says nothing about it either way
-        out[-1]["met"] = None
-    for name, c in r["peers"]["comparisons"].items():
-        ratio = c["ingest_until_searchable_ratio"]
-        out.append(
-            {
-                "key": f"ahead_of_{name}_ingest",
-                "name": f"ingest until searchable, ours / {name}",
-                "target": "> 1 x",
-                "measured": ratio,
-                "unit": "x",
-                "met": None if ratio is None else ratio > 1,
-                "note": "same vectors and batch size",
-            }
-        )
-        ours99, theirs99 = c["freshness_p99_ms"]
-        out.append(
-            {
-                "key": f"ahead_of_{name}_freshness",
-                "name": f"freshness P99 vs {name}",
-                "target": f"< {theirs99} ms",
-                "measured": ours99,
-                "unit": "ms",
-                "met": None if ours99 is None or theirs99 is None else ours99 < theirs99,
-                "note": f"p50: ours {c['freshness_p50_ms'][0]} ms, {name} "
-                f"{c['freshness_p50_ms'][1]} ms",
-            }
-        )
-    return out
-
-
 def _series(load: LoadRun, samples: list[Sample], n_sec: int) -> dict[str, Any]:
     tel, t0 = load.telemetry, load.t0
     ok = [a for a in tel.acks if a[6]]
@@ -451,6 +316,13 @@ def build(cfg: BenchConfig, data: dict[str, Any]) -> dict[str, Any]:
     samples: list[Sample] = data["monitor"]
     last_t = max([a[4] for a in tel.acks] + [s.t for s in samples] + [load.t_stop])
     n_sec = max(1, math.ceil(last_t - load.t0))
+    live = [dict(st) for st in load.steps]
+    if cfg.find_max:  # judged again with every sample in (some were still being polled)
+        load.steps[:] = [
+            {**search.judge(tel, cfg, rate, lo, hi), "backlog_end": st.get("backlog_end"),
+             "live_keeps_up": st["keeps_up"]}
+            for (rate, lo, hi), st in zip(load.step_windows, live, strict=True)
+        ]  # fmt: skip
     tp = _throughput(cfg, load, n_sec)
     lat = _latency(load, samples)
     ix = _indexing_memory(cfg, data, load, samples)
@@ -459,8 +331,22 @@ def build(cfg: BenchConfig, data: dict[str, Any]) -> dict[str, Any]:
     other_cpu = round(float(np.mean([s.other_cpu_pct() for s in timed])), 1) if timed else None
     wal_limit = data["limits"]["wal"]["obs_per_s"]
     grpc_limit = data["limits"]["grpc"]["obs_per_s"]
+    lim = data["limits"]
+    spend = cost.build(
+        samples, tel.acks, load.t0, load.t_stop, load.t_reads_stopped, load.t_drained,
+        [lim[k] for k in ("hnswlib", "hnswlib_after_probe") if k in lim],
+    )  # fmt: skip
+    during = data.get("quality_during_backlog")
+    if during is not None:
+        during = {**during, "asked_at_s": round(during.pop("t_start") - load.t0, 1),
+                  "asked_for_s": round(during.pop("t_end") - load.t0, 1)}  # fmt: skip
     r: dict[str, Any] = {
         "acked_obs_per_s": tp["headline_obs_per_s"],
+        "slo_sustained_obs_per_s": search.best(load.steps) if cfg.find_max else None,
+        "recall_at_10_during_backlog": (during or {}).get("recall_at_10"),
+        "core_seconds_per_million_acked": spend["core_seconds_per_million_acked"],
+        "core_seconds_per_million_indexed": spend["core_seconds_per_million_indexed"],
+        "raw_hnswlib_core_seconds_per_million": spend["raw_hnswlib_core_seconds_per_million"],
         "visibility_p99_ms": lat["visibility_ms"]["p99"],
         "recall_p99_ms": lat["recall_ms_at_peak_backlog"]["p99"],
         "recall_at_10": quality.get("recall_at_10"),
@@ -487,6 +373,12 @@ def build(cfg: BenchConfig, data: dict[str, Any]) -> dict[str, Any]:
         "find_max": None,
         "latency": {k: v for k, v in lat.items() if not k.startswith("_")},
         "recall_quality": {k: v for k, v in quality.items() if k != "latency_s"},
+        "recall_quality_during_backlog": during,
+        "cost": spend,
+        "gave_up": tradeoff.build(
+            cfg, tel, load.t0, load.t_stop, n_sec, lat, tp,
+            data.get("metrics_before", {}), data.get("metrics_after", {}),
+        ),  # fmt: skip
         "backlog": {
             "peak_rows": lat["_peak"],
             "peak_at_s": None if lat["_peak_t"] is None else round(lat["_peak_t"] - load.t0, 1),
@@ -503,13 +395,21 @@ def build(cfg: BenchConfig, data: dict[str, Any]) -> dict[str, Any]:
         "tracing": data.get("tracing"),  # None: tracing off
     }  # fmt: skip
     if cfg.find_max:
-        passing = [s for s in load.steps if s["keeps_up"]]
         r["find_max"] = {
+            "scenario": cfg.scenario,
+            "recall_rate": cfg.recall_rate,
+            "criteria": search.criteria(cfg),
             "steps": load.steps,
-            "max_sustainable_obs_per_s": tp["headline_obs_per_s"] if passing else None,
-            "criteria": f"acked >= 95% of offered and ack p99 <= {cfg.max_ack_p99_ms:g} ms",
+            "slo_sustained_obs_per_s": r["slo_sustained_obs_per_s"],
+            # the acked rate of that step
+            "max_sustainable_obs_per_s": (
+                tp["headline_obs_per_s"] if r["slo_sustained_obs_per_s"] else None
+            ),
+            "verdicts_changed_after_the_run": [
+                i + 1 for i, st in enumerate(load.steps) if st["keeps_up"] != st["live_keeps_up"]
+            ],
         }
-    r["targets"] = _targets(cfg, r, lat, ix, quality)
+    r["targets"] = targets(cfg, r, lat, ix, quality)
     r["notes"] = _notes(cfg, r, load, other_cpu)
     r["series"] = _series(load, samples, n_sec)
     return r
@@ -533,7 +433,20 @@ def _notes(
             "average during the timed phase: figures are depressed by that much contention"
         )
     if cfg.find_max and not any(s["keeps_up"] for s in load.steps):
-        notes.append("--find-max: not even the first step kept up")
+        notes.append("--find-max: no step held the SLO")
+    changed = (r["find_max"] or {}).get("verdicts_changed_after_the_run")
+    if changed:
+        notes.append(
+            f"--find-max: the verdict of step(s) {changed} changed once every visibility sample "
+            "was in (the search chose its next rate on the earlier verdict)"
+        )
+    c = r["cost"]
+    notes.append(
+        "core-seconds count the CPU of "
+        + ", ".join(c["processes_counted"] or ["nothing"])
+        + "; not counted: "
+        + ", ".join(c["excluded"])
+    )
     if lat["visibility_missed"]:
         notes.append(f"{lat['visibility_missed']} visibility samples were not found within 10 s")
     if not lat["visibility_samples"]:
@@ -568,41 +481,6 @@ def _notes(
 
 
 # --------------------------------------------------------------------------------- output
-
-
-def _num(x: float | None) -> str:
-    if x is None:
-        return "n/a"
-    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:,.3g}"
-
-
-def table(result: dict[str, Any]) -> str:
-    rows = [("target", "goal", "measured", "met", "limit", "ratio to limit")]
-    for t in result["targets"]:
-        lim = t.get("limit")
-        ratio = t.get("ratio_to_limit")
-        rows.append(
-            (
-                t["name"],
-                t["target"],
-                f"{_num(t['measured'])} {t['unit']}".strip(),
-                {True: "MET", False: "NOT MET", None: "n/a"}[t["met"]],
-                f"{lim['name']} {_num(lim['value'])}" if lim else "",
-                "" if ratio is None else f"{ratio:.3g}",
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    m = result["machine"]
-    lines = [
-        "",
-        f"summary ({m['cpu']}, {m['cores']} cores, load average {m['load_average_start']})",
-    ]
-    for j, row in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    lines.extend(f"note: {n}" for n in result["notes"])
-    return "\n".join(lines)
 
 
 def write(cfg: BenchConfig, out_dir: Path, result: dict[str, Any]) -> None:

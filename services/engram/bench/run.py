@@ -5,8 +5,10 @@
    the one named by ``--target``;
 3. the side-by-side: Engram Stream, then each peer, on the same vectors, plus the idle
    indexing probe;
-4. the timed load (writers, recalls, visibility sampler), then the drain of the index backlog;
-5. recall@10 against exact search; final process sizes;
+4. the timed load (writers, recalls, visibility sampler; ``--find-max`` searches the rate that
+   holds the SLO), recall@10 asked with the backlog at its peak, then the drain of the backlog;
+5. recall@10 against exact search (during the backlog and after the drain, on the same
+   queries); final process sizes; the gateway's and shards' metrics before and after the load;
 6. the report: JSON, markdown summary, plots, and a table on stdout.
 """
 
@@ -21,13 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engram.bench import compare, limits, machine, report
+from engram.bench import compare, limits, machine, quality, report, targets, tradeoff
 from engram.bench.config import BenchConfig, parse
 from engram.bench.load import run_load
 from engram.bench.monitor import Monitor
 from engram.bench.otlp_sink import OtlpSink
 from engram.bench.peers import Unavailable, minilm_corpus
-from engram.bench.quality import recall_at_10
 from engram.bench.target import Target, attach, start_own
 from engram.bench.workers import SourceSpec
 from engram.bench.workload import VectorSource, plan_spaces
@@ -241,6 +242,21 @@ def run(cfg: BenchConfig) -> int:
         for p in plans:
             print(f"  space {p.name} -> shard {p.shard}", flush=True)
         data["before_load"] = monitor.sample_now()
+        http = tradeoff.http_addresses(target.data_dir)
+        data["metrics_before"] = tradeoff.scrape(http, target.access.ca_file)
+        chosen = _one_per_shard(plans, cfg.recall_spaces)
+        recall_queries = query_start + 4096 * (cfg.spaces + 1)
+
+        def at_peak(tel: Any) -> dict[str, Any]:
+            """recall@10 asked with the backlog at its peak (scored after the load)."""
+            print("  recall@10 with the backlog at its peak: asking ...", flush=True)
+            t = time.monotonic()
+            asked = quality.ask(
+                target.address, plans, chosen, tel.acks, source, cfg.batch, recall_queries,
+                cfg.recall_queries, target.access,
+            )  # fmt: skip
+            return {"asked": asked, "t_start": t, "t_end": time.monotonic()}
+
         profile_pids = {}
         if cfg.profile_seconds > 0:
             profile_pids = {n: pid for n, pid in target.pids.items() if n in ("gateway", "shard-0")}
@@ -254,23 +270,26 @@ def run(cfg: BenchConfig) -> int:
             profile_pids,
             out_dir,
             target.access,
+            at_peak,
         )
+        data["metrics_after"] = tradeoff.scrape(http, target.access.ca_file)
         data["load"] = load
         data["plans"] = plans
 
         phases.next("recall@10 against exact search")
-        chosen = _one_per_shard(plans, cfg.recall_spaces)
-        data["quality"] = recall_at_10(
-            target.address,
-            plans,
-            chosen,
-            load.telemetry.acks,
-            source,
-            cfg.batch,
-            query_start + 4096 * (cfg.spaces + 1),
-            cfg.recall_queries,
-            target.access,
-        )
+        exact: dict[int, Any] = {}
+        peak = load.at_peak
+        asked = quality.ask(
+            target.address, plans, chosen, load.telemetry.acks, source, cfg.batch,
+            recall_queries, cfg.recall_queries, target.access,
+        )  # fmt: skip
+        data["quality"] = quality.score(asked, plans, source, cfg.batch, exact)
+        if "asked" in peak:
+            during = quality.score(
+                peak.pop("asked"), plans, source, cfg.batch, exact, " during the backlog"
+            )
+            during.pop("latency_s")
+            data["quality_during_backlog"] = {**during, **peak}
         data["final"] = monitor.sample_now()
         data["target"] = target.describe()
     finally:
@@ -298,7 +317,7 @@ def run(cfg: BenchConfig) -> int:
     result = report.build(cfg, data)
     result["phase_seconds"] = phases.took
     report.write(cfg, out_dir, result)
-    print(report.table(result), flush=True)
+    print(targets.table(result), flush=True)
     print(f"\nresults: {out_dir}", flush=True)
     return 0
 

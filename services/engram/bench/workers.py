@@ -8,6 +8,10 @@ reports to the parent through one telemetry queue, in chunks every half second:
 * ``("recalls", "recall", [(t_issue, latency_s, server_us, fresh, indexed, space, ok,
   stages), ...])``, ``stages``: the shard's (waited, queued, HNSW, fresh) microseconds;
 * ``("vis", [(space, t_send, t_ack, t_received, t_found | None, polls, t_last_poll), ...])``;
+* ``("pushes", wid, [(t, space, kind, level, state, preferred_rate, pressure, detail), ...])``:
+  what the service pushed to a writer's stream, ``kind`` "status" (a StreamStatus: its
+  backpressure level, state, SLOW_DOWN rate, pressure) or "rejected" (a REJECTED ack, whose
+  message says why; the client resends the batch after retry-after);
 * ``("event", who, space, kind, detail, t)``, ``("ready", who)``, ``("done", who, summary)``,
   ``("failed", who, message)``.
 
@@ -142,15 +146,24 @@ async def _writer(spec: WorkerSpec, ch: Channels, datas: dict[int, SpaceData]) -
     from engram_client import StreamEvent
 
     rep = _Reporter(ch, "acks", spec.who)
+    pushes = _Reporter(ch, "pushes", spec.who)
     async with spec.access.client(spec.target) as client:
         streams = {}
         for i, data in datas.items():
 
-            def on_event(ev: StreamEvent, space: str = data.plan.name) -> None:
+            def on_event(ev: StreamEvent, space: str = data.plan.name, si: int = i) -> None:
                 if ev.kind in ("disconnected", "resumed", "error"):
                     ch.telemetry.put(
                         ("event", spec.who, space, ev.kind, ev.detail, time.monotonic())
                     )
+                elif ev.kind == "status" and ev.status is not None:
+                    st = ev.status
+                    pushes.items.append(
+                        (time.monotonic(), si, "status", int(st.level), int(st.state),
+                         int(st.preferred_rate), float(st.pressure), st.message)
+                    )  # fmt: skip
+                elif ev.kind == "rejected":
+                    pushes.items.append((time.monotonic(), si, "rejected", 0, 0, 0, 0.0, ev.detail))
 
             kwargs: dict[str, Any] = {}
             if spec.client_target_latency_ms is not None:
@@ -159,6 +172,7 @@ async def _writer(spec: WorkerSpec, ch: Channels, datas: dict[int, SpaceData]) -
         ch.telemetry.put(("ready", spec.who))
         t0 = await _wait_go(ch)
         flusher = asyncio.create_task(rep.run())
+        push_flusher = asyncio.create_task(pushes.run())
         sent: dict[int, int] = {}
         failed: dict[int, list[int]] = {i: [] for i in datas}
         await asyncio.gather(
@@ -174,7 +188,9 @@ async def _writer(spec: WorkerSpec, ch: Channels, datas: dict[int, SpaceData]) -
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(stream.close(), 10)
         flusher.cancel()
+        push_flusher.cancel()
         rep.flush()
+        pushes.flush()
         reconnects = {datas[i].plan.name: s.reconnects for i, s in streams.items()}
     ch.telemetry.put(
         (
