@@ -237,7 +237,7 @@ bench-ws: setup
 
 BENCH_ARGS ?=
 
-.PHONY: bench bench-smoke bench-forget
+.PHONY: bench bench-smoke bench-forget bench-moves
 
 # Starts its own cluster on free ports (BENCH_ARGS='--target 127.0.0.1:50051' uses a running
 # one); installs the 'bench' extra here and the peers into bench/.venv-<peer> on first use.
@@ -255,6 +255,11 @@ bench-smoke: setup
 # memory before/after deletes and compaction, backup/restore MB/s next to cp (BENCH_FORGET_ARGS).
 bench-forget: setup
 	$(PY) -m engram.bench.forget $(BENCH_FORGET_ARGS)
+
+# Live moves: 20 moves of a 1 M-observation space under 20 K obs/s (BENCH_MOVES_ARGS='--rows
+# 100000 --moves 4' for a short run): write pause, copy rate against the disk's.
+bench-moves: setup
+	$(PY) bench/move_bench.py $(BENCH_MOVES_ARGS)
 
 # ---------------------------------------------------------------------------- container image
 
