@@ -243,8 +243,8 @@ def _gave_up(g: dict[str, Any], c: dict[str, Any]) -> list[str]:
         f"failed by code {rej['observations_failed_by_code_gateway'] or 'none'}.",
         "",
         f"Pushed levels (StreamStatus on the writers' streams): {lev['pushes']} pushes "
-        f"{lev['pushes_by_level'] or ''}; seconds at each level (highest on any stream): "
-        f"{lev['seconds_at_level']}; the shards entered levels "
+        f"{lev['pushes_by_level'] or ''}; seconds of the timed phase at each level (highest "
+        f"on any stream): {lev['seconds_at_level_timed']}; the shards entered levels "
         f"{lev['activations_by_level_shards'] or 'none'}.",
     ]
     if g.get("metrics_errors"):
@@ -267,7 +267,7 @@ def _cost(c: dict[str, Any], during: dict[str, Any] | None) -> list[str]:
         out += [
             "",
             f"recall@10 with the backlog at its peak ({_f(during.get('backlog_before'))} rows "
-            f"un-indexed, asked {during['asked_at_s']}-{during['asked_for_s']} s into the run): "
+            f"un-indexed, asked {during['asked_at_s']}-{during['asked_until_s']} s into the run): "
             f"{_f(during['recall_at_10'], nd=4)} over {during['queries']} queries.",
         ]
     return out

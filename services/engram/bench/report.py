@@ -338,8 +338,9 @@ def build(cfg: BenchConfig, data: dict[str, Any]) -> dict[str, Any]:
     )  # fmt: skip
     during = data.get("quality_during_backlog")
     if during is not None:
-        during = {**during, "asked_at_s": round(during.pop("t_start") - load.t0, 1),
-                  "asked_for_s": round(during.pop("t_end") - load.t0, 1)}  # fmt: skip
+        during = dict(during)
+        during["asked_at_s"] = round(during.pop("t_start") - load.t0, 1)
+        during["asked_until_s"] = round(during.pop("t_end") - load.t0, 1)
     r: dict[str, Any] = {
         "acked_obs_per_s": tp["headline_obs_per_s"],
         "slo_sustained_obs_per_s": search.best(load.steps) if cfg.find_max else None,

@@ -39,7 +39,8 @@ def window(cfg: BenchConfig, step_end: float) -> tuple[float, float]:
 
 
 def _p99_ms(values_s: list[float]) -> float | None:
-    """P99 in ms; ``inf`` entries (failures) count as slower than anything."""
+    """P99 in ms, the next value up rather than an interpolation (so ``inf`` entries, the
+    failures, count as slower than anything: more than 1 % of them make it ``inf``)."""
     if not values_s:
         return None
     return float(np.percentile(np.asarray(values_s, np.float64), 99, method="higher")) * 1000

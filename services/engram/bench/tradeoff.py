@@ -18,6 +18,7 @@ cluster's ``cluster.json``); a process that does not answer is recorded with the
 
 from __future__ import annotations
 
+import math
 import re
 import ssl
 import urllib.request
@@ -110,10 +111,11 @@ def _reason(detail: str) -> str:
     return re.sub(r"\d[\d.,]*", "N", text.split("; retry in")[0])[:80]
 
 
-def levels(pushes: list[tuple[Any, ...]], t0: float, n_sec: int) -> dict[str, Any]:
-    """The StreamStatus pushes the writers saw: per second the highest level on any stream
-    (a stream stays at its last pushed level until the next push), and the lowest SLOW_DOWN
-    rate pushed in that second (None: none)."""
+def levels(pushes: list[tuple[Any, ...]], t0: float, n_sec: int, timed_s: int) -> dict[str, Any]:
+    """The StreamStatus pushes the writers saw: per second of the run the highest level on any
+    stream (a stream stays at its last pushed level until the next push) and the lowest
+    SLOW_DOWN rate pushed in that second (None: none); the seconds at each level count the
+    first ``timed_s`` seconds (the timed phase) only."""
     status = sorted((p for p in pushes if p[2] == "status"), key=lambda p: p[0])
     current: dict[int, int] = {}
     level_s: list[int] = []
@@ -136,7 +138,9 @@ def levels(pushes: list[tuple[Any, ...]], t0: float, n_sec: int) -> dict[str, An
     return {
         "pushes": len(status),
         "pushes_by_level": dict(counts),
-        "seconds_at_level": {LEVELS[k]: level_s.count(k) for k in range(len(LEVELS))},
+        "seconds_at_level_timed": {
+            LEVELS[k]: level_s[:timed_s].count(k) for k in range(len(LEVELS))
+        },
         "max_level_per_second": level_s,
         "slow_down_rate_per_second": rate_s,
     }
@@ -182,7 +186,7 @@ def build(
             ),
         },
         "levels": {
-            **levels(tel.pushes, t0, n_sec),
+            **levels(tel.pushes, t0, n_sec, math.floor(span)),
             "activations_by_level_shards": _delta(
                 metrics_before, metrics_after, SCRAPED[2], "level"
             ),
