@@ -189,9 +189,26 @@ class IndexSettings:
     fresh_lists: int = setting(
         "ENGRAM_FRESH_LISTS",
         1024,
-        "Lists (leaves of the two-level quantiser) of a partitioned fresh tier.",
+        "Least lists (leaves of the two-level quantiser) of a partitioned fresh tier.",
         lo=1,
         hi=65_536,
+    )
+    # A recall probing ENGRAM_FRESH_NPROBE lists then scores about nprobe * this many rows
+    # whatever the backlog (docs/performance.md, "The fresh tier at a large backlog").
+    fresh_list_rows: int = setting(
+        "ENGRAM_FRESH_LIST_ROWS",
+        1024,
+        "Un-indexed rows per list the fresh tier's quantiser aims for as the backlog grows "
+        "(learnt again from the backlog once it needs twice the lists); 0: always "
+        "ENGRAM_FRESH_LISTS.",
+        lo=0,
+        hi=1 << 30,
+    )
+    fresh_float16: bool = setting(
+        "ENGRAM_FRESH_FLOAT16",
+        False,
+        "Store fresh-tier rows as float16: half the memory and half the bytes a recall's "
+        "scan reads; the index gets the float16 values.",
     )
     fresh_nprobe: int = setting(
         "ENGRAM_FRESH_NPROBE",

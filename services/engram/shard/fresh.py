@@ -36,6 +36,22 @@ _FIRST_BLOCK_ROWS = 1_024
 LEARN_ROWS = 4_096  # rows a quantiser learns from (with 4 k-means rounds: ~0.1 s of a core)
 _LEARN_ROUNDS = 4
 LIST_STEP = 2_048  # the block being filled is listed again each time it grew by this much
+MAX_LISTS = 65_536  # leaves are sorted as 16-bit keys (see Listing.of)
+_LEARN_PER_LIST = 8  # rows learnt from per leaf when the space learns from its whole backlog
+_LEARN_MAX_ROWS = 65_536
+
+
+def target_lists(backlog: int, least: int, rows_per_list: int) -> int:
+    """Lists a space's quantiser should have for ``backlog`` un-indexed rows: about
+    ``rows_per_list`` rows each, and at least ``least`` (``rows_per_list`` 0: always ``least``).
+
+    With the lists growing with the backlog, a recall that probes ``nprobe`` of them scores
+    about ``nprobe * rows_per_list`` rows however large the backlog is; with a fixed number it
+    scores a fixed share of the backlog (2.3 % at 1,024 lists and 24 probes: 117 K rows at 5 M).
+    """
+    if rows_per_list <= 0:
+        return least
+    return max(least, min(MAX_LISTS, backlog // rows_per_list))
 
 
 @dataclass(frozen=True)
@@ -108,6 +124,7 @@ class Partitioning:
     leaf_start: np.ndarray  # (k1 + 1,): coarse i owns leaves[leaf_start[i]:leaf_start[i + 1]]
     nprobe: int
     fit: float = 1.0  # mean similarity of the rows it learnt from to their leaf
+    asked: int = 0  # the lists it was learnt for (``nlist`` may be fewer: empty cells)
 
     @classmethod
     def learn(cls, rows: np.ndarray, nlist: int, nprobe: int, seed: int = 0) -> Partitioning:
@@ -120,6 +137,7 @@ class Partitioning:
         """Learns from (at most ``LEARN_ROWS`` evenly spaced of) ``rows``; ``fit`` is measured on
         all of them, so it is not flattered by the rows the leaves were fitted to. Also returns
         the leaf of each row."""
+        rows = as_float32(rows)
         sample = rows[:: max(1, len(rows) // LEARN_ROWS)]
         k1 = max(1, min(len(sample), round(math.sqrt(nlist))))
         k2 = max(1, nlist // k1)
@@ -132,13 +150,20 @@ class Partitioning:
             leaves.append(leaf)
             starts.append(starts[-1] + len(leaf))
         all_leaves = np.concatenate(leaves).astype(np.float32)
-        made = cls(coarse, all_leaves, np.asarray(starts), max(1, min(nprobe, len(all_leaves))))
+        made = cls(
+            coarse, all_leaves, np.asarray(starts), max(1, min(nprobe, len(all_leaves))), 1.0, nlist
+        )
         leaf, sims = made.assign(rows)
         return dataclasses.replace(made, fit=float(sims.mean())), leaf
 
     @property
     def nlist(self) -> int:
         return len(self.leaves)
+
+    @property
+    def lists(self) -> int:
+        """The lists it was learnt for."""
+        return self.asked or self.nlist
 
     def assign(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The leaf of each row (int32), and the row's similarity to it."""
@@ -188,30 +213,57 @@ class Partitioning:
 def list_block(block: Block, partitioning: Partitioning, leaf: np.ndarray | None = None) -> None:
     """Lists all of ``block``'s rows now (``leaf``: their leaves, if already assigned)."""
     if leaf is None:
-        leaf, _ = partitioning.assign(block.data[: block.filled])
+        leaf, _ = partitioning.assign(as_float32(block.data[: block.filled]))
     block.listing = Listing.of(leaf, partitioning)
 
 
-def block_memory(rows: int, dim: int) -> np.ndarray:
-    """A ``(rows, dim)`` float32 array in memory of its own, its pages already mapped.
+def as_float32(rows: np.ndarray) -> np.ndarray:
+    """``rows`` as float32 (a copy only if they are float16): numpy multiplies float16
+    matrices without BLAS, hundreds of times slower."""
+    return np.asarray(rows, np.float32)
+
+
+def learn_from_backlog(
+    blocks: list[Block], nlist: int, nprobe: int, seed: int = 0
+) -> Partitioning | None:
+    """A quantiser of ``nlist`` lists learnt from evenly spaced rows of the full ``blocks``
+    (about ``8 * nlist`` of them): when the backlog has outgrown the space's quantiser, one
+    block alone is too few rows for the lists it needs. None without full blocks."""
+    full = [b for b in blocks if b.full]
+    total = sum(b.filled for b in full)
+    if not total:
+        return None
+    stride = max(1, total // min(_LEARN_MAX_ROWS, _LEARN_PER_LIST * nlist))
+    sample = np.concatenate([as_float32(b.data[::stride]) for b in full])
+    return Partitioning.learn(sample, min(nlist, len(sample)), nprobe, seed)
+
+
+def block_memory(rows: int, dim: int, dtype: type = np.float32) -> np.ndarray:
+    """A ``(rows, dim)`` array (float32, or float16) in memory of its own, its pages mapped.
 
     Its own mapping goes back to the system the moment the last reference to the block goes
     (the allocator would keep freed blocks otherwise). The pages are touched here, by numpy's
     ``fill``, which runs without the GIL: mapping 25 MB is about 10 ms of kernel time, which
     ``mmap.MAP_POPULATE`` would spend holding the GIL and so stall the event loop.
     """
-    memory = mmap.mmap(-1, rows * dim * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    block = np.frombuffer(memory, np.float32).reshape(rows, dim)
+    size = np.dtype(dtype).itemsize
+    memory = mmap.mmap(-1, rows * dim * size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    block = np.frombuffer(memory, dtype).reshape(rows, dim)
     block.fill(0.0)
     return block
 
 
 class FreshTier:
     """Appended to by the event loop (only ever at the end); blocks are dropped from the front
-    by the builder thread, and listed (``Block.listing``) by the partitioner thread."""
+    by the builder thread, and listed (``Block.listing``) by the partitioner thread.
 
-    def __init__(self, dim: int, first_row: int = 0) -> None:
+    With ``half``, rows are stored as float16: half the memory, and a recall's scan reads half
+    the bytes (converting them to float32 in a small per-thread buffer before multiplying);
+    the builder indexes the float16 values (cosines move by about 1e-3)."""
+
+    def __init__(self, dim: int, first_row: int = 0, half: bool = False) -> None:
         self.dim = dim
+        self.dtype: type = np.float16 if half else np.float32
         self.blocks: list[Block] = []
         self.end_row = first_row  # one past the last appended row
         self._last_capacity = 0
@@ -242,13 +294,13 @@ class FreshTier:
         spare, self._spare = self._spare, None
         if rows == BLOCK_ROWS and spare is not None:
             return spare
-        return block_memory(rows, self.dim)
+        return block_memory(rows, self.dim, self.dtype)
 
     def prepare_spare(self) -> None:
         """Maps the next full-size block (worker thread), so the event loop does not wait for
         the kernel to map a fresh 25 MB block."""
         if self._spare is None and self._last_capacity == BLOCK_ROWS:
-            self._spare = block_memory(BLOCK_ROWS, self.dim)
+            self._spare = block_memory(BLOCK_ROWS, self.dim, self.dtype)
 
     def release_spare(self) -> None:
         """Lets the prepared block go (the builder, once the backlog is gone)."""
@@ -267,14 +319,15 @@ class FreshTier:
         return True
 
     def rows(self, lo: int, hi: int) -> np.ndarray:
-        """A copy of rows ``[lo, hi)`` (all in this tier), in row order."""
+        """A float32 copy of rows ``[lo, hi)`` (all in this tier), in row order."""
         parts = []
         for block in list(self.blocks):
             b_lo, b_hi = block.first_row, block.first_row + block.filled
             if b_hi <= lo or b_lo >= hi:
                 continue
             parts.append(block.data[max(lo, b_lo) - b_lo : min(hi, b_hi) - b_lo])
-        return np.concatenate(parts) if len(parts) > 1 else np.array(parts[0])
+        out = np.concatenate(parts) if len(parts) > 1 else np.array(parts[0])
+        return as_float32(out)
 
     def drop_below(self, row: int) -> None:
         """Forgets blocks whose every row is below ``row`` (indexed)."""
@@ -327,10 +380,11 @@ def scan(
             rest = b_lo + listing.covered  # rows appended since the listing: scanned exactly
             if rest < s_hi:
                 rows = np.concatenate([rows, np.arange(rest, s_hi)])
-                scores = np.concatenate([scores, block.data[rest - b_lo : s_hi - b_lo] @ cue])
+                tail = _score_span(block.data, rest - b_lo, s_hi - b_lo, cue)
+                scores = np.concatenate([scores, tail])
         else:
             rows = np.arange(s_lo, s_hi)
-            scores = block.data[s_lo - b_lo : s_hi - b_lo] @ cue
+            scores = _score_span(block.data, s_lo - b_lo, s_hi - b_lo, cue)
         if accept is not None and len(rows):
             scores = np.where(accept(rows), scores, -np.inf)
         if len(scores) > k:
@@ -349,20 +403,44 @@ def scan(
     return rows[order].astype(np.int64), scores[order].astype(np.float32)
 
 
-_SCRATCH = threading.local()  # each recall thread's buffer for gathered rows
-SCRATCH_ROWS = 4_096  # 6 MB a thread at dim 384; larger gathers allocate
+_SCRATCH = threading.local()  # each recall thread's buffers for gathered rows
+SCRATCH_ROWS = 4_096  # 6 MB a thread at dim 384 (9 MB with float16 rows); larger gathers allocate
+
+
+def _scratch(name: str, dim: int, dtype: type) -> np.ndarray:
+    buf: np.ndarray | None = getattr(_SCRATCH, name, None)
+    if buf is None or buf.shape[1] != dim or buf.dtype != dtype:
+        buf = np.empty((SCRATCH_ROWS, dim), dtype)
+        setattr(_SCRATCH, name, buf)
+    return buf
+
+
+def _score_span(data: np.ndarray, lo: int, hi: int, cue: np.ndarray) -> np.ndarray:
+    """``data[lo:hi] @ cue``; float16 rows are converted ``SCRATCH_ROWS`` at a time."""
+    if data.dtype == np.float32:
+        return data[lo:hi] @ cue
+    out = np.empty(hi - lo, np.float32)
+    buf = _scratch("wide", data.shape[1], np.float32)
+    for at in range(lo, hi, SCRATCH_ROWS):
+        end = min(hi, at + SCRATCH_ROWS)
+        wide = buf[: end - at]
+        wide[:] = data[at:end]
+        np.matmul(wide, cue, out=out[at - lo : end - lo])
+    return out
 
 
 def _score_rows(data: np.ndarray, local: np.ndarray, cue: np.ndarray) -> np.ndarray:
     """``data[local] @ cue``, gathering into a reused per-thread buffer with ``np.take``
     (``mode="clip"`` writes straight into it; the positions are valid): about a quarter faster
-    than fancy indexing into a new array, measured on 70 blocks of 16,384 rows."""
+    than fancy indexing into a new array, measured on 70 blocks of 16,384 rows. Float16 rows
+    are gathered as they are (half the bytes read) and widened in a second buffer."""
     n, dim = len(local), data.shape[1]
     if n > SCRATCH_ROWS:
-        return data[local] @ cue
-    buf = getattr(_SCRATCH, "rows", None)
-    if buf is None or buf.shape[1] != dim:
-        buf = _SCRATCH.rows = np.empty((SCRATCH_ROWS, dim), np.float32)
-    out = buf[:n]
+        return as_float32(data[local]) @ cue
+    out = _scratch("rows", dim, data.dtype.type)[:n]
     np.take(data, local, axis=0, out=out, mode="clip")
+    if data.dtype != np.float32:
+        wide = _scratch("wide", dim, np.float32)[:n]
+        wide[:] = out
+        out = wide
     return out @ cue

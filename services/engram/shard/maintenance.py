@@ -31,7 +31,16 @@ import time
 import numpy as np
 
 from engram.shard import checkpoint as ckpt
-from engram.shard.fresh import BLOCK_ROWS, LIST_STEP, Block, Partitioning, list_block
+from engram.shard.fresh import (
+    BLOCK_ROWS,
+    LIST_STEP,
+    Block,
+    Partitioning,
+    as_float32,
+    learn_from_backlog,
+    list_block,
+    target_lists,
+)
 from engram.shard.index import HnswTier
 from engram.shard.sessions import now_us
 from engram.shard.state import SpaceState
@@ -51,12 +60,31 @@ class Maintenance(SpaceState):
         """Lists one fresh block's unlisted rows if the backlog is large (partitioner thread):
         full blocks first, then the block being filled once it grew by ``LIST_STEP`` rows.
         Learns the space's quantiser from the first full block, and again from a full block
-        whose rows fit it clearly worse than the rows it was learnt from. True if it worked."""
+        whose rows fit it clearly worse than the rows it was learnt from; and from the whole
+        backlog once it needs twice the lists (:func:`~engram.shard.fresh.target_lists`),
+        after which full blocks listed with half the lists or fewer are listed again, one a
+        step. True if it worked."""
         settings = self._index_settings
         fresh = self.fresh
-        if fresh is None or self.backlog() < settings.fresh_partition_rows:
+        backlog = self.backlog()
+        if fresh is None or backlog < settings.fresh_partition_rows:
             return False
         blocks = fresh.snapshot()
+        p = self.partitioning
+        lists = target_lists(backlog, settings.fresh_lists, settings.fresh_list_rows)
+        if p is not None and lists >= 2 * p.lists:
+            grown = learn_from_backlog(blocks, lists, settings.fresh_nprobe)
+            if grown is not None:
+                log.info(
+                    "space %s: %d un-indexed rows: the fresh tier's quantiser grows from %d to "
+                    "%d lists",
+                    self.name,
+                    backlog,
+                    p.nlist,
+                    grown.nlist,
+                )
+                self.partitioning = grown
+                return True
         todo = [b for b in blocks if b.full and _unlisted(b) and b.drifted_at != b.filled]
         # a block whose rows fitted badly as it filled waits until it is full to be learnt from
         todo += [
@@ -64,13 +92,15 @@ class Maintenance(SpaceState):
             for b in blocks
             if not b.full and not b.drifted_at and b.filled - _listed(b) >= LIST_STEP
         ]
+        if p is not None:  # listed before the quantiser grew: list again with the finer one
+            todo += [b for b in blocks if b.full and _coarser(b, p)]
         for block in todo:
             p = self.partitioning
             learnable = block.full and len(block.data) == BLOCK_ROWS
             if p is None and not learnable:
                 continue  # no quantiser yet: it is learnt from a full block
             filled = block.filled
-            rows = block.data[:filled]
+            rows = as_float32(block.data[:filled])
             if p is None or (learnable and block.drifted_at):
                 if p is not None:
                     log.info(
@@ -85,7 +115,8 @@ class Maintenance(SpaceState):
             listing = block.listing
             start = listing.covered if listing is not None and listing.partitioning is p else 0
             leaf, sims = p.assign(rows[start:filled])
-            if float(sims.mean()) < p.fit - settings.fresh_refit_drop:
+            # (a block listed again for finer lists is not learnt from: the backlog was)
+            if _unlisted(block) and float(sims.mean()) < p.fit - settings.fresh_refit_drop:
                 if not learnable:  # scanned exactly until it is full, then learnt from
                     block.drifted_at = filled
                     continue
@@ -108,7 +139,11 @@ class Maintenance(SpaceState):
 
     def _learn(self, rows: np.ndarray) -> tuple[Partitioning, np.ndarray]:
         s = self._index_settings
-        p, leaf = Partitioning.learn_and_assign(rows, s.fresh_lists, s.fresh_nprobe)
+        lists = target_lists(self.backlog(), s.fresh_lists, s.fresh_list_rows)
+        # one block of rows learns at most a quarter of its rows' worth of lists; a larger
+        # backlog then has the quantiser learnt again from all of it (partition_step)
+        lists = min(lists, max(s.fresh_lists, len(rows) // 4))
+        p, leaf = Partitioning.learn_and_assign(rows, lists, s.fresh_nprobe)
         self.partitioning = p
         return p, leaf
 
@@ -300,3 +335,13 @@ def _listed(block: Block) -> int:
 
 def _unlisted(block: Block) -> bool:
     return _listed(block) < block.filled
+
+
+def _coarser(block: Block, p: Partitioning) -> bool:
+    """Listed whole with a quantiser of at most half the lists of ``p``."""
+    listing = block.listing
+    return (
+        listing is not None
+        and listing.covered == block.filled
+        and 2 * listing.partitioning.lists <= p.lists
+    )

@@ -108,7 +108,7 @@ class Recovery(SpaceState):
         self._checkpoint_deleted_file = manifest.deleted_file
         self.blanked_rows = sum(ckpt.meta_span(name)[2] for name in manifest.meta_files)
         self.tombstones.load(deleted)
-        self.fresh = FreshTier(manifest.dim, manifest.rows)
+        self.fresh = FreshTier(manifest.dim, manifest.rows, self._index_settings.fresh_float16)
         self.retention = pb.Retention(**manifest.retention)
 
     def _replay_record(self, rec: ipb.WalRecord) -> int:

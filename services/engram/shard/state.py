@@ -186,7 +186,7 @@ class SpaceState:
 
     def _fix_dim(self, dim: int) -> None:
         self.dim = dim
-        self.fresh = FreshTier(dim, self.visible)
+        self.fresh = FreshTier(dim, self.visible, self._index_settings.fresh_float16)
 
     def _make_visible(
         self,
