@@ -97,13 +97,14 @@ def _write(name: str, result: dict[str, Any]) -> None:
 
 
 async def _flood(address: str, seconds: float, rate: float, dim: int) -> dict[str, Any]:
-    from engram.contract.errors import OverloadedError
+    from engram.contract.errors import EngramError, OverloadedError
     from engram_client import EngramClient
 
     space = "recall-flood"
     rng = np.random.default_rng(1)
     acks_ms: list[float] = []
     answered, refused, waits = 0, 0, []
+    failed: dict[str, int] = {}  # any other error, by its text (none expected)
     async with EngramClient(address) as writer_client:
         stream = await writer_client.open_stream(space, target_latency_ms=0)
         done = asyncio.Event()
@@ -137,6 +138,8 @@ async def _flood(address: str, seconds: float, rate: float, dim: int) -> dict[st
                 except OverloadedError as exc:
                     refused += 1
                     waits.append(exc.retry_after_ms)
+                except EngramError as exc:
+                    failed[str(exc)[:120]] = failed.get(str(exc)[:120], 0) + 1
 
             while not done.is_set():
                 tasks.append(asyncio.create_task(one()))
@@ -162,6 +165,7 @@ async def _flood(address: str, seconds: float, rate: float, dim: int) -> dict[st
         "recalls_answered": answered,
         "recalls_refused_overloaded": refused,
         "refusal_retry_after_ms_median": statistics.median(waits) if waits else None,
+        "recalls_failed_otherwise": failed,
     }
 
 
