@@ -231,4 +231,3 @@ def _forget_owner(ownership: Ownership, marker: Marker) -> None:
     """The ownership step (see the module); blocking."""
     owner = Owner(OWNED, marker.epoch) if marker.keep_route else None
     ownership.set(marker.space, owner)
-
