@@ -257,6 +257,8 @@ class ClientStream(SessionOpening, Forwarding, MoveFollowing, Forgetting, Recall
                 await self._init(msg)
                 return
             if not self.session_id:
+                if self._dropped is not None:  # the client has not learnt of the drop yet
+                    raise SessionError(self._dropped.message, code=pb.SPACE_DROPPED)
                 raise SessionError(
                     f"'{op}' before init: open the stream with an init message first",
                     code=pb.NOT_INITIALIZED,

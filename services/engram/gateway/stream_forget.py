@@ -9,7 +9,8 @@ written. Its errors are answered in-band with its request_id.
 When the shard answers SPACE_DROPPED (on the Append stream, or to the stream following a move),
 ``_space_dropped`` answers every batch in flight with it (or the stream, if none is) and fails
 every waiting delete, ends the session and keeps the stream open for a new init, which on the
-same name starts an empty space.
+same name starts an empty space; until that init, every message is answered SPACE_DROPPED too
+(batches the client pipelined before it learnt of the drop).
 
 A part of :class:`~engram.gateway.stream.ClientStream` (see that module).
 """
@@ -65,6 +66,7 @@ class Forgetting(StreamState):
                 tracing.fail(sent.span, err)
             self._error(err, seq)
         self._deletes.fail(err)
+        self._dropped = err
         if self._append is not None:
             self._append.cancel()
         if self._shard_reader is not None:  # it may be the task running this: let it end

@@ -63,6 +63,7 @@ class SessionOpening(StreamState):
             )
         opened = await self.gw.shards.open_session(space, session_id, create=not resume)
         self.session_id, self.space, self.dim = session_id, space, opened.dim
+        self._dropped = None
         self.next_expected = opened.last_sequence + 1
         self.last_acked = opened.last_sequence
         with contextlib.suppress(Exception):  # Redis is a cache: the shard holds the truth

@@ -111,6 +111,8 @@ class StreamState(ABC):
         self._routed.set()
         self._reroute_task: asyncio.Task[None] | None = None
         self._deletes = forget.AnsweredBefore()  # deletes waiting for earlier batches
+        # the space was dropped under this stream: what answers its messages until a new init
+        self._dropped: EngramError | None = None
 
     def _send(self, response: pb.ObservationResponse) -> None:
         response.server_timestamp.GetCurrentTime()
