@@ -269,3 +269,29 @@ async def test_deletes_before_the_backup_stay_deleted_after_the_restore(
             found = [h.id for h in hits.hits]
             assert len(found) == 5 and not gone & set(found), (row, found)
             assert (found[0] == ids[row]) == (ids[row] not in gone), (row, found)
+
+
+async def test_a_backup_whose_wal_the_checkpoint_covers_restores(
+    make_cluster, mv: ModuleType, tmp_path: Path
+) -> None:
+    """Every row in the checkpoint, no WAL record after it: ``wal.log`` is empty, and the
+    restore still takes it (an empty file is sent as one empty chunk)."""
+    source = make_cluster(shards=1, env=ENV)
+    space = "all-checkpointed"
+    vectors = np.random.default_rng(3).standard_normal((600, mv.DIM))
+    async with EngramClient(source.gateway_address) as client:
+        stream = await client.open_stream(space)
+        await asyncio.gather(*[await stream.send(vectors[a : a + 100]) for a in range(0, 600, 100)])
+        await stream.close()
+        before = await listing(client, space)
+        for _ in range(200):  # until a checkpoint covers every row and the WAL is trimmed
+            result = await backup_space(addresses(source), space, tmp_path / "b" / str(_))
+            if (result.directory / fmt.WAL_FILE).stat().st_size == 0:
+                break
+            await asyncio.sleep(0.2)
+        assert (result.directory / fmt.WAL_FILE).stat().st_size == 0
+    target = make_cluster(shards=1)
+    restored = await restore_space(addresses(target), result.directory)
+    assert restored.lsn == 600
+    async with EngramClient(target.gateway_address) as client:
+        assert await listing(client, space) == before

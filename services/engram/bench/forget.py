@@ -54,6 +54,15 @@ STEP_US = 1000  # the rows' 'when' are this far apart
 # Checkpoints soon after indexing at any size (what is measured is forgetting, not the default
 # checkpoint cadence); no canary rows in the space's shard.
 CLUSTER_ENV = {"ENGRAM_CANARY_INTERVAL_S": "0", "ENGRAM_CHECKPOINT_INTERVAL_S": "5"}
+
+
+def cluster_env(delete_share: float) -> dict[str, str]:
+    """The benchmark's cluster settings: compaction starts once half of what the run deletes is
+    deleted (the default share, 0.2, is above the 10 % this run deletes by default)."""
+    share = max(0.01, min(0.99, delete_share / 2))
+    return {**CLUSTER_ENV, "ENGRAM_COMPACT_DELETED_SHARE": f"{share:g}"}
+
+
 _SAMPLE = re.compile(r"^(engram_shard_\w+)(?:\{([^}]*)\})? ([0-9.eE+-]+)$")
 # The shard metrics the report keeps: what memory and deletes look like (not ages, latencies).
 _KEPT = re.compile(r"bytes|rows|delet|tombstone|compact|index")
@@ -276,7 +285,7 @@ async def backup_and_restore(cluster: LocalCluster, work: Path, live: int) -> di
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="engram-forget-bench-", dir=args.data_root))
-    cluster = LocalCluster(work / "cluster", shards=1, env=CLUSTER_ENV)
+    cluster = LocalCluster(work / "cluster", shards=1, env=cluster_env(args.delete_share))
     await asyncio.to_thread(cluster.start)
     rows = args.rows
     base_us = int(time.time() * 1e6) - STEP_US * rows - 3_600_000_000

@@ -289,11 +289,15 @@ async def restore_space(
         done = 0
         for entry in manifest.files:  # the shard checks each file's SHA-256 as it arrives
             name = "" if entry.name == fmt.WAL_FILE else entry.name
+            sent = False
             async for data in store.read(entry.name):
                 done += len(data)
+                sent = True
                 yield ipb.RestoreChunk(file=name, data=data)
                 if on_progress is not None:
                     on_progress(Progress(space, entry.name, done, manifest.total_bytes))
+            if not sent:  # an empty file (a WAL the checkpoint covers whole) is sent too
+                yield ipb.RestoreChunk(file=name, data=b"")
 
     async with internal.aio_channel(addresses[shard], security=security) as channel:
         try:
