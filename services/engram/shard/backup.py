@@ -43,7 +43,7 @@ from engram.contract.errors import EngramError, StorageError, ValidationError
 from engram.control import backup_format as fmt
 from engram.internal.v1 import shard_pb2 as ipb
 from engram.shard import checkpoint as ckpt
-from engram.shard.move_source import CHUNK_BYTES
+from engram.shard.move_source import file_chunks
 from engram.shard.ownership import OWNED, Owner
 from engram.shard.space import Space
 from engram.shard.state import wal_directory
@@ -106,11 +106,9 @@ class Backup:
             raise ValidationError(
                 f"{name!r} is not a file of backup {self.backup_id} (listed: {self.files})"
             )
-        with open(self.space.ckpt_dir / name, "rb") as f:
-            f.seek(offset)
-            while chunk := f.read(CHUNK_BYTES):
-                self.touched = time.monotonic()
-                yield chunk
+        for chunk in file_chunks(self.space, name, offset):
+            self.touched = time.monotonic()
+            yield chunk
 
     async def closed_segments(self, after: int) -> list[int]:
         return [n for n in self.segments if n > after]

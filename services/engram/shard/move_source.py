@@ -96,11 +96,9 @@ class Outgoing:
                 f"{name!r} is not a checkpoint file of memory space {self.name!r} "
                 f"(listed: {self.files})"
             )
-        with open(self.space.ckpt_dir / name, "rb") as f:
-            f.seek(offset)
-            while chunk := f.read(CHUNK_BYTES):
-                self.touched = time.monotonic()
-                yield chunk
+        for chunk in file_chunks(self.space, name, offset):
+            self.touched = time.monotonic()
+            yield chunk
 
     async def closed_segments(self, after: int) -> list[int]:
         """Closes the segment being written (unless fenced: it is final) and returns the
@@ -177,6 +175,14 @@ class Outgoing:
             await self.finish(False, 0)
             return True
         return False
+
+
+def file_chunks(space: Space, name: str, offset: int) -> Iterator[bytes]:
+    """A checkpoint file of ``space`` from ``offset``, in chunks (a move's or a backup's copy)."""
+    with open(space.ckpt_dir / name, "rb") as f:
+        f.seek(offset)
+        while chunk := f.read(CHUNK_BYTES):
+            yield chunk
 
 
 def _wait_free(space: Space) -> None:
