@@ -2,7 +2,8 @@
 
 A shard holds at most ``ENGRAM_RECALL_QUEUE`` recalls for its workers; one more is refused
 OVERLOADED with the time the queue takes to drain at the measured rate. The builder and the
-partitioner wait while recalls are queued or slow, by ``ENGRAM_RECALL_ISOLATION``.
+partitioner wait while recalls are queued or slow, by ``ENGRAM_RECALL_ISOLATION`` (the
+partitioner only while they are queued).
 """
 
 from __future__ import annotations
@@ -104,3 +105,17 @@ def test_background_waits_at_most_yield_max() -> None:
     waiter.start()
     waiter.join(5)
     assert not waiter.is_alive()  # then one step of its work: indexing is never starved
+
+
+@pytest.mark.parametrize("isolation", ["LATENCY", "BOTH"])
+def test_without_latency_a_slow_p99_holds_nothing_back(isolation: str) -> None:
+    """The partitioner yields only to queued recalls: its work is what makes them cheap, so
+    waiting for a high P99 to fall would only keep it high."""
+    clock = Clock()
+    load = RecallLoad(RecallFirstSettings(isolation=isolation, window_s=2.0), clock)
+    load.leave(load.enter() - 0.5)  # one recall of 500 ms: P99 far above the 20 ms bound
+    assert load.should_yield() is True
+    assert load.should_yield(latency=False) is False
+    started = load.enter()
+    assert load.should_yield(latency=False) is (isolation == "BOTH")  # a recall is queued
+    load.leave(started)

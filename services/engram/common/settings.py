@@ -366,7 +366,8 @@ class RecallFirstSettings:
 
     # OFF: background work ignores recalls (only the builder's duty cycle); QUEUED: indexing,
     # partitioning and checkpoints wait while recalls are queued; LATENCY: while the recent
-    # recall P99 is above its bound; BOTH: either.
+    # recall P99 is above its bound (the builder only: the partitioner's listing is what makes
+    # recalls cheap); BOTH: either.
     isolation: str = setting(
         "ENGRAM_RECALL_ISOLATION",
         "BOTH",

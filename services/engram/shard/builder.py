@@ -7,11 +7,11 @@ with indexing. While writes arrive it
 works only part of the time, so acks and recalls keep the CPU. The partitioner keeps large
 fresh tiers partitioned (cheap: a fraction of ingest's cost) so recalls stay fast however far
 HNSW lags. Both yield to recalls first (:mod:`engram.shard.recall_first`): before each step
-they wait while recalls are queued or slow, for at most ``ENGRAM_RECALL_YIELD_MAX_MS`` at a
-time, and not at all while memory is CRITICAL (indexing is what frees it). Both take the
-spaces from :meth:`ShardNode.working_spaces` and name the space they work on in
-``working`` (:meth:`ShardNode.retire_space` waits until neither works on a space it takes
-away). Started and stopped by :class:`~engram.shard.node.ShardNode`.
+they wait while recalls are queued (the builder also while they are slow), for at most
+``ENGRAM_RECALL_YIELD_MAX_MS`` at a time, and not at all while memory is CRITICAL (indexing is
+what frees it). Both take the spaces from :meth:`ShardNode.working_spaces` and name the space
+they work on in ``working`` (:meth:`ShardNode.retire_space` waits until neither works on a
+space it takes away). Started and stopped by :class:`~engram.shard.node.ShardNode`.
 """
 
 from __future__ import annotations
@@ -102,10 +102,10 @@ class Background:
         by_time = int(self._build_rate * idx.build_chunk_ms / 1000)
         return max(8, min(idx.build_chunk, by_time, max(16, backlog // 4)))
 
-    def _yield_to_recalls(self) -> None:
+    def _yield_to_recalls(self, latency: bool = True) -> None:
         """Waits while recalls come first, unless memory presses (see the module)."""
         if self.node.admission.memory_pressure < THRESHOLDS[CRITICAL]:
-            self.node.recalls.wait_for_recalls(self._stop)
+            self.node.recalls.wait_for_recalls(self._stop, latency)
 
     def _arriving(self) -> tuple[bool, bool]:
         """Whether writes, and whether recalls, arrived in the last second."""
@@ -230,7 +230,7 @@ class Background:
         while not self._stop.is_set():
             worked = False
             for space in self.node.working_spaces():
-                self._yield_to_recalls()
+                self._yield_to_recalls(latency=False)  # its work is what makes recalls cheap
                 failed = False
                 with self._working_on("partitioner", space) as served:
                     try:
