@@ -284,8 +284,8 @@ async def test_a_backup_whose_wal_the_checkpoint_covers_restores(
         await asyncio.gather(*[await stream.send(vectors[a : a + 100]) for a in range(0, 600, 100)])
         await stream.close()
         before = await listing(client, space)
-        for _ in range(200):  # until a checkpoint covers every row and the WAL is trimmed
-            result = await backup_space(addresses(source), space, tmp_path / "b" / str(_))
+        for attempt in range(200):  # until a checkpoint covers every row and the WAL is trimmed
+            result = await backup_space(addresses(source), space, tmp_path / "b" / str(attempt))
             if (result.directory / fmt.WAL_FILE).stat().st_size == 0:
                 break
             await asyncio.sleep(0.2)

@@ -169,8 +169,8 @@ class RecallLoad:
         s = self.settings
         if s.isolation == "OFF":
             return False
-        isolation = s.isolation if latency else ("OFF" if s.isolation == "LATENCY" else "QUEUED")
-        return should_yield(isolation, self.queued, self.p99_ms(), s.recall_bound_ms)
+        p99_ms = self.p99_ms() if latency else 0.0  # a P99 of 0 never holds work back
+        return should_yield(s.isolation, self.queued, p99_ms, s.recall_bound_ms)
 
     def wait_for_recalls(self, stop: threading.Event, latency: bool = True) -> None:
         """Background thread: waits while recalls come first, at most ``yield_max_ms``.
