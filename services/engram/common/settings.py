@@ -165,7 +165,8 @@ class IndexSettings:
     build_busy_share: float = setting(
         "ENGRAM_INDEX_BUSY_SHARE",
         0.15,
-        "Least share of the time the builder works while writes arrive.",
+        "Least share of the time the builder works while writes arrive (beyond a trickle of "
+        "1,000 rows a second a shard).",
         lo=0.01,
         hi=1.0,
     )

@@ -3,8 +3,9 @@
 One builder thread serves all spaces of a shard: it moves fresh rows into HNSW in small chunks
 (so recalls never wait long for the index lock), writes checkpoints, and compacts spaces with
 many deleted rows (:mod:`engram.shard.compaction`) in steps of the same size, taking turns
-with indexing. While writes arrive it
-works only part of the time, so acks and recalls keep the CPU. The partitioner keeps large
+with indexing. While writes arrive (at least ``TRICKLE_ROWS_PER_S`` rows a second: a trickle,
+such as the visibility canary's one row a second, costs acks nothing) it works only part of the
+time, so acks and recalls keep the CPU. The partitioner keeps large
 fresh tiers partitioned (cheap: a fraction of ingest's cost) so recalls stay fast however far
 HNSW lags. Both yield to recalls first (:mod:`engram.shard.recall_first`): before each step
 they wait while recalls are queued (the builder also while they are slow), for at most
@@ -34,6 +35,31 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("engram.shard")
 
+# Rows a second, all of a shard's spaces, below which arriving writes do not make the builder
+# rest: acknowledging them costs a few milliseconds of CPU a second, and resting would leave an
+# idle shard indexing at a fraction of its speed (a canary writing a row a second did that).
+TRICKLE_ROWS_PER_S = 1_000.0
+
+
+class ArrivalRate:
+    """Rows a second published by a shard's spaces, over windows of at least ``window_s``."""
+
+    def __init__(self, window_s: float = 1.0) -> None:
+        self._window_s = window_s
+        self._mark: tuple[float, int] | None = None
+        self.rows_per_s = 0.0
+
+    def update(self, now: float, total_rows: int) -> float:
+        """The rate of the last full window, given the spaces' row count now (it falls when a
+        space is dropped or moves away: that window counts as no rows)."""
+        if self._mark is None:
+            self._mark = (now, total_rows)
+        elif now - self._mark[0] >= self._window_s:
+            t0, n0 = self._mark
+            self.rows_per_s = max(0, total_rows - n0) / (now - t0)
+            self._mark = (now, total_rows)
+        return self.rows_per_s
+
 
 class Background:
     """The builder and partitioner threads of one shard."""
@@ -44,6 +70,7 @@ class Background:
         self._turns = 0  # while a space compacts, every other step is a compaction step
         self._compact_failed: dict[str, float] = {}  # space -> monotonic time of its failure
         self._build_rate = 2_000.0  # rows/s of the builder's add_items calls (moving average)
+        self._arrivals = ArrivalRate()
         self._stop = threading.Event()
         self._wake = threading.Event()  # set by stop(): the idle builder need not finish its wait
         self._threads: list[threading.Thread] = []
@@ -108,11 +135,15 @@ class Background:
             self.node.recalls.wait_for_recalls(self._stop, latency)
 
     def _arriving(self) -> tuple[bool, bool]:
-        """Whether writes, and whether recalls, arrived in the last second."""
+        """Whether writes arrive at more than a trickle (the builder then rests between steps),
+        and whether any writes or recalls arrived in the last second (it then leaves a core
+        free)."""
         now = time.monotonic()
         spaces = self.node.working_spaces()
+        rate = self._arrivals.update(now, sum(s.visible for s in spaces))
         writes = any(now - s.last_write < 1.0 for s in spaces)
-        return writes, writes or any(now - s.last_recall < 1.0 for s in spaces)
+        serving = writes or any(now - s.last_recall < 1.0 for s in spaces)
+        return writes and rate >= TRICKLE_ROWS_PER_S, serving
 
     def _build_loop(self) -> None:
         name_os_thread()
