@@ -386,6 +386,32 @@ def _assert_refused_without_credentials(gateway_target: str, shard: Pod, token: 
         )
 
 
+def _recall_on_the_recall_port(shard: Pod, metadata: list[tuple[str, str]]) -> int:
+    """Results of a recall of demo-0 sent to the shard's ``recall`` port."""
+    request = shard_pb2.ShardRecallRequest(
+        memory_space_id="demo-0", recall=streaming_pb2.RecallRequest(cue=[0.1] * 16, k=1)
+    )
+    with grpc.insecure_channel(f"127.0.0.1:{shard.port('recall')}") as channel:
+        stub = shard_pb2_grpc.ShardStub(channel)
+        replies = stub.Recall(request, timeout=10, metadata=metadata)
+        return sum(len(reply.results) for reply in replies)
+
+
+def _assert_recall_port_needs_the_token(shards: list[Pod], token: str) -> None:
+    """Every shard's recall port refuses a recall without the internal token; with it, the
+    shard that holds demo-0 answers there."""
+    results = 0
+    for shard in shards:
+        assert _refused(lambda s=shard: _recall_on_the_recall_port(s, [])) == (
+            grpc.StatusCode.UNAUTHENTICATED
+        ), f"{shard.name}'s recall port answered a recall without the internal token"
+        try:
+            results += _recall_on_the_recall_port(shard, [("engram-internal-token", token)])
+        except grpc.RpcError as exc:  # demo-0 lives on another shard
+            assert exc.code() != grpc.StatusCode.UNAUTHENTICATED, exc
+    assert results > 0, "no shard's recall port answered a recall of demo-0"
+
+
 def test_rendered_pods_serve_a_verified_demo(chart, tmp_path: Path) -> None:
     """Authentication on (the chart's default), with the keys file in auth.keysJson."""
     key, keys_file = _demo_key()
@@ -417,6 +443,7 @@ def test_rendered_pods_serve_a_verified_demo(chart, tmp_path: Path) -> None:
 
         token = kubelet.secrets[chart.one(docs, "Secret", "internal-token")["metadata"]["name"]]
         _assert_refused_without_credentials(target, shards[0], token["token"])
+        _assert_recall_port_needs_the_token(shards, token["token"])
 
         _terminate_cleanly(kubelet, [gateway, *shards])
     finally:
@@ -499,6 +526,9 @@ def test_rendered_pods_with_tls_on_both_sides(chart, tmp_path: Path) -> None:
             assert _refused(lambda: stub.Stats(shard_pb2.StatsRequest(), timeout=5)) == (
                 grpc.StatusCode.UNAVAILABLE
             ), "a shard answered plaintext gRPC with internalTls on"
+        assert _refused(lambda: _recall_on_the_recall_port(shards[0], [])) == (
+            grpc.StatusCode.UNAVAILABLE
+        ), "a shard's recall port answered plaintext gRPC with internalTls on"
         _terminate_cleanly(kubelet, [gateway, *shards])
     finally:
         kubelet.kill_all()

@@ -174,6 +174,36 @@ def test_shards_match_the_count(chart, manifests: list[dict[str, Any]], scenario
     assert service["clusterIP"] == "None" and service["publishNotReadyAddresses"] is True
 
 
+def test_shards_serve_recalls_on_a_port_of_their_own(
+    chart, manifests: list[dict[str, Any]]
+) -> None:
+    """The recall port, 50062: the container declares it (named ``recall``) and the shard
+    listens on it; its advertised address is left to the shard, which takes the host of
+    ENGRAM_SHARD_ADVERTISE (the pod's name under the headless Service); the Service lists it
+    and the NetworkPolicy admits to it the peers it admits to the main port."""
+    sts = chart.one(manifests, "StatefulSet", "shard")
+    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": 50061, "recall": 50062, "http": 9090}
+    env = chart.env_of(container)
+    assert env["ENGRAM_SHARD_LISTEN"] == "0.0.0.0:50061"
+    assert env["ENGRAM_SHARD_RECALL_LISTEN"] == "0.0.0.0:50062"
+    assert "ENGRAM_SHARD_RECALL_ADVERTISE" not in env
+    service = chart.one(manifests, "Service", "shard")
+    assert env["ENGRAM_SHARD_ADVERTISE"].startswith(f"$(POD_NAME).{service['metadata']['name']}.")
+    listed = {
+        p["name"]: (p["port"], p["targetPort"], p["appProtocol"]) for p in service["spec"]["ports"]
+    }
+    assert listed == {
+        "grpc": (50061, "grpc", "grpc"),
+        "recall": (50062, "recall", "grpc"),
+        "http": (9090, "http", "http"),
+    }
+    for policy in chart.find(manifests, "NetworkPolicy", "shard"):  # none with it disabled
+        (rpc, _metrics) = policy["spec"]["ingress"]
+        assert {p["port"] for p in rpc["ports"]} == {"grpc", "recall"}
+
+
 def test_redis_in_cluster_or_external(chart) -> None:
     inside = chart.render({})
     secret = chart.one(inside, "Secret", "redis")
@@ -298,7 +328,10 @@ def test_network_policies(chart) -> None:
         for peer in policies["shard"]["spec"]["ingress"][0]["from"]
     ]
     assert sorted(shard_from) == ["gateway", "operator", "shard"]
-    assert policies["shard"]["spec"]["ingress"][0]["ports"] == [{"port": "grpc", "protocol": "TCP"}]
+    assert policies["shard"]["spec"]["ingress"][0]["ports"] == [
+        {"port": "grpc", "protocol": "TCP"},
+        {"port": "recall", "protocol": "TCP"},
+    ]
     (redis_rule,) = policies["redis"]["spec"]["ingress"]
     (peer,) = redis_rule["from"]
     assert peer["podSelector"]["matchLabels"] == {
