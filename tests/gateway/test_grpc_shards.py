@@ -130,6 +130,38 @@ async def test_recall_and_scan(grpc_shards: tuple[GrpcShards, _Shard, MemoryCont
     assert [list(c.ids) for c in listed] == [["o0"], ["o1"], ["o2"]]
 
 
+class _RecallPort(shard_pb2_grpc.ShardServicer):
+    """A shard's recall port: serves Recall only."""
+
+    async def Recall(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+        yield pb.RecallResponse(request_id="from-the-recall-port")
+
+
+async def test_recalls_go_to_the_shards_recall_port_when_it_has_one(
+    grpc_shards: tuple[GrpcShards, _Shard, MemoryControlStore],
+) -> None:
+    shards, _, store = grpc_shards
+    port = grpc.aio.server()
+    shard_pb2_grpc.add_ShardServicer_to_server(_RecallPort(), port)
+    recall_address = f"127.0.0.1:{port.add_insecure_port('127.0.0.1:0')}"
+    await port.start()
+    try:
+        main = (await store.shards())[0].address
+        await store.heartbeat(0, main, ttl_s=30, recall_address=recall_address)
+        await shards.router.refresh()
+        req = pb.RecallRequest(request_id="r1", cue=[1.0], k=1)
+        chunks = [c async for c in shards.recall("alpha", req)]
+        assert [c.request_id for c in chunks] == ["from-the-recall-port"]
+        listed = [c async for c in shards.scan("alpha")]  # everything else: the main port
+        assert [list(c.ids) for c in listed] == [["o0"], ["o1"], ["o2"]]
+        await store.heartbeat(0, main, ttl_s=30)  # restarted without one: the main port
+        await shards.router.refresh()
+        chunks = [c async for c in shards.recall("alpha", req, session_id="s-1")]
+        assert [c.request_id for c in chunks] == ["r1", "s-1"]
+    finally:
+        await port.stop(None)
+
+
 async def test_an_unreachable_shard_is_unavailable(
     grpc_shards: tuple[GrpcShards, _Shard, MemoryControlStore],
 ) -> None:

@@ -29,6 +29,7 @@ from engram.control.moves import move_space, shard_stats, spaces_of
 from engram.internal.v1 import shard_pb2 as ipb
 from engram.internal.v1 import shard_pb2_grpc
 from engram.v1 import streaming_pb2 as pb
+from engram.v1 import streaming_pb2_grpc
 
 TOKEN = "s3cret-token-of-this-test"
 
@@ -259,6 +260,22 @@ async def test_a_move_between_shards_with_mtls_and_the_token(
         assert spaces_of(await shard_stats(addresses, sec))[space].owner == 1 - owner
         after = await traffic.write(gateway, space, 3, tag="after")
         assert sorted(await traffic.list_ids(gateway, space)) == sorted(before + after)
+        # the new owner's recall port (the gateway's recalls go there) asks for both as well
+        recall_port = cluster.shard_recall_address(1 - owner)
+        req = ipb.ShardRecallRequest(
+            memory_space_id=space, recall=pb.RecallRequest(cue=[1.0] * 8, k=3)
+        )
+        for security, code in ((_mtls(files), grpc.StatusCode.UNAUTHENTICATED), (sec, None)):
+            async with internal.aio_channel(recall_port, security=security) as channel:
+                try:
+                    chunks = [c async for c in shard_pb2_grpc.ShardStub(channel).Recall(req)]
+                    assert code is None and len(chunks[-1].results) == 3, chunks
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() == code, exc
+        stub = streaming_pb2_grpc.EngramStreamStub(gateway)
+        cue = pb.StreamingRecallRequest(memory_space_id=space, cue=[1.0] * 8, max_results=4)
+        answer = [c async for c in stub.RecallStream(cue, timeout=30)]
+        assert len(answer[-1].results) == 4
 
 
 @pytest.mark.cluster

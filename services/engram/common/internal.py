@@ -299,19 +299,28 @@ class _RequireToken(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or details.method.startswith(EXEMPT_PREFIX):
             return handler
-        given = ""
-        for key, value in details.invocation_metadata or ():
-            if key == TOKEN_HEADER:
-                given = value if isinstance(value, str) else value.decode("utf-8", "replace")
-                break
-        if hmac.compare_digest(given.encode(), self._token.value().encode()):
-            return handler
-        return _refusal(handler, "no internal token" if not given else "wrong internal token")
+        why = token_refusal(details.invocation_metadata, self._token)
+        return handler if why is None else _refusal(handler, why)
 
 
-def _refusal(handler: grpc.RpcMethodHandler, why: str) -> grpc.RpcMethodHandler:
+def token_refusal(metadata: Any, token: TokenFile | None) -> str | None:
+    """Why a call with ``metadata`` is refused (UNAUTHENTICATED), or None: no token is
+    configured, or the call carries it."""
+    if token is None:
+        return None
+    given = ""
+    for key, value in metadata or ():
+        if key == TOKEN_HEADER:
+            given = value if isinstance(value, str) else value.decode("utf-8", "replace")
+            break
+    if hmac.compare_digest(given.encode(), token.value().encode()):
+        return None
+    why = "no internal token" if not given else "wrong internal token"
+    return f"{why}: this port serves only the cluster's own services ({TOKEN_HEADER})"
+
+
+def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same kind as ``handler`` that aborts with UNAUTHENTICATED."""
-    message = f"{why}: this port serves only the cluster's own services ({TOKEN_HEADER})"
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
@@ -339,7 +348,7 @@ def server_interceptors(
 
 
 def add_port(
-    server: grpc.aio.Server, address: str, security: SecuritySettings | None = None
+    server: grpc.aio.Server | grpc.Server, address: str, security: SecuritySettings | None = None
 ) -> int:
     """Listens on ``address``: TLS requiring a client certificate signed by the internal CA
     when internal mTLS is configured, plaintext otherwise. Returns the port (0: failed)."""

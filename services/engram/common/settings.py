@@ -447,6 +447,18 @@ class ShardSettings:
         "Address the gateways reach this shard at.",
         derived="ENGRAM_SHARD_LISTEN",
     )
+    recall_listen: str = setting(
+        "ENGRAM_SHARD_RECALL_LISTEN",
+        "",
+        "Listen address of the recall port: recalls served by threads of their own, not by the "
+        "event loop that receives the batches (empty: recalls on ENGRAM_SHARD_LISTEN only).",
+    )
+    recall_advertise: str = setting(
+        "ENGRAM_SHARD_RECALL_ADVERTISE",
+        "",
+        "Address the gateways reach the recall port at.",
+        derived="the host of ENGRAM_SHARD_ADVERTISE, the port of ENGRAM_SHARD_RECALL_LISTEN",
+    )
     data_dir: str = setting(
         "ENGRAM_SHARD_DATA_DIR",
         "./data/shard-0",
@@ -774,9 +786,19 @@ def default_memory_budget(shard_count: int) -> int:
     return max(64 * _MIB, int(total * 0.4) // max(1, shard_count))
 
 
+def recall_advertise(advertise: str, recall_listen: str) -> str:
+    """The recall port's address for gateways: the shard's advertised host, the recall port
+    (empty without a recall port)."""
+    if not recall_listen:
+        return ""
+    host = advertise.rpartition(":")[0]
+    return f"{host}:{recall_listen.rpartition(':')[2]}"
+
+
 # Defaults computed from other settings (described by each Setting's ``derived``).
 _DERIVED: dict[str, Callable[[Settings], Any]] = {
     "shard.advertise": lambda s: s.shard.listen,
+    "shard.recall_advertise": lambda s: recall_advertise(s.shard.advertise, s.shard.recall_listen),
     "shard.data_dir": lambda s: f"./data/shard-{s.shard.shard_id}",
     "shard.admission.memory_budget_bytes": lambda s: default_memory_budget(s.cluster.shard_count),
 }

@@ -104,8 +104,11 @@ class MemoryControlStore:
 
     # ------------------------------------------------------------ shard registry
 
-    async def heartbeat(self, shard_id: int, address: str, ttl_s: float) -> None:
-        self._shards[shard_id] = (ShardInfo(shard_id, address, _now_us()), self._clock() + ttl_s)
+    async def heartbeat(
+        self, shard_id: int, address: str, ttl_s: float, recall_address: str = ""
+    ) -> None:
+        info = ShardInfo(shard_id, address, _now_us(), recall_address)
+        self._shards[shard_id] = (info, self._clock() + ttl_s)
 
     async def shards(self) -> dict[int, ShardInfo]:
         """Every shard registered now (home and extra), as the Redis store answers."""

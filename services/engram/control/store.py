@@ -51,6 +51,7 @@ class ShardInfo:
     shard_id: int
     address: str
     heartbeat_us: int
+    recall_address: str = ""  # the shard's recall port ("": recalls on ``address``)
 
 
 def _now_us() -> int:
@@ -197,10 +198,13 @@ class ControlStore:
 
     # ------------------------------------------------------------ shard registry
 
-    async def heartbeat(self, shard_id: int, address: str, ttl_s: float) -> None:
+    async def heartbeat(
+        self, shard_id: int, address: str, ttl_s: float, recall_address: str = ""
+    ) -> None:
         key = f"{self._p}:shard:{shard_id}"
+        row = {"address": address, "heartbeat_us": _now_us(), "recall_address": recall_address}
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping={"address": address, "heartbeat_us": _now_us()})
+            pipe.hset(key, mapping=row)
             pipe.pexpire(key, int(ttl_s * 1000))
             pipe.sadd(f"{self._p}:shards", shard_id)
             await pipe.execute()
@@ -212,9 +216,7 @@ class ControlStore:
             suffix = key.rsplit(":", 1)[1]
             row = await self._redis.hgetall(key)
             if suffix.isdigit() and row and "address" in row:
-                out[int(suffix)] = ShardInfo(
-                    int(suffix), row["address"], int(row.get("heartbeat_us", 0))
-                )
+                out[int(suffix)] = _shard_info(int(suffix), row)
         return dict(sorted(out.items()))
 
     async def shards(self) -> dict[int, ShardInfo]:
@@ -227,10 +229,19 @@ class ControlStore:
                 pipe.hgetall(f"{self._p}:shard:{i}")
             rows = await pipe.execute()
         return {
-            i: ShardInfo(i, row["address"], int(row.get("heartbeat_us", 0)))
+            i: _shard_info(i, row)
             for i, row in zip(ids, rows, strict=True)
             if row and "address" in row
         }
+
+
+def _shard_info(shard_id: int, row: Mapping[str, str]) -> ShardInfo:
+    return ShardInfo(
+        shard_id,
+        row["address"],
+        int(row.get("heartbeat_us", 0)),
+        row.get("recall_address", ""),
+    )
 
 
 # KEYS: owners hash, version counter, published set. ARGV: shard, then space, epoch pairs.

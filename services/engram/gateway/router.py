@@ -31,6 +31,7 @@ class Router:
         self._store = store
         self.assignment = Assignment(settings.cluster.shard_count)
         self._addresses: dict[int, str] = {}
+        self._recall_addresses: dict[int, str] = {}  # shards' recall ports ("": none)
         self._channels: dict[tuple[str, bool], grpc.aio.Channel] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -56,6 +57,7 @@ class Router:
         metrics.control_store_up.set(1)
         for shard_id, info in shards.items():
             self._addresses[shard_id] = info.address
+            self._recall_addresses[shard_id] = info.recall_address
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -69,19 +71,25 @@ class Router:
     def owner(self, space: str) -> int:
         return self.assignment.owner(space)
 
-    async def stub(self, space: str, reads: bool = False) -> tuple[int, shard_pb2_grpc.ShardStub]:
+    async def stub(
+        self, space: str, reads: bool = False, recall: bool = False
+    ) -> tuple[int, shard_pb2_grpc.ShardStub]:
         """The owning shard's id and a stub for it; raises UnavailableError if unknown (see
         :meth:`channel`)."""
-        shard_id, channel = await self.channel(space, reads)
+        shard_id, channel = await self.channel(space, reads, recall)
         return shard_id, shard_pb2_grpc.ShardStub(channel)
 
-    async def channel(self, space: str, reads: bool = False) -> tuple[int, grpc.aio.Channel]:
+    async def channel(
+        self, space: str, reads: bool = False, recall: bool = False
+    ) -> tuple[int, grpc.aio.Channel]:
         """The owning shard's id and a channel to it; raises UnavailableError if unknown.
 
         Reads (recalls, listings) travel on a connection of their own: on the connection that
         carries the write streams, a recall's few bytes queue behind megabytes of batches
         whenever the shard reads more slowly than the gateway writes (HTTP/2 shares one flow
-        control window and one TCP stream among all the calls of a connection)."""
+        control window and one TCP stream among all the calls of a connection). ``recall``:
+        to the shard's recall port if it has one (:mod:`engram.shard.recall_port`), which
+        serves recalls off the shard's event loop."""
         shard_id = self.owner(space)
         address = self._addresses.get(shard_id)
         if address is None:
@@ -92,6 +100,9 @@ class Router:
                 f"shard {shard_id} (owner of memory space {space!r}) has not registered; "
                 "retry shortly"
             )
+        if recall:
+            address = self._recall_addresses.get(shard_id) or address
+            reads = True
         channel = self._channels.get((address, reads))
         if channel is None:
             opts = grpcutil.options(self._settings.limits)

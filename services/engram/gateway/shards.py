@@ -170,7 +170,9 @@ class GrpcShards:
         shard_req = ipb.ShardRecallRequest(memory_space_id=space, recall=req, session_id=session_id)
         metadata = (("traceparent", traceparent),) if traceparent else None
         async for chunk in self._read(
-            space, lambda stub: stub.Recall(shard_req, timeout=timeout, metadata=metadata)
+            space,
+            lambda stub: stub.Recall(shard_req, timeout=timeout, metadata=metadata),
+            recall=True,
         ):
             yield chunk
 
@@ -236,13 +238,14 @@ class GrpcShards:
             await self.router.refresh()
 
     async def _read(
-        self, space: str, call: Callable[[shard_pb2_grpc.ShardStub], Any]
+        self, space: str, call: Callable[[shard_pb2_grpc.ShardStub], Any], recall: bool = False
     ) -> AsyncIterator[Any]:
-        """A read's chunks from the owning shard; a NOT_OWNER before the first chunk (the
-        space moved) is followed to the new owner for up to ``moved_wait_s``."""
+        """A read's chunks from the owning shard (``recall``: through its recall port, if it
+        has one); a NOT_OWNER before the first chunk (the space moved) is followed to the new
+        owner for up to ``moved_wait_s``."""
         deadline = time.monotonic() + self.moved_wait_s
         while True:
-            _, stub = await self.router.stub(space, reads=True)
+            _, stub = await self.router.stub(space, reads=True, recall=recall)
             started = False
             try:
                 async for chunk in call(stub):

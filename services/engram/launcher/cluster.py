@@ -181,6 +181,7 @@ class LocalCluster:
         self._grpc_port = self._port(grpc_port)
         self._http_port = self._port(http_port)
         self._shard_ports = [(self._port(0), self._port(0)) for _ in range(shards)]
+        self._recall_ports = [self._port(0) for _ in range(shards)]
         self._lock = threading.RLock()
         self._procs: dict[str, _Proc] = {}
         self._stopping = threading.Event()
@@ -213,6 +214,11 @@ class LocalCluster:
     def shard_address(self, shard_id: int) -> str:
         """gRPC address of shard ``shard_id`` (the internal Shard service)."""
         return f"{HOST}:{self._shard_ports[shard_id][0]}"
+
+    def shard_recall_address(self, shard_id: int) -> str:
+        """Address of shard ``shard_id``'s recall port (``ENGRAM_SHARD_RECALL_LISTEN``; unused
+        when the environment given sets that variable itself, empty to turn the port off)."""
+        return f"{HOST}:{self._recall_ports[shard_id]}"
 
     def shard_http_port(self, shard_id: int) -> int:
         """Port of shard ``shard_id``'s /metrics and /healthz."""
@@ -495,6 +501,9 @@ class LocalCluster:
                 "ENGRAM_SHARD_DATA_DIR": str(self.shard_data_dir(i)),
                 "ENGRAM_SHARD_HTTP_PORT": str(http),
             }
+            given = {**self._extra_env, **self._shard_env.get(i, {})}
+            if "ENGRAM_SHARD_RECALL_LISTEN" not in given:
+                env["ENGRAM_SHARD_RECALL_LISTEN"] = self.shard_recall_address(i)
             add(f"shard-{i}", "shard", list(self._commands["shard"]), env, port, http)
         env = {
             **base,

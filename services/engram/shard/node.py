@@ -212,9 +212,12 @@ class ShardNode:
 
     async def _heartbeat_loop(self) -> None:
         advertise = self.settings.shard.advertise
+        recall = self.settings.shard.recall_advertise
         while True:
             try:
-                await self.store.heartbeat(self.shard_id, advertise, ttl_s=5 * HEARTBEAT_S)
+                await self.store.heartbeat(
+                    self.shard_id, advertise, ttl_s=5 * HEARTBEAT_S, recall_address=recall
+                )
                 await self.placement.publish()
                 metrics.control_store_up.set(1)
             except Exception as exc:  # Redis down: keep serving with the cached assignment

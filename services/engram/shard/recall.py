@@ -2,9 +2,11 @@
 
 A recall sees a :class:`Snapshot`: the rows below its ``visible`` LSN, the fresh blocks holding
 ``[indexed, visible)`` and the HNSW tier holding ``[0, indexed)``. :meth:`Recall.snapshot` takes
-one on the event loop; :meth:`Recall.consistent_snapshot` first waits, up to a deadline, until
-the visible LSN meets the recall's consistency level (EVENTUAL, BOUNDED, SESSION, STRONG), and
-raises ``CONSISTENCY_TIMEOUT`` rather than answer from staler data.
+one (on the event loop, or on a recall port thread: every read in it is safe there);
+:meth:`Recall.consistent_snapshot` first waits, up to a deadline, until the visible LSN meets
+the recall's consistency level (EVENTUAL, BOUNDED, SESSION, STRONG; the LSN is the one
+:meth:`Recall.snapshot_target` names), and raises ``CONSISTENCY_TIMEOUT`` rather than answer
+from staler data.
 
 :meth:`Recall.recall` then runs in a worker thread: it searches both tiers with the row
 :class:`Filters` applied inside each, drops rows at or beyond the snapshot, de-duplicates rows
@@ -119,20 +121,7 @@ class Recall(SpaceState):
         level = consistency or pb.BOUNDED
         started = time.perf_counter()
         waited_us = 0
-        durable, _ = self.wal.durable_lsn
-        target = 0
-        if level == pb.STRONG:
-            target = durable
-        elif level == pb.BOUNDED:
-            behind_since = self.wal.durable_since(self.visible)
-            if behind_since and time.monotonic() - behind_since > self.bounded_staleness_s:
-                target = durable
-        elif level == pb.SESSION:
-            if session_id and session_id not in self.sessions.durable:
-                raise SessionError(
-                    f"session {session_id!r} is unknown in memory space {self.name!r}"
-                )
-            target = self.sessions.rows.get(session_id, self.visible if session_id else 0)
+        target = self.snapshot_target(level, session_id)
         if target > self.visible:
             fut = self.visibility.wait(self._require_loop(), target)
             try:
@@ -145,6 +134,24 @@ class Recall(SpaceState):
                 ) from None
             waited_us = max(1, int((time.perf_counter() - started) * 1e6))
         return self.snapshot(level, waited_us)
+
+    def snapshot_target(self, level: int, session_id: str = "") -> int:
+        """The visible LSN a recall at ``level`` must see (it waits while ``visible`` is
+        lower; see :meth:`consistent_snapshot`). Reads only: any thread may ask."""
+        durable, _ = self.wal.durable_lsn
+        if level == pb.STRONG:
+            return durable
+        if level == pb.BOUNDED:
+            behind_since = self.wal.durable_since(self.visible)
+            if behind_since and time.monotonic() - behind_since > self.bounded_staleness_s:
+                return durable
+        elif level == pb.SESSION:
+            if session_id and session_id not in self.sessions.durable:
+                raise SessionError(
+                    f"session {session_id!r} is unknown in memory space {self.name!r}"
+                )
+            return self.sessions.rows.get(session_id, self.visible if session_id else 0)
+        return 0
 
     def _row_filter(self, f: Filters) -> Callable[[np.ndarray], np.ndarray] | None:
         if not f.on_rows:

@@ -125,23 +125,27 @@ class RecallLoad:
         self.signal = LatencySignal(settings.fall_s)
 
     def enter(self) -> float:
-        """One more recall for the workers (event loop); its start, for :meth:`leave`.
-        Raises :class:`OverloadedError` beyond the queue bound."""
-        refusal = queue_refusal(self.queued, self.settings.queue, self.rate())
+        """One more recall for the workers (event loop or recall port thread); its start, for
+        :meth:`leave`. Raises :class:`OverloadedError` beyond the queue bound."""
+        rate = self.rate()
+        with self._lock:
+            refusal = queue_refusal(self.queued, self.settings.queue, rate)
+            if refusal is None:
+                self.queued += 1
+                self._empty.clear()
+            else:
+                self.refused += 1
         if refusal is not None:
-            self.refused += 1
             raise refusal
-        self.queued += 1
-        self._empty.clear()
         return self._clock()
 
     def leave(self, started: float) -> None:
         """The recall that entered at ``started`` is answered (or failed)."""
         now = self._clock()
-        self.queued -= 1
-        if self.queued == 0:
-            self._empty.set()
         with self._lock:
+            self.queued -= 1
+            if self.queued == 0:
+                self._empty.set()
             self._done.append((now, (now - started) * 1000))
             self._trim(now)
 

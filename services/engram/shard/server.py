@@ -1,4 +1,5 @@
-"""Runs a shard process: recovery, the gRPC service, health, the HTTP port, clean shutdown."""
+"""Runs a shard process: recovery, the gRPC service (and its recall port), health, the HTTP port,
+clean shutdown."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from engram.common.http import start_http
 from engram.common.settings import Settings, SettingsError
 from engram.internal.v1 import shard_pb2, shard_pb2_grpc
 from engram.shard.node import ShardNode
+from engram.shard.recall_port import RecallPort
 from engram.shard.service import ShardService
 
 log = logging.getLogger("engram.shard")
@@ -28,12 +30,21 @@ async def serve(settings: Settings) -> None:
     server = grpc.aio.server(
         options=grpcutil.server_options(settings.limits), interceptors=interceptors
     )
-    shard_pb2_grpc.add_ShardServicer_to_server(ShardService(node), server)
+    service = ShardService(node)
+    shard_pb2_grpc.add_ShardServicer_to_server(service, server)
     health = grpcutil.add_health_and_reflection(
         server, [shard_pb2.DESCRIPTOR.services_by_name["Shard"].full_name]
     )
     if internal.add_port(server, settings.shard.listen, settings.security) == 0:
         raise SystemExit(f"shard: cannot listen on {settings.shard.listen} (port in use?)")
+    recall_port = None
+    if settings.shard.recall_listen:
+        recall_port = RecallPort(service, settings)
+        if recall_port.start() == 0:
+            raise SystemExit(
+                f"shard: cannot listen on {settings.shard.recall_listen} (the recall port; "
+                "port in use?)"
+            )
     await grpcutil.set_serving(health, False)  # until recovery is done (grpc starts SERVING)
     await server.start()
     await asyncio.to_thread(node.recover)
@@ -64,6 +75,8 @@ async def serve(settings: Settings) -> None:
     await grpcutil.set_serving(health, False)
     lag_task.cancel()
     await server.stop(grace=5)
+    if recall_port is not None:
+        await asyncio.to_thread(recall_port.stop, 5)
     if http is not None:
         http.close()
     await node.stop()

@@ -10,14 +10,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import time
 from collections.abc import AsyncIterator
 
 import grpc
-import numpy as np
 from opentelemetry.trace import Span
 
-from engram.common import metrics, tracing, validation
+from engram.common import metrics, tracing
 from engram.common.threads import name_os_thread
 from engram.contract.errors import (
     EngramError,
@@ -26,7 +24,6 @@ from engram.contract.errors import (
     SessionError,
     abort_details,
     grpc_status,
-    retry_after_metadata,
 )
 from engram.internal.v1 import shard_pb2 as ipb
 from engram.internal.v1 import shard_pb2_grpc
@@ -36,7 +33,8 @@ from engram.shard.delete_rpc import DeleteRpcs
 from engram.shard.move_rpcs import MoveRpcs
 from engram.shard.node import ShardNode
 from engram.shard.ownership import MOVED
-from engram.shard.space import AppendResult, Filters, Snapshot, Space
+from engram.shard.recall_rpc import RecallRpcs
+from engram.shard.space import AppendResult
 from engram.v1 import streaming_pb2 as pb
 
 log = logging.getLogger("engram.shard.service")
@@ -44,7 +42,7 @@ log = logging.getLogger("engram.shard.service")
 _END = object()
 
 
-class ShardService(MoveRpcs, BackupRpcs, DeleteRpcs, shard_pb2_grpc.ShardServicer):
+class ShardService(RecallRpcs, MoveRpcs, BackupRpcs, DeleteRpcs, shard_pb2_grpc.ShardServicer):
     def __init__(self, node: ShardNode) -> None:
         self.node = node
         self._streams: set[asyncio.Queue[object]] = set()
@@ -174,104 +172,6 @@ class ShardService(MoveRpcs, BackupRpcs, DeleteRpcs, shard_pb2_grpc.ShardService
         except EngramError as exc:
             return ipb.OpenSessionResponse(error=exc.to_proto())
 
-    async def Recall(  # noqa: N802
-        self, request: ipb.ShardRecallRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.RecallResponse]:
-        """Recall at the requested consistency; results in chunks of ``chunk_size``, best first."""
-        r = request.recall
-        span = None
-        if tracing.active:
-            parent = tracing.parent_from_headers(context.invocation_metadata())
-            if parent is not None:  # the gateway traces this recall
-                span = tracing.start("engram.shard.recall", parent)
-        try:
-            cue = validation.recall(r, self.node.settings.limits)
-            space = self.node.space(request.memory_space_id, create=False)
-            if space is None:
-                if r.consistency == pb.SESSION and request.session_id:
-                    raise SessionError(
-                        f"session {request.session_id!r} is unknown in memory space "
-                        f"{request.memory_space_id!r}"
-                    )
-                empty = pb.RecallResponse()
-                empty.metadata.consistency = r.consistency or pb.BOUNDED
-                chunks = [empty]
-                if span is not None:
-                    span.end()
-            else:
-                deadline = (r.deadline_ms or 5000) / 1000
-                self._recalls[space.name] = self._recalls.get(space.name, 0) + 1
-                timeline = tracing.Timeline() if span is not None else None
-                snap = await space.consistent_snapshot(r.consistency, request.session_id, deadline)
-                if timeline is not None:
-                    timeline.end("snapshot")
-                queued_at = time.perf_counter()
-                entered = self.node.recalls.enter()  # refused beyond the queue bound
-                try:
-                    out = await self._loop.run_in_executor(
-                        self._recall_pool,
-                        self._timed_recall,
-                        space,
-                        snap,
-                        cue,
-                        r.k,
-                        Filters.of(r),
-                        queued_at,
-                        timeline,
-                    )
-                finally:
-                    self.node.recalls.leave(entered)
-                self._note_slow(request.memory_space_id, out, time.perf_counter() - queued_at)
-                chunks = split(out, r.chunk_size)
-                if span is not None and timeline is not None:
-                    _recalled(span, timeline, space.name, out)
-        except EngramError as exc:
-            if span is not None:
-                tracing.fail(span, exc)
-            await context.abort(grpc_status(exc), abort_details(exc), retry_after_metadata(exc))
-        for chunk in chunks:
-            chunk.request_id = r.request_id
-            yield chunk
-
-    @staticmethod
-    def _timed_recall(
-        space: Space,
-        snap: Snapshot,
-        cue: np.ndarray,
-        k: int,
-        filters: Filters,
-        queued_at: float,
-        timeline: tracing.Timeline | None,
-    ) -> pb.RecallResponse:
-        queued_us = int((time.perf_counter() - queued_at) * 1e6)
-        if timeline is not None:
-            timeline.end("queued")
-        out = space.recall(snap, cue, k, filters, timeline)
-        out.metadata.queued_us = queued_us
-        return out
-
-    def _note_slow(self, space: str, out: pb.RecallResponse, total_s: float) -> None:
-        """Logs a recall slower than ``ENGRAM_SLOW_RECALL_MS`` (at most one a second)."""
-        limit = self.node.settings.shard.slow_recall_ms
-        now = time.monotonic()
-        if not limit or total_s * 1000 < limit or now - self._last_slow_log < 1.0:
-            return
-        self._last_slow_log = now
-        m = out.metadata
-        log.info(
-            "slow recall in %s: %.0f ms on the shard = queued %.1f ms + HNSW %.1f ms (%d rows, "
-            "including any wait for the builder) + fresh tier %.1f ms (%d rows) + %.1f ms "
-            "merge and hand-back",
-            space,
-            total_s * 1000,
-            m.queued_us / 1000,
-            m.index_us / 1000,
-            m.indexed_count,
-            m.fresh_us / 1000,
-            m.fresh_count,
-            total_s * 1000 - (m.queued_us + m.index_us + m.fresh_us) / 1000,
-        )
-
     async def Scan(  # noqa: N802
         self, request: ipb.ScanRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ListObservationsResponse]:
@@ -399,21 +299,6 @@ async def _traced(
     return r
 
 
-def _recalled(span: Span, timeline: tracing.Timeline, space: str, out: pb.RecallResponse) -> None:
-    tracing.end_steps(span, timeline, "engram.shard.recall.")
-    m = out.metadata
-    span.set_attributes(
-        {
-            "engram.memory_space": space,
-            "engram.recall.snapshot_lsn": out.snapshot_sequence,
-            "engram.recall.indexed_rows": m.indexed_count,
-            "engram.recall.fresh_rows": m.fresh_count,
-            "engram.recall.results": len(out.results),
-        }
-    )
-    span.end()
-
-
 def _rejected(seq: int, exc: OverloadedError) -> ipb.AppendResponse:
     return ipb.AppendResponse(
         sequence_number=seq,
@@ -441,20 +326,3 @@ async def _answer(seq: int, fut: asyncio.Future[AppendResult] | EngramError) -> 
         committed_at_us=r.committed_at_us,
         first_id=r.first_id,
     )
-
-
-def split(out: pb.RecallResponse, chunk_size: int) -> list[pb.RecallResponse]:
-    """Incremental results: the best ``chunk_size`` first, then the rest; the last chunk
-    carries ``more_results=False``, the snapshot and the timing metadata."""
-    results = list(out.results)
-    if not chunk_size or len(results) <= chunk_size:
-        return [out]
-    chunks = []
-    for n, lo in enumerate(range(0, len(results), chunk_size)):
-        chunk = pb.RecallResponse(results=results[lo : lo + chunk_size], more_results=True)
-        chunk.snapshot_sequence = out.snapshot_sequence
-        chunk.metadata.CopyFrom(out.metadata)
-        chunk.metadata.chunk_index = n
-        chunks.append(chunk)
-    chunks[-1].more_results = False
-    return chunks
