@@ -153,6 +153,7 @@ async def test_a_port_thread_hands_the_wait_for_consistency_to_the_loop() -> Non
     )
     rpcs._loop = asyncio.get_running_loop()
     rpcs._recall_pool = concurrent.futures.ThreadPoolExecutor(1)
+    rpcs._recall_slots = threading.BoundedSemaphore(1)
     rpcs._recalls, rpcs._last_slow_log = {}, 0.0
     req = ipb.ShardRecallRequest(
         memory_space_id="waiting",

@@ -9,7 +9,8 @@ kind                       what happens
 ``shard_pause``            SIGSTOP a shard for a few seconds, then SIGCONT
 ``gateway_kill``           SIGKILL the gateway while clients stream (they resume)
 ``redis_kill``             SIGKILL Redis; it restarts empty and the cluster rebuilds its state
-``net_delay``              the gateway->shard proxy delays every chunk (one shard or all)
+``net_delay``              the gateway->shard proxies (a shard's main and recall port) delay
+                           every chunk (one shard or all)
 ``net_reset``              the proxy resets every connection, and new ones, for a moment
 ``net_blackhole``          the proxy forwards nothing for a few seconds (a partition)
 ``wal_fsync_error``        a shard's WAL fsyncs fail (some, or all for a while)
@@ -44,7 +45,7 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engram.chaos.move_faults import MoveFaults
-from engram.chaos.proxy import PASS, Mode, ProxyHost
+from engram.chaos.proxy import PASS, RECALL, Mode, ProxyHost
 from engram.common import internal
 from engram.control.assignment import default_shard
 from engram.internal.v1 import shard_pb2 as ipb
@@ -393,10 +394,13 @@ class Injector:
         return f"shard-{self.rng.randrange(self.shards)}"
 
     def _pick_proxies(self) -> list[str]:
+        """One shard's proxies (its main port's and its recall port's), or every shard's."""
         names = self.proxies.names
-        if len(names) > 1 and self.rng.random() < 0.3:
+        shards = [n for n in names if not n.endswith(RECALL)]
+        if len(shards) > 1 and self.rng.random() < 0.3:
             return names
-        return [self.rng.choice(names)]
+        shard = self.rng.choice(shards)
+        return [n for n in names if n in (shard, shard + RECALL)]
 
     def _duration(self, lo: float, hi: float, long: tuple[float, float] | None = None) -> float:
         if long is not None and self.long_faults and self.rng.random() < 0.15:

@@ -28,7 +28,7 @@ from engram.chaos.config import CLUSTER_ENV, SUPERVISOR_POLICY, ChaosConfig
 from engram.chaos.deletes import Deleter
 from engram.chaos.faults import KINDS, FaultEvent, Injector
 from engram.chaos.ledger import Ledger
-from engram.chaos.proxy import ProxyHost
+from engram.chaos.proxy import RECALL, ProxyHost
 from engram.chaos.workload import RECALL_LEVELS, Recaller, Visibility, Writer
 from engram.control.assignment import default_shard
 from engram.launcher.cluster import LocalCluster
@@ -78,6 +78,8 @@ class ChaosRun:
         cfg = self.cfg
         self.proxies.start()
         proxies = [self.proxies.add(f"shard-{i}", "") for i in range(cfg.shards)]
+        # recalls reach a shard's recall port through a proxy of their own, cut with the other
+        recall_proxies = [self.proxies.add(f"shard-{i}{RECALL}", "") for i in range(cfg.shards)]
         fault_dir = self.data_dir / "faults"
         fault_dir.mkdir(parents=True, exist_ok=True)
         fault_files = {i: fault_dir / f"shard-{i}.json" for i in range(cfg.shards)}
@@ -88,11 +90,18 @@ class ChaosRun:
             shards=cfg.shards,
             env=CLUSTER_ENV,
             policy=SUPERVISOR_POLICY,
-            shard_env={i: {"ENGRAM_FAULT_FILE": str(p)} for i, p in fault_files.items()},
+            shard_env={
+                i: {
+                    "ENGRAM_FAULT_FILE": str(p),
+                    "ENGRAM_SHARD_RECALL_ADVERTISE": recall_proxies[i].address,
+                }
+                for i, p in fault_files.items()
+            },
             shard_advertise={i: p.address for i, p in enumerate(proxies)},
         )
         for i, proxy in enumerate(proxies):
             proxy.upstream = self.cluster.shard_address(i)
+            recall_proxies[i].upstream = self.cluster.shard_recall_address(i)
         await asyncio.to_thread(self.cluster.start)
         self.injector = Injector(
             self.cluster,

@@ -34,6 +34,9 @@ _CHUNK = 64 * 1024
 _MODES = ("pass", "delay", "reset", "blackhole")
 
 
+RECALL = "-recall"  # suffix of the name of the proxy to a shard's recall port
+
+
 @dataclass(frozen=True)
 class Mode:
     kind: str = "pass"

@@ -3,10 +3,10 @@
 On the main port a recall passes the shard's event loop twice (the request in, the chunks out)
 and waits there behind whatever the loop is doing, at full ingest mostly receiving megabyte
 batches and answering them. Here a synchronous gRPC server (its own completion-queue thread and
-handler threads) takes the recall to a recall worker without the loop: a thread needs only the
-interpreter lock, which the loop lets go at every system call and every few milliseconds.
-Measured with one shard at 100 K obs/s offered: recall p50 / P99 214 / 726 ms on the main port,
-81 / 258 ms here (``docs/performance.md``).
+handler threads) computes the recall on the handler's thread, at most ``ENGRAM_RECALL_WORKERS``
+at a time, without the loop: a thread needs only the interpreter lock, which the loop lets go at
+every system call and every few milliseconds (``docs/performance.md``, "The recall port", has
+the measurements).
 
 Only ``Recall`` is served (other methods: UNIMPLEMENTED), with the same internal security as the
 main port: mTLS when configured (:func:`engram.common.internal.add_port`) and the internal token

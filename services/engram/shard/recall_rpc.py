@@ -4,9 +4,10 @@ Served twice: on the main port by the event loop (:meth:`RecallRpcs.Recall`), an
 port by threads of their own (:meth:`RecallRpcs.recall_blocking`, :mod:`engram.shard.recall_port`),
 where a recall does not wait for the loop that receives megabyte batches. Both check the request,
 take a snapshot at the requested consistency (a thread that must wait for it hands the wait to
-the loop), queue for a recall worker under the queue bound (:mod:`engram.shard.recall_first`)
-and answer in chunks of ``chunk_size``, best first. A space this shard does not hold answers
-empty (a SESSION recall naming a session: unknown session).
+the loop), queue under the queue bound (:mod:`engram.shard.recall_first`) for one of
+``ENGRAM_RECALL_WORKERS`` recall workers (on the recall port: that many port threads at once,
+each computing its own recall) and answer in chunks of ``chunk_size``, best first. A space this
+shard does not hold answers empty (a SESSION recall naming a session: unknown session).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -59,6 +61,7 @@ class RecallRpcs:
     node: ShardNode
     _loop: asyncio.AbstractEventLoop
     _recall_pool: concurrent.futures.ThreadPoolExecutor
+    _recall_slots: threading.BoundedSemaphore  # as many as the pool's workers, for port threads
     _recalls: dict[str, int]
     _last_slow_log: float
 
@@ -112,9 +115,8 @@ class RecallRpcs:
             queued_at = call.snapshot_taken()
             entered = self.node.recalls.enter()
             try:
-                out = self._recall_pool.submit(
-                    self._search, call, space, snap, cue, queued_at
-                ).result()
+                with self._recall_slots:  # the port's thread is the worker: no hand-off
+                    out = self._search(call, space, snap, cue, queued_at)
             finally:
                 self.node.recalls.leave(entered)
             return self._answer(call, space, out, queued_at)

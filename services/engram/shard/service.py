@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import threading
 from collections.abc import AsyncIterator
 
 import grpc
@@ -56,6 +57,7 @@ class ShardService(RecallRpcs, MoveRpcs, BackupRpcs, DeleteRpcs, shard_pb2_grpc.
             thread_name_prefix="recall",
             initializer=name_os_thread,
         )
+        self._recall_slots = threading.BoundedSemaphore(node.settings.shard.recall_workers)
         self._last_slow_log = 0.0
         self._recalls: dict[str, int] = {}  # recalls served per space (load, for rebalancing)
 
