@@ -2,7 +2,8 @@
 
 ::
 
-    engram up [--shards 2] [--data-dir ./.engram] [--grpc-port 50051] [--http-port 7432]
+    engram up [--shards 2] [--gateways 2] [--data-dir ./.engram] [--grpc-port 50051]
+              [--http-port 7432]
               [--keys-file FILE] [--tls-cert FILE --tls-key FILE [--tls-ca FILE]]
     engram status [--json] [--data-dir ./.engram]
     engram demo --spaces 3 --count 100000 --dim 384 --verify
@@ -37,8 +38,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    up = sub.add_parser("up", help="run a local cluster (Redis, shards, gateway) until Ctrl-C")
+    up = sub.add_parser("up", help="run a local cluster (Redis, shards, gateways) until Ctrl-C")
     up.add_argument("--shards", type=int, default=2, help="number of shards (default 2)")
+    up.add_argument(
+        "--gateways",
+        type=int,
+        default=2,
+        help="gateway processes sharing the gRPC port (each its own HTTP port; default 2)",
+    )
     up.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="WALs, checkpoints and logs")
     up.add_argument("--grpc-port", type=int, default=50051, help="gateway gRPC port (0: free)")
     up.add_argument("--http-port", type=int, default=7432, help="gateway /metrics port (0: free)")
@@ -149,6 +156,9 @@ def _up(args: argparse.Namespace) -> int:
     if args.shards < 1:
         print("error: --shards must be at least 1", file=sys.stderr)
         return 2
+    if args.gateways < 1:
+        print("error: --gateways must be at least 1", file=sys.stderr)
+        return 2
     data_dir = Path(args.data_dir).resolve()
     try:
         running = load_cluster_file(data_dir)
@@ -196,10 +206,14 @@ def _up(args: argparse.Namespace) -> int:
         keys_file=args.keys_file,
         tls=(args.tls_cert, args.tls_key) if args.tls_cert else None,
         tls_ca=args.tls_ca,
+        gateways=args.gateways,
     )
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGINT, _raise_interrupt)
-    print(f"starting Redis, {shards} shard(s) and the gateway (logs in {cluster.logs_dir})")
+    print(
+        f"starting Redis, {shards} shard(s) and {args.gateways} gateway(s) "
+        f"(logs in {cluster.logs_dir})"
+    )
     stop_rebalancing = threading.Event()
     try:
         cluster.start()
@@ -229,7 +243,7 @@ def _up(args: argparse.Namespace) -> int:
         return 1
     stop_rebalancing.set()
     _ignore_signals()
-    print("\nstopping: gateway, shards, Redis")
+    print("\nstopping: gateways, shards, Redis")
     cluster.stop()
     print("stopped")
     return 0
@@ -266,7 +280,10 @@ def _print_endpoints(cluster: LocalCluster) -> None:
     sec = cluster.security
     http = "https" if sec.tls else "http"
     print(f"  gateway gRPC  {cluster.gateway_address}{'  (TLS)' if sec.tls else ''}")
-    print(f"  HTTP          {http}://127.0.0.1:{cluster.http_port}/metrics  (and /healthz)")
+    print(
+        f"  HTTP          {http}://127.0.0.1:{cluster.http_port}/metrics  "
+        "(and /healthz and WebSocket, at the first gateway)"
+    )
     if sec.keys_file:
         print(f"  API keys      {sec.keys_file}  (every client needs a key: engram keys)")
     print(f"  redis         {cluster.redis_url}  (pid {cluster.pid('redis')})")
@@ -276,7 +293,11 @@ def _print_endpoints(cluster: LocalCluster) -> None:
             f"  {name:<13} {cluster.shard_address(i)}  (pid {cluster.pid(name)}, "
             f"metrics http://127.0.0.1:{cluster.shard_http_port(i)}/metrics)"
         )
-    print(f"  gateway pid   {cluster.pid('gateway')}")
+    for name in cluster.gateway_names:
+        print(
+            f"  {name:<13} {cluster.gateway_address}  (pid {cluster.pid(name)}, "
+            f"metrics {http}://127.0.0.1:{cluster.gateway_http_port(name)}/metrics)"
+        )
     print(f"  data dir      {cluster.data_dir}")
     print(f"  logs          {cluster.logs_dir}")
     print()

@@ -183,10 +183,10 @@ def _check_cost(r: dict[str, Any]) -> None:
     """Core-seconds per million: positive, of the gateway and shards only, and not beyond what
     the cores could have given in the measured interval."""
     c, cores = r["cost"], r["machine"]["cores"]
-    assert (
-        c["processes_counted"] == ["gateway", "shard-0", "shard-1"][: len(c["processes_counted"])]
-    )
-    assert "gateway" in c["processes_counted"] and "redis" in c["excluded"]
+    gateways = ["gateway", *(f"gateway-{i}" for i in range(1, r["config"]["gateways"]))]
+    service = [*gateways, "shard-0", "shard-1"][: len(c["processes_counted"])]
+    assert c["processes_counted"] == service, "every gateway process, then the shards"
+    assert set(gateways) <= set(c["processes_counted"]) and "redis" in c["excluded"]
     for key in ("core_seconds_per_million_acked", "core_seconds_per_million_indexed"):
         assert _positive(r[key]) and r[key] == c[key], key
     acked = c["acked"]

@@ -32,6 +32,7 @@ class BenchConfig:
     target: str = ""  # gateway address of a running cluster; empty: start one
     cluster_dir: str = "./.engram"  # with --target: where its cluster.json is
     shards: int = 2
+    gateways: int = 2  # gateway processes of the own cluster, sharing its gRPC port
     data_dir: str = ""  # own cluster's data; empty: a temporary directory
     keep_data: bool = False
     cluster_env: tuple[str, ...] = ()  # NAME=VALUE for the own cluster's services
@@ -111,6 +112,12 @@ def parser() -> argparse.ArgumentParser:
     a("--target", default="", help="gateway of a running cluster (default: start one)")
     a("--cluster-dir", default="./.engram", help="with --target: directory of its cluster.json")
     a("--shards", type=int, default=2, help="shards of the cluster it starts (default 2)")
+    a(
+        "--gateways",
+        type=int,
+        default=2,
+        help="gateway processes of the cluster it starts, sharing its gRPC port (default 2)",
+    )
     a("--data-dir", default="", help="data directory of the cluster it starts (default: temp)")
     a("--keep-data", action="store_true", help="keep that data directory afterwards")
     a(
@@ -237,6 +244,8 @@ def parse(argv: list[str] | None) -> BenchConfig:
     ns = p.parse_args(argv)
     if ns.spaces < 1 or ns.writers < 1 or ns.batch < 1 or ns.dim < 1:
         p.error("--spaces, --writers, --batch and --dim must be at least 1")
+    if ns.gateways < 1:
+        p.error("--gateways must be at least 1")
     if ns.writers > ns.spaces:
         p.error("--writers must not exceed --spaces (each writer owns at least one space)")
     for kv in ns.cluster_env:
@@ -279,6 +288,7 @@ def parse(argv: list[str] | None) -> BenchConfig:
         target=ns.target,
         cluster_dir=ns.cluster_dir,
         shards=ns.shards,
+        gateways=ns.gateways,
         data_dir=ns.data_dir,
         keep_data=ns.keep_data,
         cluster_env=tuple(ns.cluster_env),

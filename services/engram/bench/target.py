@@ -79,7 +79,7 @@ def start_own(cfg: BenchConfig, data_dir: Path, extra_env: dict[str, str] | None
     env = {**dict(kv.split("=", 1) for kv in cfg.cluster_env), **(extra_env or {})}
     engram_settings.load({**os.environ, **env})  # refuse bad settings before starting
     access, security = own_cluster(cfg.auth, cfg.tls, data_dir / "security")
-    cluster = LocalCluster(data_dir, shards=cfg.shards, env=env, **security)
+    cluster = LocalCluster(data_dir, shards=cfg.shards, gateways=cfg.gateways, env=env, **security)
     cluster.start()
     t = Target(
         address=cluster.gateway_address,

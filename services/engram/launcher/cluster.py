@@ -1,9 +1,10 @@
-"""A whole Engram Stream cluster on one machine: Redis, N shards and a gateway.
+"""A whole Engram Stream cluster on one machine: Redis, N shards and one or more gateways.
 
 :class:`LocalCluster` starts every service as a child process on given or free ports, waits
 until each is healthy, records the topology in ``<data_dir>/cluster.json``, restarts children
 that die (with the same environment and ports, backoff from :mod:`engram.control.restarts`)
-and stops them in order: gateway, shards, Redis. ``engram up`` and the integration tests use it::
+and stops them in order: gateways, shards, Redis. ``engram up``, ``engram bench`` and the
+integration tests use it::
 
     with LocalCluster(tmp_path, shards=2) as cluster:
         channel = grpc.insecure_channel(cluster.gateway_address)
@@ -19,10 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
 import json
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -30,17 +33,26 @@ import time
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from http.client import HTTPConnection, HTTPException, HTTPSConnection
 from pathlib import Path
 
 import engram
 from engram.common.settings import default_memory_budget
+from engram.common.tls import client_ssl_context
 from engram.control import restarts
 from engram.control.restarts import GiveUp, Policy, ProcessState, Restart
 from engram.launcher import procs, redis_server, secure
 from engram.launcher.procs import free_port
 from engram.launcher.secure import grpc_healthy
 
-__all__ = ["ClusterError", "LocalCluster", "PortInUseError", "free_port", "grpc_healthy"]
+__all__ = [
+    "ClusterError",
+    "LocalCluster",
+    "PortInUseError",
+    "free_port",
+    "grpc_healthy",
+    "http_healthy",
+]
 
 log = logging.getLogger("engram.launcher")
 
@@ -56,6 +68,23 @@ DEFAULT_COMMANDS: Mapping[str, Sequence[str]] = {
     "shard": (sys.executable, "-m", "engram.shard"),
     "gateway": (sys.executable, "-m", "engram.gateway"),
 }
+
+
+def http_healthy(address: str, timeout: float = 1.0, context: ssl.SSLContext | None = None) -> bool:
+    """Whether ``GET /healthz`` at ``address`` (host:port) answers 200; ``context``: HTTPS."""
+    host, port = address.rsplit(":", 1)
+    conn = (
+        HTTPConnection(host, int(port), timeout=timeout)
+        if context is None
+        else HTTPSConnection(host, int(port), timeout=timeout, context=context)
+    )
+    try:
+        conn.request("GET", "/healthz")
+        return conn.getresponse().status == 200
+    except (OSError, HTTPException):  # ssl.SSLError is an OSError
+        return False
+    finally:
+        conn.close()
 
 
 class ClusterError(RuntimeError):
@@ -102,7 +131,7 @@ def _stop_live_clusters() -> None:
 
 
 class LocalCluster:
-    """Redis, ``shards`` shard processes and one gateway, supervised.
+    """Redis, ``shards`` shard processes and ``gateways`` gateway processes, supervised.
 
     Ports left at 0 are picked free. ``env`` adds variables for every service (tunables such
     as ``ENGRAM_CHECKPOINT_EVERY``); the addressing variables are the cluster's own.
@@ -116,6 +145,15 @@ class LocalCluster:
     ``keys_file`` turns auth on at the gateway, ``tls=(cert, key)`` TLS on its public ports
     (``tls_ca``: the CA the launcher trusts for them; default the system's), ``internal_token``
     the shards' secret (None: on iff auth is); :attr:`security` is what the cluster uses.
+
+    Gateways are stateless, so ``gateways`` > 1 runs that many on the one gRPC port
+    (:attr:`gateway_address`; gRPC binds with SO_REUSEPORT, and the kernel spreads the
+    connections over them): "gateway", then "gateway-1", "gateway-2"... Each has an HTTP port
+    of its own; :attr:`http_port` (cluster.json's "http": WebSocket, /metrics) is the first
+    one's, :meth:`gateway_http_port` any one's. Only the first runs the canary
+    (``ENGRAM_CANARY_INTERVAL_S=0`` for the others). A gateway's health is its own
+    ``/healthz`` (HTTPS with TLS, trusting ``tls_ca``): a probe of the shared gRPC port may
+    reach any of them.
     """
 
     def __init__(
@@ -141,14 +179,18 @@ class LocalCluster:
         tls: tuple[str | Path, str | Path] | None = None,
         tls_ca: str | Path | None = None,
         internal_token: bool | None = None,
+        gateways: int = 1,
     ) -> None:
         if shards < 1:
             raise ValueError("a cluster needs at least one shard")
+        if gateways < 1:
+            raise ValueError(f"a cluster needs at least one gateway, got gateways={gateways}")
         if home_shards is not None and not 1 <= home_shards <= shards:
             raise ValueError(f"home_shards must be 1..{shards}, got {home_shards}")
         self.data_dir = Path(data_dir).resolve()
         self.logs_dir = self.data_dir / "logs"
         self.shards = shards
+        self.gateways = gateways
         self.home_shards = shards if home_shards is None else home_shards
         self.supervise = supervise
         self.policy = policy or Policy()
@@ -180,6 +222,10 @@ class LocalCluster:
         self._redis_port = self._port(redis_port)
         self._grpc_port = self._port(grpc_port)
         self._http_port = self._port(http_port)
+        self._gateway_http_ports = {  # gateway name -> its HTTP port
+            name: self._port(0) if i else self._http_port
+            for i, name in enumerate(self.gateway_names)
+        }
         self._shard_ports = [(self._port(0), self._port(0)) for _ in range(shards)]
         self._recall_ports = [self._port(0) for _ in range(shards)]
         self._lock = threading.RLock()
@@ -200,7 +246,17 @@ class LocalCluster:
 
     @property
     def http_port(self) -> int:
+        """The first gateway's HTTP port (WebSocket, /metrics, /healthz)."""
         return self._http_port
+
+    @property
+    def gateway_names(self) -> list[str]:
+        """The gateways: "gateway", then "gateway-1".. (all on :attr:`gateway_address`)."""
+        return ["gateway", *(f"gateway-{i}" for i in range(1, self.gateways))]
+
+    def gateway_http_port(self, name: str = "gateway") -> int:
+        """HTTP port of gateway ``name`` (each gateway has its own)."""
+        return self._gateway_http_ports[name]
 
     @property
     def cluster_file(self) -> Path:
@@ -208,8 +264,8 @@ class LocalCluster:
 
     @property
     def names(self) -> list[str]:
-        """Process names in start order: "redis", "shard-0".., "gateway"."""
-        return ["redis", *(f"shard-{i}" for i in range(self.shards)), "gateway"]
+        """Process names in start order: "redis", "shard-0".., "gateway", "gateway-1".."""
+        return ["redis", *(f"shard-{i}" for i in range(self.shards)), *self.gateway_names]
 
     def shard_address(self, shard_id: int) -> str:
         """gRPC address of shard ``shard_id`` (the internal Shard service)."""
@@ -292,13 +348,14 @@ class LocalCluster:
         self.wait_healthy(name, self.startup_timeout if timeout is None else timeout)
 
     def healthy(self, name: str, timeout: float = 1.0) -> bool:
-        """One health probe: PING for Redis, the gRPC health check for the others."""
+        """One health probe: PING for Redis, the gRPC health check for a shard, a gateway's
+        own ``/healthz`` (its gRPC port is shared: a probe there may reach another gateway)."""
         proc = self._get(name)
         if proc.role == "redis":
             return redis_server.ping(self.redis_url, timeout)
         if proc.role == "shard":
             return secure.shard_healthy(proc.grpc or "", self.security.internal, timeout)
-        return grpc_healthy(proc.grpc or "", timeout, self.security.gateway_credentials())
+        return proc.http is not None and http_healthy(proc.http, timeout, self._gateway_ssl)
 
     def wait_healthy(self, name: str, timeout: float = 30.0) -> None:
         """Waits until ``name`` is running and healthy.
@@ -332,7 +389,7 @@ class LocalCluster:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> LocalCluster:
-        """Starts Redis, the shards and the gateway; returns once all are healthy."""
+        """Starts Redis, the shards and the gateways; returns once all are healthy."""
         if self._started:
             return self
         self._check_ports()
@@ -347,7 +404,7 @@ class LocalCluster:
         try:
             self._start_group(["redis"])
             self._start_group([f"shard-{i}" for i in range(self.shards)])
-            self._start_group(["gateway"])
+            self._start_group(self.gateway_names)
         except BaseException:
             self.stop()
             raise
@@ -359,7 +416,7 @@ class LocalCluster:
         return self
 
     def stop(self) -> None:
-        """Stops the gateway, then the shards, then Redis (SIGTERM, SIGKILL after the timeout)."""
+        """Stops the gateways, then the shards, then Redis (SIGTERM, SIGKILL after the timeout)."""
         if not self._started:
             return
         self._stopping.set()
@@ -369,7 +426,7 @@ class LocalCluster:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        groups = [["gateway"], [f"shard-{i}" for i in range(self.shards)], ["redis"]]
+        groups = [self.gateway_names, [f"shard-{i}" for i in range(self.shards)], ["redis"]]
         for group in groups:
             popens = [p.popen for n in group if (p := self._procs.get(n)) and p.popen is not None]
             procs.stop_all(popens, self.stop_timeout)
@@ -435,6 +492,11 @@ class LocalCluster:
             raise KeyError(
                 f"no process {name!r} (not started yet, or not one of {known})"
             ) from None
+
+    @functools.cached_property
+    def _gateway_ssl(self) -> ssl.SSLContext | None:
+        """The context of the gateways' /healthz probes (None: they serve plain HTTP)."""
+        return client_ssl_context(self.security.tls_ca or None) if self.security.tls else None
 
     def _port(self, requested: int) -> int:
         if requested:
@@ -505,21 +567,17 @@ class LocalCluster:
             if "ENGRAM_SHARD_RECALL_LISTEN" not in given:
                 env["ENGRAM_SHARD_RECALL_LISTEN"] = self.shard_recall_address(i)
             add(f"shard-{i}", "shard", list(self._commands["shard"]), env, port, http)
-        env = {
-            **base,
-            **self.security.service_env("gateway"),
-            "ENGRAM_GATEWAY_LISTEN": f"{HOST}:{self._grpc_port}",
-            "ENGRAM_GATEWAY_HTTP_HOST": HOST,
-            "ENGRAM_GATEWAY_HTTP_PORT": str(self._http_port),
-        }
-        add(
-            "gateway",
-            "gateway",
-            list(self._commands["gateway"]),
-            env,
-            self._grpc_port,
-            self._http_port,
-        )
+        for name, http in self._gateway_http_ports.items():
+            env = {
+                **base,
+                **self.security.service_env("gateway"),
+                "ENGRAM_GATEWAY_LISTEN": f"{HOST}:{self._grpc_port}",
+                "ENGRAM_GATEWAY_HTTP_HOST": HOST,
+                "ENGRAM_GATEWAY_HTTP_PORT": str(http),
+            }
+            if name != "gateway":  # one canary is enough: the first gateway's
+                env["ENGRAM_CANARY_INTERVAL_S"] = "0"
+            add(name, "gateway", list(self._commands["gateway"]), env, self._grpc_port, http)
 
     def _spawn(self, proc: _Proc) -> None:
         proc.popen = procs.spawn(proc.argv, env=proc.env, log_path=proc.log_path)
