@@ -132,8 +132,9 @@ class Monitor:
     def sample_now(self) -> Sample:
         """One sample, taken synchronously (also used outside the thread)."""
         t = time.monotonic()
+        pids = dict(self.pids)  # one copy: add() may run on another thread meanwhile
         procs: dict[str, dict[str, float]] = {}
-        for name, pid in list(self.pids.items()):
+        for name, pid in pids.items():
             try:
                 proc = self._procs.get(name)
                 if proc is None or proc.pid != pid:
@@ -152,7 +153,7 @@ class Monitor:
                 }
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 procs[name] = {"rss_mb": 0.0, "cpu_pct": 0.0, "gone": 1.0}
-        threads = {name: thread_cpu_seconds(pid) for name, pid in self.pids.items()}
+        threads = {name: thread_cpu_seconds(pid) for name, pid in pids.items()}
         shards = {i: shard_stats(ch) for i, ch in self._channels.items()}
         system = psutil.cpu_percent(interval=None) * (psutil.cpu_count() or 1)
         return Sample(t, procs, shards, round(system, 1), threads)
