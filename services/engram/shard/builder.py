@@ -47,11 +47,12 @@ class ArrivalRate:
     def __init__(self, window_s: float = 1.0) -> None:
         self._window_s = window_s
         self._mark: tuple[float, int] | None = None
-        self.rows_per_s = 0.0
+        self.rows_per_s: float | None = None  # None until a first whole window
 
-    def update(self, now: float, total_rows: int) -> float:
-        """The rate of the last full window, given the spaces' row count now (it falls when a
-        space is dropped or moves away: that window counts as no rows)."""
+    def update(self, now: float, total_rows: int) -> float | None:
+        """The rate of the last full window (None before the first), given the spaces' row
+        count now (it falls when a space is dropped or moves away: that window counts as no
+        rows)."""
         if self._mark is None:
             self._mark = (now, total_rows)
         elif now - self._mark[0] >= self._window_s:
@@ -143,7 +144,8 @@ class Background:
         rate = self._arrivals.update(now, sum(s.visible for s in spaces))
         writes = any(now - s.last_write < 1.0 for s in spaces)
         serving = writes or any(now - s.last_recall < 1.0 for s in spaces)
-        return writes and rate >= TRICKLE_ROWS_PER_S, serving
+        # no whole window yet (the first look): any write counts, as it did before rates
+        return writes and (rate is None or rate >= TRICKLE_ROWS_PER_S), serving
 
     def _build_loop(self) -> None:
         name_os_thread()
