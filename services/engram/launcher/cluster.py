@@ -38,7 +38,6 @@ from pathlib import Path
 
 import engram
 from engram.common.settings import default_memory_budget
-from engram.common.tls import client_ssl_context
 from engram.control import restarts
 from engram.control.restarts import GiveUp, Policy, ProcessState, Restart
 from engram.launcher import procs, redis_server, secure
@@ -495,8 +494,8 @@ class LocalCluster:
 
     @functools.cached_property
     def _gateway_ssl(self) -> ssl.SSLContext | None:
-        """The context of the gateways' /healthz probes (None: they serve plain HTTP)."""
-        return client_ssl_context(self.security.tls_ca or None) if self.security.tls else None
+        """The context of the gateways' /healthz probes (made once: probes run often)."""
+        return self.security.gateway_ssl_context()
 
     def _port(self, requested: int) -> int:
         if requested:

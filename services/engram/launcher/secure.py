@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engram.common import internal, settings
 from engram.common.settings import SecuritySettings
-from engram.common.tls import client_credentials
+from engram.common.tls import client_credentials, client_ssl_context
 
 TOKEN_FILE = "internal-token"
 _INTERNAL_FIELDS = (
@@ -82,6 +83,10 @@ class ClusterSecurity:
     def gateway_credentials(self) -> grpc.ChannelCredentials | None:
         """Credentials for the gateway's gRPC port (None: it is plaintext)."""
         return client_credentials(self.tls_ca or None) if self.tls else None
+
+    def gateway_ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context for the gateways' HTTP port (None: it is plain HTTP)."""
+        return client_ssl_context(self.tls_ca or None) if self.tls else None
 
     def record(self) -> dict[str, Any]:
         """What ``cluster.json`` keeps: paths and switches, never a secret."""

@@ -15,7 +15,6 @@ import grpc
 
 from engram.common import internal
 from engram.common.settings import SecuritySettings, SettingsError
-from engram.common.tls import client_ssl_context
 from engram.control.moves import incoming_of, spaces_of
 from engram.internal.v1 import shard_pb2, shard_pb2_grpc
 from engram.launcher import procs, redis_server, secure
@@ -150,8 +149,9 @@ def collect(data_dir: Path | str) -> dict[str, Any]:
                 replies[int(p["name"].split("-")[1])] = reply
             entry.update(stats)
         else:  # its own /healthz: the gateways share their gRPC port
-            context = client_ssl_context(security.tls_ca or None) if security.tls else None
-            entry["up"] = entry["alive"] and http_healthy(p["http"], RPC_TIMEOUT_S, context)
+            entry["up"] = entry["alive"] and http_healthy(
+                p["http"], RPC_TIMEOUT_S, security.gateway_ssl_context()
+            )
         processes.append(entry)
     return {
         "data_dir": info.get("data_dir", str(Path(data_dir).resolve())),
